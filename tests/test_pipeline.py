@@ -55,7 +55,7 @@ def test_failed_stage_marks_runs_failed_and_keeps_published_model(cfg_factory, t
     run(cfg)
     published = Path(cfg.paths.quantized) / "model-int8"
     before = sorted(p.name for p in published.iterdir())
-    bad = cfg_factory("+quant=int8", "quant.backend.threshold=-1", "eval.n_ctx=100000")
+    bad = cfg_factory("+quant=int8", "eval.n_ctx=100000")
     with pytest.raises(Exception, match="n_ctx"):
         run(bad)
     assert sorted(p.name for p in published.iterdir()) == before

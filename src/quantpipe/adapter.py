@@ -44,7 +44,7 @@ def train_demo_adapter(base: Path, out: Path, train: dict, seed: int, threads: i
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantpipe.data import SOURCE, topics_text
+    from quantpipe.data import topics_file, topics_text
 
     torch.manual_seed(seed)
     if threads:
@@ -73,4 +73,4 @@ def train_demo_adapter(base: Path, out: Path, train: dict, seed: int, threads: i
     model.save_pretrained(out)
     tail = losses[-10:]
     return {"metrics": {"train_loss_first": losses[0], "train_loss_last10": sum(tail) / len(tail)},
-            "train_text": f"{SOURCE}#train", "train_tokens": int(len(ids))}
+            "train_text": f"{topics_file()}#train", "train_tokens": int(len(ids))}

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from quantpipe.errors import ConfigError
 
-SOURCE = "python-stdlib://pydoc_data.topics"
+
+
+def topics_file() -> str:
+    import pydoc_data.topics
+    return pydoc_data.topics.__file__
 
 
 def _split_of(index: int) -> str:
@@ -34,7 +38,7 @@ def load_text(text_file: str | None, split: str, key: str) -> tuple[str, str]:
     """(text, source) from `text_file` if set, else the default split. `key` names the config
     key for error messages."""
     if text_file is None:
-        return topics_text(split), f"{SOURCE}#{split}"
+        return topics_text(split), f"{topics_file()}#{split}"
     path = Path(text_file)
     if not path.is_file():
         raise ConfigError(key, f"{path} does not exist", "point it at a UTF-8 text file, or null "

@@ -112,9 +112,12 @@ def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
 
 
 def log_dataset(name: str, text: str, source: str, context: str) -> None:
-    """Record an evaluation or calibration text as an MLflow dataset input (name, digest, source)."""
+    """Record an evaluation or calibration text as an MLflow dataset input (name, digest,
+    source). `source` is a file path, optionally with a `#split` suffix naming the part used."""
     import pandas as pd
-    ds = mlflow.data.from_pandas(pd.DataFrame({"text": [text]}), source=source, name=name)
+    path, _, split = source.partition("#")
+    ds = mlflow.data.from_pandas(pd.DataFrame({"text": [text]}), source=path,
+                                 name=f"{name}[{split}]" if split else name)
     mlflow.log_input(ds, context=context)
 
 
