@@ -172,3 +172,15 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
         mlflow.set_tag("quantpipe.published", str(final))
     mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
+
+
+def run_adapter(cfg: DictConfig) -> Path | None:
+    """Only the base and adapter stages (make adapter): trains the demo adapter if missing."""
+    tracking.setup(cfg.tracking)
+    with mlflow.start_run(run_name="day2-adapter",
+                          tags={"quantpipe.kind": "adapter", **tracking.provenance_tags()}):
+        mlflow.log_params(tracking.flat_params(cfg))
+        adapter_ = stage_adapter(cfg, stage_base(cfg))
+    path = adapter_ and adapter_["path"]
+    log.info("adapter: %s", path)
+    return path

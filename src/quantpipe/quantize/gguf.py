@@ -103,4 +103,36 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
     else:
         llama_quantize(f16, out, type, ctx.threads)
     metrics["quantize_s"] = time.perf_counter() - t0
+    metrics.update(smoke(out, Path(src)))
     return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The string/int metadata of a GGUF file (arrays such as the vocabulary left out)."""
+    import gguf
+    reader = gguf.GGUFReader(str(path), "r")
+    out = {}
+    for name, field in reader.fields.items():
+        if field.types and field.types[0] in (gguf.GGUFValueType.STRING, gguf.GGUFValueType.UINT32,
+                                              gguf.GGUFValueType.INT32, gguf.GGUFValueType.BOOL):
+            out[name] = field.contents()
+    return out
+
+
+def smoke(path: Path, hf_folder: Path) -> dict:
+    """Load the GGUF with llama.cpp and check what fine-tuned GGUFs most often get wrong: the
+    chat template and the end-of-sequence token must match the Hugging Face model's. Then chat
+    once: whether the reply stops at EOS is recorded (a random-weight test model never does)."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+    meta = gguf_metadata(path)
+    tok = AutoTokenizer.from_pretrained(hf_folder)
+    if tok.chat_template and not meta.get("tokenizer.chat_template"):
+        raise RuntimeError(f"{path.name} lost the chat template in conversion")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if tok.eos_token_id is not None and eos != tok.eos_token_id:
+        raise RuntimeError(f"{path.name}: EOS token {eos} != the HF tokenizer's {tok.eos_token_id}")
+    llm = Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
+    reply = llm.create_chat_completion([{"role": "user", "content": "Say hello."}],
+                                       max_tokens=24, temperature=0.0)["choices"][0]
+    return {"smoke_stopped_at_eos": float(reply["finish_reason"] == "stop")}

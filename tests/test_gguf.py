@@ -1,0 +1,80 @@
+"""GGUF: llama.cpp's converter and quantiser on the tiny model; files read back, load, agree."""
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from llama_cpp import Llama
+from transformers import AutoModelForCausalLM
+
+from quantpipe.errors import ConfigError
+from quantpipe.evaluate.metrics import log_softmax
+from quantpipe.quantize import QuantContext
+from quantpipe.quantize.gguf import PROVENANCE_KEY, gguf_metadata, quantize_gguf
+
+IDS = list(range(100, 164))
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    return QuantContext(artifacts=tmp_path_factory.mktemp("artifacts"), tools=Path("/nonexistent"),
+                        src_fingerprint="tiny", threads=2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_base, ctx):
+    out = {}
+    for t in ("f16", "q8_0", "q4_0"):
+        dst = tmp_path_factory.mktemp(t)
+        res = quantize_gguf(tiny_base, dst, ctx, type=t)
+        out[t] = dst / res["artifact"]
+    return out
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_files_read_back_with_expected_tensor_types(files):
+    for t, path in files.items():
+        types = tensor_types(path)
+        assert types["blk.0.attn_q.weight"] == t.upper()
+        assert types["blk.0.attn_norm.weight"] == "F32"   # norms stay float in every type
+
+
+def test_metadata_keeps_tokenizer_template_and_provenance(files, tiny_base):
+    meta = gguf_metadata(files["q4_0"])
+    assert "<|im_start|>" in meta["tokenizer.chat_template"]
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+    assert '"merged": "tiny"' in meta[PROVENANCE_KEY]
+    assert meta["general.architecture"] == "llama"
+
+
+def llama_logits(path: Path) -> np.ndarray:
+    llm = Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(IDS)
+    return np.array(llm.scores[: len(IDS)])
+
+
+def test_f16_gguf_agrees_with_the_hf_model(files, tiny_base):
+    hf = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([IDS])).logits[0].numpy()
+    ours = llama_logits(files["f16"])
+    # llama.cpp computes in F16/F32 mixes; 0.05 on logits of magnitude ~10 is rounding, not a bug
+    assert np.abs(ours - ref).max() < 0.05 * max(1.0, np.abs(ref).max())
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+
+
+def test_q8_0_is_closer_to_f16_than_q4_0(files):
+    p = log_softmax(llama_logits(files["f16"]))
+    def kld(path):
+        q = log_softmax(llama_logits(path))
+        return float((np.exp(p) * (p - q)).sum(-1).mean())
+    assert 0 <= kld(files["q8_0"]) < kld(files["q4_0"])
+
+
+def test_unknown_type_lists_the_valid_ones(tmp_path, tiny_base, ctx):
+    with pytest.raises(ConfigError, match=r"quant.type.*q9_z.*q4_k_m"):
+        quantize_gguf(tiny_base, tmp_path, ctx, type="q9_z")
