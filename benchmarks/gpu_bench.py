@@ -1,0 +1,307 @@
+"""GPU speed and memory of fp16 / bitsandbytes int8 (LLM.int8) / int4 (NF4) on real model shapes.
+
+    make gpu-bench                      # with CUDA: runs; without: prints what to run on a GPU box
+    PYTHONPATH=src python3 benchmarks/gpu_bench.py --out gpu-bench.json [--shapes smollm2-135m]
+    make gpu-import FILE=gpu-bench.json # the records become MLflow runs (pipelines/gpu_import.py)
+
+Speed and memory depend on a model's shape, not on its trained values, so each shape is built
+from a LlamaConfig with random weights directly on the GPU in fp16 (no download, nothing large
+to carry), saved once as safetensors to local disk (RAM-backed /dev/shm when it has room), and
+loaded back per variant with `from_pretrained`, as the pipeline loads its folders: plain fp16,
+`BitsAndBytesConfig(load_in_8bit=True)` and NF4 with fp16 compute and double quantisation.
+Quality stays a CPU measurement on the real weights (make pipeline).
+
+Per variant (peak GPU memory reset before each): load_s (from_pretrained of the fp16 folder,
+quantisation included; the folder is in the page cache, so this is conversion and host-to-GPU
+time, not disk speed), size_mb (model.get_memory_footprint(): weights memory), peak_gpu_mb
+(torch.cuda.max_memory_allocated over load + speed runs), and TTFT / prefill / decode tokens/s
+from quantpipe.evaluate.worker.measure_speed, the CPU pipeline's own protocol: greedy, batch 1,
+KV cache, warm-up then the median of repeats, on HFRuntime's prefill/step. The prompt is random
+token ids (a random model has no text to prefer). Caveat: LLM.int8 decomposes outlier
+activations (> 6.0) into an fp16 matmul; random weights make almost none, so int8 timings here
+are its outlier-free best case.
+
+Output: a JSON list of records {shape, variant, shape_config, quant, protocol, hardware, metrics,
+...}, rewritten after every variant so a run cut short keeps what it measured. Without CUDA the
+script prints instructions, unless --cpu (a smoke test: use --shapes tiny; int8/int4 run on
+bitsandbytes' CPU kernels, fp32 compute as HFRuntime does on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+# LlamaConfig fields of each shape (from the published config.json files; rope settings and
+# context length do not change the cost of a 256-token run, so they are left at defaults)
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
+                 tie_word_embeddings=True),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=False),
+}
+DEFAULT_SHAPES = "smollm2-135m,llama-3.2-1b,llama-3.1-8b"
+VARIANTS = ("fp16", "int8", "int4")
+QUANT = {  # what each variant is, as the importer tags it (same names as conf/quant/*.yaml)
+    "fp16": {"name": "fp16", "family": "hf", "method": "none", "bits": 16},
+    "int8": {"name": "int8", "family": "hf", "method": "dynamic", "bits": 8,
+             "scheme": "bitsandbytes LLM.int8", "threshold": 6.0},
+    "int4": {"name": "int4", "family": "hf", "method": "dynamic", "bits": 4,
+             "scheme": "bitsandbytes nf4", "double_quant": True},
+}
+
+INSTRUCTIONS = """\
+No CUDA GPU for {python} (torch: {why}); nothing was measured.
+On a machine with an NVIDIA GPU (24 GB or more for the 8B shape; otherwise add
+--shapes smollm2-135m,llama-3.2-1b), with Python 3.11+, torch (CUDA) and transformers 5:
+  1. copy this repository there (no weights needed: the models are random weights of real shapes)
+  2. pip install bitsandbytes==0.50.2 omegaconf==2.3.1
+  3. PYTHONPATH=src python3 benchmarks/gpu_bench.py --out gpu-bench.json --label <machine name>
+     (about 5 minutes on an H100; GPU_PYTHON=python3 make gpu-bench there does the same)
+Bring back the file gpu-bench.json, then here:
+  cp gpu-bench.json benchmarks/results/gpu-<machine>-<yyyy-mm-dd>.json
+  make gpu-import FILE=benchmarks/results/gpu-<machine>-<yyyy-mm-dd>.json
+"""
+
+
+def version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def hardware(torch) -> dict:
+    hw = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+          "platform": platform.platform(terse=True), "python": platform.python_version(),
+          **{lib: version(lib) for lib in ("torch", "transformers", "bitsandbytes", "accelerate")}}
+    if not torch.cuda.is_available():
+        return {"gpu": "none", **hw}
+    props = torch.cuda.get_device_properties(0)
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        driver = "unknown"
+    return {"gpu": props.name, "gpu_memory_mb": round(props.total_memory / 2**20),
+            "compute_capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda,
+            "driver": driver or "unknown", **hw}
+
+
+def work_dir(need_bytes: int) -> Path:
+    """RAM-backed /dev/shm when it holds the checkpoint twice over, else the temp folder."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2 * need_bytes:
+        return Path(tempfile.mkdtemp(prefix="gpu-bench-", dir=shm))
+    return Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+
+
+def build_checkpoint(torch, shape: str, device: str, dtype) -> tuple[Path, dict]:
+    """Random-weight model of `shape`, initialised on `device`, saved as safetensors."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):  # initialise on the GPU: an 8B fp16 model is 15 GiB of host RAM
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    fp16_bytes = n_params * 2
+    out = work_dir(fp16_bytes)
+    model.save_pretrained(out)
+    info = {"n_params": n_params, "fp16_size_mb": fp16_bytes / 2**20,
+            "build_s": time.perf_counter() - t0}
+    del model
+    free(torch)
+    return out, info
+
+
+def free(torch) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def quant_config(torch, variant: str, compute_dtype):
+    from transformers import BitsAndBytesConfig
+    if variant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=QUANT["int8"]["threshold"])
+    if variant == "int4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return None
+
+
+def make_runtime(model):
+    """HFRuntime's prefill/step/sync (the pipeline's speed protocol) over a model in memory."""
+    from quantpipe.evaluate.runtimes import HFRuntime
+
+    class ModelRuntime(HFRuntime):
+        def __init__(self, model):  # noqa: D107  (HFRuntime's own __init__ loads from a folder)
+            import torch
+            self.torch, self.model, self.past = torch, model.eval(), None
+            self.device = model.device.type
+
+    return ModelRuntime(model)
+
+
+def measure_variant(torch, folder: Path, variant: str, dtype, device: str, prompt: list[int],
+                    args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from quantpipe.evaluate.worker import measure_speed
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, device_map=device,
+            quantization_config=quant_config(torch, variant, dtype))
+    if cuda:
+        torch.cuda.synchronize()
+    metrics = {"load_s": time.perf_counter() - t0,
+               "size_mb": model.get_memory_footprint() / 2**20}
+    if cuda:  # weights plus quantisation state (absmax blocks etc.) as actually allocated
+        metrics["gpu_alloc_after_load_mb"] = torch.cuda.memory_allocated() / 2**20
+    metrics.update(measure_speed(make_runtime(model), prompt, args.new_tokens, args.warmup,
+                                 args.repeats))
+    if cuda:
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    del model
+    free(torch)
+    return metrics
+
+
+def write_json(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(records, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--label", default="", help="name of the machine (kept in each record)")
+    p.add_argument("--git-sha", default="", help="commit of this code (where .git is absent)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no new variant after this long (a lease's time limit)")
+    p.add_argument("--cpu", action="store_true", help="run without CUDA (smoke test, tiny shape)")
+    args = p.parse_args(argv)
+    for name, allowed in (("shapes", SHAPES), ("variants", VARIANTS)):
+        bad = [x for x in getattr(args, name).split(",") if x not in allowed]
+        if bad:
+            p.error(f"--{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    return args
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        import torch
+        cuda, why = torch.cuda.is_available(), "torch.cuda.is_available() is False"
+    except ImportError as e:
+        cuda, why = False, f"not importable ({e})"
+    if not cuda and not args.cpu:
+        print(INSTRUCTIONS.format(python=sys.executable, why=why))
+        return 0
+    device = "cuda" if cuda else "cpu"
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes logs a cast warning on every int8 matmul with fp32 inputs (the CPU path)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # fp16 on the GPU; fp32 compute on CPU, as HFRuntime does (CPU half matmuls are slow)
+    dtype = torch.float16 if cuda else torch.float32
+    hw = hardware(torch)
+    protocol = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                "warmup": args.warmup, "repeats": args.repeats, "batch": 1, "greedy": True,
+                "kv_cache": True, "dtype": str(dtype).removeprefix("torch."),
+                "prompt": "random token ids, seed 0"}
+    common = {"hardware": hw, "protocol": protocol, "label": args.label,
+              "git_sha": args.git_sha or git_sha(), "script": "benchmarks/gpu_bench.py"}
+    print(f"{hw['gpu']} | torch {hw['torch']} CUDA {hw.get('cuda')} | transformers "
+          f"{hw['transformers']} | bitsandbytes {hw['bitsandbytes']}", flush=True)
+    t_start, records, failed = time.perf_counter(), [], []
+    for shape in args.shapes.split(","):
+        folder, info = build_checkpoint(torch, shape, device, dtype)
+        print(f"{shape}: {info['n_params'] / 1e6:.1f} M params, built and saved in "
+              f"{info['build_s']:.1f} s", flush=True)
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, SHAPES[shape]["vocab_size"], (args.prompt_tokens,),
+                               generator=gen).tolist()
+        try:
+            for variant in args.variants.split(","):
+                if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
+                    print(f"{shape} {variant}: skipped, past --max-minutes", flush=True)
+                    failed.append(f"{shape}/{variant}")
+                    continue
+                try:
+                    m = measure_variant(torch, folder, variant, dtype, device, prompt, args)
+                except Exception as e:  # one OOM or kernel error must not lose the other records
+                    print(f"{shape} {variant}: FAILED {type(e).__name__}: {e}", flush=True)
+                    failed.append(f"{shape}/{variant}")
+                    free(torch)
+                    continue
+                m.update({"fp16_size_mb": info["fp16_size_mb"],
+                          "compression": info["fp16_size_mb"] / m["size_mb"],
+                          "bits_per_weight": 8 * m["size_mb"] * 2**20 / info["n_params"]})
+                quant = dict(QUANT[variant])
+                if variant == "int4":
+                    quant["compute_dtype"] = protocol["dtype"]
+                records.append({"shape": shape, "variant": variant,
+                                "shape_config": {**SHAPES[shape], "n_params": info["n_params"]},
+                                "quant": quant, **common, "build_s": info["build_s"],
+                                "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(
+                                    timespec="seconds"),
+                                "metrics": m})
+                write_json(args.out, records)
+                print(f"{shape:>13} {variant:>4}: load {m['load_s']:6.2f} s | weights "
+                      f"{m['size_mb']:8.1f} MiB | peak {m.get('peak_gpu_mb', float('nan')):8.1f} "
+                      f"MiB | TTFT {m['ttft_ms']:7.1f} ms | prefill {m['prefill_tok_s']:8.0f} "
+                      f"tok/s | decode {m['decode_tok_s']:6.1f} tok/s "
+                      f"[{m['decode_tok_s_min']:.1f}-{m['decode_tok_s_max']:.1f}]", flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"{len(records)} records -> {args.out} in {time.perf_counter() - t_start:.0f} s"
+          + (f"; not measured: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
