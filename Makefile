@@ -65,5 +65,18 @@ $(VENV)/.tools: $(STAMP) scripts/build_llama_tools.sh
 	bash scripts/build_llama_tools.sh $(VENV) build/llama.cpp
 	touch $@
 
+# The GPU bench needs a CUDA torch (the venv's, if `make setup` ran on the GPU box; else
+# GPU_PYTHON=python3) and no setup step: without CUDA it prints what to run on a GPU machine.
+GPU_PYTHON ?= $(PY)
+GPU_LABEL ?= $(shell hostname -s)
+GPU_BENCH_OUT ?= benchmarks/results/gpu-$(GPU_LABEL)-$(shell date -u +%F).json
+gpu-bench:  ## fp16/int8/int4 speed + GPU memory on random-weight shapes (no CUDA: prints what to run)
+	@command -v $(GPU_PYTHON) >/dev/null || { echo "$(GPU_PYTHON) not found: make setup, or GPU_PYTHON=python3 make gpu-bench"; exit 2; }
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_bench.py --out $(GPU_BENCH_OUT) --label $(GPU_LABEL) $(ARGS)
+
+gpu-import: setup  ## GPU bench records -> MLflow runs (FILE=benchmarks/results/gpu-*.json; idempotent)
+	@test -n "$(FILE)" || { echo "usage: make gpu-import FILE=benchmarks/results/gpu-<machine>-<date>.json"; exit 2; }
+	$(WITH_OVERRIDES) $(PY) -m pipelines.gpu_import $(FILE) $(ARGS)
+
 clean:  ## delete outputs (quantized/, artifacts/, outputs/); keeps mlruns/ and .venv
 	rm -rf quantized artifacts outputs multirun
