@@ -9,24 +9,30 @@ GGUF files. Both are fed the same token ids.
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # see quantize/bnb.py
 
-def open_runtime(path: Path, threads: int | None, n_ctx: int):
+
+def open_runtime(path: Path, threads: int | None, n_ctx: int, reference: bool = False):
+    """A GGUF file runs on llama.cpp, a folder on transformers. `reference`: compute in float32
+    (the FP16 reference's log-probs); otherwise in the dtype the model is stored in, as it
+    would be deployed."""
     path = Path(path)
     if path.is_file():
         return LlamaCppRuntime(path, threads, n_ctx)
-    return HFRuntime(path, threads)
+    return HFRuntime(path, threads, reference)
 
 
 class HFRuntime:
     name = "transformers"
 
-    def __init__(self, path: Path, threads: int | None):
+    def __init__(self, path: Path, threads: int | None, reference: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         if threads:
@@ -36,9 +42,9 @@ class HFRuntime:
         self.tok = AutoTokenizer.from_pretrained(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # CPU: FP16 weights computed in float32 (CPU half matmuls are slow and imprecise);
-            # bitsandbytes folders keep their own storage types
-            dtype = torch.float32 if self.device == "cpu" else torch.float16
+            # deployed: FP16 tensors stay FP16 (bitsandbytes folders keep their non-quantised
+            # tensors in it too); the reference computes the same FP16 weights in float32
+            dtype = torch.float32 if reference else torch.float16
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                               device_map=self.device)
         self.model.eval()
@@ -116,7 +122,12 @@ class LlamaCppRuntime:
         return self._argmax()
 
     def _argmax(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        # llama-cpp-python 0.3.36's eval() no longer copies logits into .scores unless
+        # logits_all (that row stayed all zeros: greedy decoding emitted token 0 every step);
+        # read the last position's logits from the context itself
+        from llama_cpp import llama_get_logits_ith
+        row = llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),))))
 
     def sync(self) -> None:
         pass

@@ -15,6 +15,9 @@ from pathlib import Path
 from quantpipe.merge import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
+# bitsandbytes warns on every CPU load that it cannot fetch optimised kernels from the hub
+# ("kernels-community"); we are offline on purpose, the built-in CPU kernels are used instead.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 VERIFY_TOKENS = 32
 VERIFY_TOLERANCE = 1e-3  # max |logit diff| between the live model and its saved folder
 
