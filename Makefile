@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
-        gpu-bench gpu-import serve clean
+        gpu-bench gpu-import serve modelfile smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -77,6 +77,15 @@ gpu-bench:  ## fp16/int8/int4 speed + GPU memory on random-weight shapes (no CUD
 gpu-import: setup  ## GPU bench records -> MLflow runs (FILE=benchmarks/results/gpu-*.json; idempotent)
 	@test -n "$(FILE)" || { echo "usage: make gpu-import FILE=benchmarks/results/gpu-<machine>-<date>.json"; exit 2; }
 	$(WITH_OVERRIDES) $(PY) -m pipelines.gpu_import $(FILE) $(ARGS)
+
+serve: setup  ## OpenAI-compatible server on 127.0.0.1:8000 for the champion / quantized/model.gguf
+	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy serve $(ARGS)
+
+modelfile: setup  ## Ollama Modelfile beside the GGUF (then: ollama create mymodel -f quantized/Modelfile)
+	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy modelfile $(ARGS)
+
+smoke: setup  ## serve on loopback, smoke + load test (8 requests, 4 at once), log a deploy run
+	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy smoke $(ARGS)
 
 clean:  ## delete outputs (quantized/, artifacts/, outputs/); keeps mlruns/ and .venv
 	rm -rf quantized artifacts outputs multirun

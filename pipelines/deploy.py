@@ -1,0 +1,96 @@
+"""Entry point for deployment: serve the chosen GGUF, export it for Ollama, smoke-test it.
+
+    python -m pipelines.deploy serve     [--model X.gguf] [--host 127.0.0.1] [--port 8000]
+                                         [--allow-failed-gate] [hydra overrides ...]
+    python -m pipelines.deploy modelfile [--model X.gguf]        # writes <gguf folder>/Modelfile
+    python -m pipelines.deploy smoke     [--requests 8] [--concurrency 4] [--max-tokens 64]
+
+`make serve`, `make modelfile` and `make smoke` call these; flags go in ARGS="...", Hydra overrides
+(paths.root=..., tracking.uri=...) after the target as for `make pipeline`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from quantpipe import PROJECT_ROOT
+from quantpipe.deploy import serve
+from quantpipe.deploy.modelfile import write_modelfile
+from quantpipe.errors import ConfigError
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipelines.deploy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. paths.root=/x")
+    common.add_argument("--model", type=Path, help="a GGUF file (default: the registry's "
+                        "champion, else quantized/model.gguf)")
+    common.add_argument("--registered-model", help="registered model whose @champion is served")
+    gated = argparse.ArgumentParser(add_help=False)
+    gated.add_argument("--allow-failed-gate", action="store_true",
+                       help="serve a variant whose MLflow run has gate=failed")
+    gated.add_argument("--n-ctx", type=int, help="context size (default: 2048 or the model's)")
+
+    s = sub.add_parser("serve", parents=[common, gated], help="OpenAI-compatible server")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    m = sub.add_parser("modelfile", parents=[common], help="Ollama Modelfile beside the GGUF")
+    m.add_argument("--temperature", type=float, default=0.2)
+    k = sub.add_parser("smoke", parents=[common, gated], help="smoke + load test, logged to MLflow")
+    k.add_argument("--requests", type=int, default=8)
+    k.add_argument("--concurrency", type=int, default=4)
+    k.add_argument("--max-tokens", type=int, default=64)
+    k.add_argument("--timeout", type=float, default=120, help="seconds per request")
+    k.add_argument("--deadline", type=float, default=600, help="seconds for the whole test")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse(argv)
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=args.overrides)
+    try:
+        variant = serve.resolve_variant(cfg, args.model, args.registered_model)
+        logging.info("model: %s (%s; quality gate %s)", variant.path, variant.source,
+                     variant.gate or "unknown")
+        if args.command == "modelfile":
+            out = write_modelfile(variant.path, args.temperature)
+            print(f"ollama create mymodel -f {out}")
+            return 0
+        serve.check_gate(variant, args.allow_failed_gate)
+        if args.command == "serve":
+            serve.warn_if_exposed(args.host)
+            write_modelfile(variant.path)  # the Ollama export of what is served, beside it
+            cmd = serve.server_command(variant, args.host, args.port, cfg.threads, args.n_ctx)
+            print(f"serving on http://{args.host}:{args.port}/v1 (Ctrl-C stops it)\n  curl "
+                  f"http://{args.host}:{args.port}/v1/chat/completions -H 'Content-Type: "
+                  "application/json' -d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}]}'",
+                  flush=True)
+            os.execv(cmd[0], cmd)  # the server replaces this process: Ctrl-C reaches it directly
+        from quantpipe.deploy.loadtest import LoadSettings, SmokeFailed, smoke_test
+        settings = LoadSettings(requests=args.requests, concurrency=args.concurrency,
+                                max_tokens=args.max_tokens, request_timeout_s=args.timeout,
+                                deadline_s=args.deadline)
+        try:
+            run_id, metrics = smoke_test(variant, cfg.threads, settings, args.n_ctx)
+        except SmokeFailed as e:
+            print(f"smoke test FAILED (the deploy run is in MLflow, status FAILED): {e}",
+                  file=sys.stderr)
+            return 1
+        print(f"deploy run {run_id}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

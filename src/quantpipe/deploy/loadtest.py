@@ -1,0 +1,184 @@
+"""Smoke and load test of a served GGUF, on loopback, bounded in requests and time.
+
+    make smoke                                   # = python -m pipelines.deploy smoke
+    make smoke ARGS="--requests 16 --concurrency 4 --max-tokens 64"
+
+Starts llama-cpp-python's server on a free 127.0.0.1 port, waits for /v1/models, sends one chat
+completion that must end at the model's EOS (finish_reason "stop") with non-empty text, then
+`requests` chat completions `concurrency` at a time (each with a timeout, all within a deadline),
+and stops the server. Latency percentiles, tokens/s and errors go to an MLflow run (tag
+quantpipe.kind=deploy) nested under the variant run that published the GGUF, with the Modelfile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantpipe.deploy import serve
+from quantpipe.deploy.modelfile import write_modelfile
+
+log = logging.getLogger(__name__)
+import mlflow  # noqa: E402  (serve sets MLFLOW_DISABLE_TELEMETRY first)
+
+SMOKE_PROMPT = "Say hello in one short sentence."
+PROMPTS = ("What is the capital of France?", "Name three primary colours.",
+           "Explain what a compiler does in two sentences.", "Give one tip for writing tests.")
+
+
+@dataclass
+class LoadSettings:
+    requests: int = 8           # load requests in total (besides the smoke request)
+    concurrency: int = 4        # in flight at once; llama-cpp-python's server answers one at a
+                                # time, so latency under load includes the queue
+    max_tokens: int = 64        # per load request
+    smoke_max_tokens: int = 128  # room for a short answer to end at EOS by itself
+    request_timeout_s: float = 120
+    deadline_s: float = 600     # the whole test, server start included
+    ready_timeout_s: float = 120
+
+
+@dataclass
+class Result:
+    ok: bool
+    latency_s: float
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    text: str = ""
+    error: str | None = None
+
+
+class SmokeFailed(RuntimeError):
+    """The served model answered wrongly (no EOS, empty text) or requests failed."""
+
+
+def chat(base_url: str, prompt: str, max_tokens: int, timeout_s: float) -> Result:
+    """One non-streaming chat completion, greedy (temperature 0: the same answer each time)."""
+    body = json.dumps({"messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            reply = json.loads(r.read())
+        choice = reply["choices"][0]
+        return Result(True, time.perf_counter() - t0,
+                      int(reply.get("usage", {}).get("completion_tokens", 0)),
+                      choice.get("finish_reason"), choice["message"].get("content") or "")
+    except (OSError, urllib.error.HTTPError, ValueError, KeyError) as e:
+        return Result(False, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
+
+
+def load(base_url: str, s: LoadSettings, deadline: float) -> tuple[list[Result], float]:
+    """`s.requests` chat completions, `s.concurrency` at a time; requests not answered by the
+    deadline count as errors. Returns the results and the wall time of the whole batch."""
+    results: list[Result] = []
+    t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=s.concurrency)
+    futures = [pool.submit(chat, base_url, PROMPTS[i % len(PROMPTS)], s.max_tokens,
+                           s.request_timeout_s) for i in range(s.requests)]
+    try:
+        for f in as_completed(futures, timeout=max(deadline - time.perf_counter(), 0)):
+            results.append(f.result())
+    except TimeoutError:
+        pass
+    missing = s.requests - len(results)
+    results += [Result(False, time.perf_counter() - t0, error="deadline passed")] * missing
+    # queued requests are dropped; one already sent ends within its own request timeout
+    pool.shutdown(wait=False, cancel_futures=True)
+    return results, time.perf_counter() - t0
+
+
+def summarise(smoke: Result, results: list[Result], wall_s: float, ready_s: float
+              ) -> dict[str, float]:
+    """MLflow metrics of the deploy run (milliseconds for latencies, like ttft_ms)."""
+    ok = [r for r in results if r.ok]
+    m = {"deploy_ready_s": ready_s, "deploy_requests": len(results),
+         "deploy_errors": len(results) - len(ok), "deploy_wall_s": wall_s,
+         "deploy_smoke_ok": float(smoke.ok and smoke.finish_reason == "stop"
+                                  and bool(smoke.text.strip())),
+         "deploy_smoke_latency_ms": smoke.latency_s * 1e3,
+         "deploy_smoke_completion_tokens": smoke.completion_tokens}
+    if ok:
+        lat = np.array([r.latency_s for r in ok]) * 1e3
+        for q in (50, 90, 99):
+            m[f"deploy_latency_p{q}_ms"] = float(np.percentile(lat, q))
+        m["deploy_latency_max_ms"] = float(lat.max())
+        tokens = sum(r.completion_tokens for r in ok)
+        m["deploy_completion_tokens"] = tokens
+        m["deploy_tok_s"] = tokens / wall_s           # throughput of the server under load
+        m["deploy_request_tok_s_mean"] = float(np.mean(   # what one client sees, queue included
+            [r.completion_tokens / r.latency_s for r in ok]))
+    return m
+
+
+def smoke_problems(smoke: Result) -> list[str]:
+    if not smoke.ok:
+        return [f"the smoke request failed: {smoke.error}"]
+    problems = []
+    if smoke.finish_reason != "stop":
+        problems.append(f"the answer did not end at EOS (finish_reason={smoke.finish_reason!r} "
+                        f"after {smoke.completion_tokens} tokens): check the chat template and "
+                        "the EOS token of the GGUF")
+    if not smoke.text.strip():
+        problems.append("the answer is empty")
+    return problems
+
+
+def smoke_test(variant: serve.Variant, threads: int | None, s: LoadSettings,
+               n_ctx: int | None = None) -> tuple[str, dict[str, float]]:
+    """Serve `variant` on loopback, smoke- and load-test it, log the deploy run; return
+    (run id, metrics). Raise SmokeFailed (after logging, run FAILED) if a check fails."""
+    t_start = time.perf_counter()
+    deadline = t_start + s.deadline_s
+    tags = {"quantpipe.kind": "deploy", "quantpipe.stage": "deploy",
+            "deploy.model": str(variant.path), "deploy.source": variant.source,
+            **{k: variant.tags[k] for k in ("quant.name", "quant.family", "gate")
+               if k in variant.tags}}
+    if variant.run_id:
+        tags["quantpipe.variant_run"] = variant.run_id
+    with tempfile.TemporaryDirectory(prefix="quantpipe-serve-") as tmp, \
+            mlflow.start_run(run_name=f"deploy {variant.quant_name or variant.path.stem}",
+                             parent_run_id=variant.run_id, tags=tags) as run:
+        port = serve.free_port()
+        cmd = serve.server_command(variant, "127.0.0.1", port, threads, n_ctx)
+        mlflow.log_params({"deploy.requests": s.requests, "deploy.concurrency": s.concurrency,
+                           "deploy.max_tokens": s.max_tokens,
+                           "deploy.smoke_max_tokens": s.smoke_max_tokens,
+                           "deploy.request_timeout_s": s.request_timeout_s,
+                           "deploy.threads": threads, "deploy.command": " ".join(cmd)})
+        mlflow.log_artifact(str(write_modelfile(variant.path)))
+        server_log = Path(tmp) / "server.log"
+        base_url = f"http://127.0.0.1:{port}"
+        proc = serve.start_server(cmd, server_log)
+        try:
+            ready_s = serve.wait_ready(proc, base_url, s.ready_timeout_s, server_log)
+            smoke = chat(base_url, SMOKE_PROMPT, s.smoke_max_tokens, s.request_timeout_s)
+            log.info("smoke: %r (finish_reason=%s, %d tokens)", smoke.text[:200],
+                     smoke.finish_reason, smoke.completion_tokens)
+            results, wall_s = load(base_url, s, deadline)
+        finally:
+            serve.stop_server(proc)
+            mlflow.log_artifact(str(server_log))
+        metrics = summarise(smoke, results, wall_s, ready_s)
+        mlflow.log_metrics(metrics)
+        mlflow.log_dict({"smoke": asdict(smoke), "load": [asdict(r) for r in results]},
+                        "loadtest.json")
+        problems = smoke_problems(smoke)
+        if metrics["deploy_errors"]:
+            first = next(r.error for r in results if not r.ok)
+            problems.append(f"{metrics['deploy_errors']:.0f} of {s.requests} requests failed "
+                            f"(first: {first})")
+        if problems:  # raising inside the run ends it FAILED, with the metrics kept
+            raise SmokeFailed(f"{variant.path}: " + "; ".join(problems))
+        run_id = run.info.run_id
+    return run_id, metrics
