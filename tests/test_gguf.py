@@ -78,3 +78,13 @@ def test_q8_0_is_closer_to_f16_than_q4_0(files):
 def test_unknown_type_lists_the_valid_ones(tmp_path, tiny_base, ctx):
     with pytest.raises(ConfigError, match=r"quant.type.*q9_z.*q4_k_m"):
         quantize_gguf(tiny_base, tmp_path, ctx, type="q9_z")
+
+
+def test_llama_cpp_tokenises_the_eval_text_like_transformers(files, tiny_base):
+    # runs of spaces before digits are where a bare ByteLevel pre-tokenizer disagrees
+    from transformers import AutoTokenizer
+    from quantpipe.data import topics_text
+    text = topics_text("eval") + "\nx   12 and\t\t3.5   007"
+    hf = AutoTokenizer.from_pretrained(tiny_base)(text, add_special_tokens=False)["input_ids"]
+    llm = Llama(str(files["q8_0"]), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from quantpipe.errors import ConfigError
 
+RECIPE = 2  # bump when the dequantised base changes for the same GGUF (2: tokenizer fix)
+
 
 def embedded_gguf(embedded) -> Path:
     """Path of the GGUF inside its package, found without importing the package (importing
@@ -84,13 +86,37 @@ def check_safetensors(path: Path, key: str) -> None:
                               "copy or save the model again") from e
 
 
+def _pre_tokenizers():
+    """Pre-tokenizers of models whose GGUF names them (tokenizer.ggml.pre) but which
+    transformers' GGUF reader does not rebuild: it gives every GPT-2-style vocabulary a bare
+    ByteLevel. SmolLM's original tokenizer.json splits digits first; without that split a run
+    of spaces before a digit tokenises differently from llama.cpp (17,202 vs 17,185 tokens on
+    the eval text; identical with it)."""
+    from tokenizers import pre_tokenizers as pt
+    return {"smollm": pt.Sequence([pt.Digits(individual_digits=True),
+                                   pt.ByteLevel(add_prefix_space=False, trim_offsets=True,
+                                                use_regex=True)])}
+
+
+def gguf_tokenizer(gguf: Path):
+    """The Hugging Face tokenizer of a GGUF, tokenising exactly as llama.cpp does."""
+    import gguf as gguf_lib
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    field = gguf_lib.GGUFReader(str(gguf), "r").get_field("tokenizer.ggml.pre")
+    pre = _pre_tokenizers().get(field.contents() if field else None)
+    if pre is not None:
+        tok.backend_tokenizer.pre_tokenizer = pre
+    return tok
+
+
 def dequantise_gguf(gguf: Path, out: Path) -> dict:
     """Load a GGUF with transformers, dequantised, and save FP16 safetensors + tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     kw = {"gguf_file": gguf.name}
-    tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    tok = gguf_tokenizer(gguf)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, dtype=torch.float16,
         # without dequantize=True the GGUF quantizer stays attached and save_pretrained refuses
