@@ -82,6 +82,7 @@ def gpu_serving(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None
               and gate_of.get(g["name"], "passed") == "passed"]
         r = _pick(ok, "decode_tok_s", largest=True)
         quality = ("its CPU run passed the gate" if r is not None and r["name"] in gate_of
+                   else "the FP16 reference itself" if r is not None and r["method"] == "none"
                    else "its quality was not measured on CPU")
         small = _pick(ok, "peak_gpu_mb")
         if small is not None and small is not r:
