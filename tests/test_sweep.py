@@ -59,7 +59,9 @@ def test_remote_tracking_uri_comes_from_the_environment(monkeypatch, tmp_path):
     cfg = compose_with("tracking=remote", f"paths.root={tmp_path}")
     assert cfg.tracking.uri == "http://mlflow.internal:5000"
     assert cfg.tracking.experiment == "day3-quantisation"  # the rest from tracking/default
-    assert cfg.tracking.artifact_root == f"{tmp_path}/mlruns/artifacts"
+    assert cfg.tracking.artifact_root is None  # the server chooses where artefacts go
+    monkeypatch.setenv("QUANTPIPE_ARTIFACT_ROOT", "/shared/mlruns")
+    assert compose_with("tracking=remote").tracking.artifact_root == "/shared/mlruns"
 
 
 APP = '''
