@@ -65,6 +65,12 @@ $(VENV)/.tools: $(STAMP) scripts/build_llama_tools.sh
 	bash scripts/build_llama_tools.sh $(VENV) build/llama.cpp
 	touch $@
 
+crosscheck: setup tools  ## our PPL + decode tok/s vs llama-perplexity + llama-bench (FILE=x.gguf, ARGS=--latest)
+	$(WITH_OVERRIDES) $(PY) -m pipelines.crosscheck $(if $(FILE),--gguf $(FILE)) $(ARGS)
+
+bench: setup tools  ## GGUF stage (convert, quantise) time + peak RSS vs llama.cpp's tools
+	$(WITH_OVERRIDES) $(PY) -m benchmarks.gguf_stage $(ARGS)
+
 # The GPU bench needs a CUDA torch (the venv's, if `make setup` ran on the GPU box; else
 # GPU_PYTHON=python3) and no setup step: without CUDA it prints what to run on a GPU machine.
 GPU_PYTHON ?= $(PY)

@@ -1,0 +1,76 @@
+"""llama.cpp's command-line tools (llama-quantize, llama-imatrix, llama-perplexity, llama-bench),
+built from the llama-cpp-python sdist by `make tools` into paths.tools (build/llama.cpp/bin).
+
+    from quantpipe.tools import tool_path, run_tool
+    out = run_tool(tool_path(tools_dir, "llama-bench"), ["-m", "model.gguf", "-o", "json"])
+
+The pipeline's default GGUF path needs none of them (it goes through llama-cpp-python); the
+calibrated variant (imatrix), the cross-check and the benchmark do.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantpipe.errors import ConfigError
+
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench")
+
+
+def tool_path(tools_dir: Path | str, name: str) -> Path:
+    """The tool's executable, or a ConfigError that says how to build it."""
+    path = Path(tools_dir) / name
+    if not (path.is_file() and path.stat().st_mode & 0o111):
+        raise ConfigError("paths.tools", f"{path} not found: llama.cpp's tools are not built",
+                          "run `make tools` (about 5 minutes), or point paths.tools at a "
+                          "folder holding " + ", ".join(TOOLS))
+    return path
+
+
+@dataclass
+class ToolRun:
+    stdout: str
+    stderr: str
+    seconds: float         # wall time of the process
+    peak_rss_mb: float     # the process's own peak resident set size
+
+
+def run_tool(exe: Path, args: list[str], timeout: float | None = None) -> ToolRun:
+    """Run a tool to completion; raise with the tail of its log if it fails. Its peak RSS is
+    the child's own (os.wait4), not the largest of all children so far."""
+    cmd = [str(exe), *map(str, args)]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        try:
+            _, status, usage = _wait4(proc.pid, timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
+                           f"{(stderr or stdout)[-3000:]}")
+    return ToolRun(stdout, stderr, seconds, usage.ru_maxrss / 1024)  # ru_maxrss: KiB on Linux
+
+
+def _wait4(pid: int, timeout: float | None):
+    """os.wait4 with a timeout (polling every 50 ms when one is given)."""
+    if timeout is None:
+        return os.wait4(pid, 0)
+    deadline = time.monotonic() + timeout
+    while True:
+        got, status, usage = os.wait4(pid, os.WNOHANG)
+        if got:
+            return got, status, usage
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(str(pid), timeout)
+        time.sleep(0.05)
