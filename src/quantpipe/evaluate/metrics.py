@@ -15,9 +15,13 @@ import numpy as np
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return (x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))).astype(np.float32)
+    """float32 exp, float64 sum, as llama-perplexity does (expf, double sum_exp): ~20 ms
+    instead of ~120 ms all-float64 on a [127, 49152] scored half-window (the GGUF decode of the
+    window takes ~0.5 s), within 4e-6 of the all-float64 result."""
+    x = np.asarray(logits, dtype=np.float32)
+    z = x - x.max(-1, keepdims=True)
+    z -= np.log(np.exp(z).sum(-1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return z
 
 
 def windows(ids: np.ndarray, n_ctx: int, n_windows: int | None, bos: int | None) -> np.ndarray:

@@ -27,7 +27,8 @@ from quantpipe.evaluate.runtimes import open_runtime
 def score(rt, wins: np.ndarray, desc: str):
     """Yield (log-probs at scored positions, target tokens) per window."""
     for w in tqdm(wins, desc=desc, unit="window"):
-        yield M.scored_logprobs(rt.window_logits(w), w)
+        # rows before the scored half are not needed (llama.cpp leaves them uncomputed)
+        yield M.scored_logprobs(rt.window_logits(w, M.first_scored(len(w))), w)
 
 
 def check_tokenizer(rt, text_ids: np.ndarray, text: str) -> None:
