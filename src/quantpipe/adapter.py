@@ -16,7 +16,9 @@ from quantpipe.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def validate_adapter_folder(path: Path) -> Path:
+def validate_adapter_folder(path: Path, allow_pickle: bool = False) -> Path:
+    """A peft folder: adapter_config.json and safetensors weights (a pickle adapter_model.bin
+    only with model.allow_pickle=true: loading a pickle can run code)."""
     path = Path(path).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError("adapter.path", f"{path} is not a folder",
@@ -30,9 +32,15 @@ def validate_adapter_folder(path: Path) -> Path:
     except json.JSONDecodeError as e:
         raise ConfigError("adapter.path", f"{cfg} is not valid JSON ({e})",
                           "save the adapter again") from e
-    if not any(path.glob("adapter_model.*")):
-        raise ConfigError("adapter.path", f"{path} has no adapter_model.safetensors",
-                          "save the adapter again with PeftModel.save_pretrained()")
+    if not (path / "adapter_model.safetensors").is_file():
+        if not any(path.glob("adapter_model.*")):
+            raise ConfigError("adapter.path", f"{path} has no adapter_model.safetensors",
+                              "save the adapter again with PeftModel.save_pretrained()")
+        if not allow_pickle:
+            raise ConfigError("adapter.path", f"{path} has only pickle weights "
+                              "(adapter_model.bin); pickles can run code when loaded",
+                              "save it with safe_serialization=True, or set "
+                              "model.allow_pickle=true if you trust the file")
     return path
 
 

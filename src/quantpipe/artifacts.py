@@ -6,6 +6,11 @@ it finished. A stage whose fingerprint (its inputs' fingerprints + its config) m
 folder reuses it. Published models (`quantized/model-int4`, `quantized/model.gguf`, ...) are
 hard links to (or copies of) cached files, swapped in atomically, so a failed run never leaves a
 half-written file under a final name.
+
+Temporary siblings are named `.<final>.tmp-<host>-<pid>-<ns>` (`.old-` for a folder being
+swapped out), so quantpipe.recovery can tell a dead process's leftovers from a live one's. Two
+pipelines sharing these folders take a file lock per cache entry and per published name
+(quantpipe.locks): the second waits, then reuses what the first built.
 """
 from __future__ import annotations
 
@@ -13,13 +18,22 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from quantpipe.errors import ConfigError
+from quantpipe.locks import file_lock, lock_path
+
 PROVENANCE = "provenance.json"
 _EDGE = 4 << 20  # bytes hashed at each end of a large input file
+HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+# `.<final name>.<tmp|old>-<host>-<pid>-<monotonic ns>`: what recovery.clean_stale_temps parses
+TEMP_RE = re.compile(r"^\.(?P<final>.+)\.(?P<tag>tmp|old)-(?P<host>\w+)-(?P<pid>\d+)-\d+$")
 
 
 def fingerprint(*parts: Any) -> str:
@@ -68,7 +82,7 @@ def size_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:
 
 
 def _tmp_sibling(final: Path, tag: str) -> Path:
-    return final.with_name(f".{final.name}.{tag}-{os.getpid()}-{time.monotonic_ns()}")
+    return final.with_name(f".{final.name}.{tag}-{HOST}-{os.getpid()}-{time.monotonic_ns()}")
 
 
 def replace_path(src: Path, final: Path) -> None:
@@ -133,7 +147,9 @@ def publish(src: Path, final: Path) -> Path:
         except OSError:
             shutil.copy2(s, d)
 
-    with atomic_path(final, is_dir=src.is_dir()) as tmp:
+    # one publisher per name at a time: two folder swaps interleaved would fail or lose one
+    with file_lock(lock_path(final), f"publish {final.name}"), \
+            atomic_path(final, is_dir=src.is_dir()) as tmp:
         if src.is_dir():
             shutil.copytree(src, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
         else:
@@ -141,17 +157,70 @@ def publish(src: Path, final: Path) -> Path:
     return final
 
 
-def ensure_cached(artifacts_root: Path, stage: str, fp: str, build, provenance: dict | None = None
-                  ) -> tuple[Path, dict, bool]:
+def ensure_cached(artifacts_root: Path, stage: str, fp: str, build, provenance: dict | None = None,
+                  need_bytes: int = 0, margin_bytes: int = 0) -> tuple[Path, dict, bool]:
     """Return (folder, provenance, reused) for `artifacts/<stage>/<fp>`, building it with
     `build(tmp_folder) -> dict` when no finished folder exists. The dict `build` returns is
-    stored in provenance.json under "result"."""
+    stored in provenance.json under "result". A process that finds another one building the same
+    entry waits for its lock and then reuses the result. Before building, the disk must have
+    `need_bytes + margin_bytes` free (else ConfigError, nothing written)."""
     folder = cache_dir(artifacts_root, stage, fp)
     prov = read_provenance(folder)
     if prov is not None:
         return folder, prov, True
-    with atomic_path(folder) as tmp:
-        result = build(tmp) or {}
-        prov = {"stage": stage, "fingerprint": fp, "result": result, **(provenance or {})}
-        (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
+    with file_lock(lock_path(folder), f"{stage} {fp}"):
+        prov = read_provenance(folder)  # finished while we waited for the lock
+        if prov is not None:
+            return folder, prov, True
+        check_free_space(folder.parent, need_bytes, margin_bytes, f"the {stage} stage")
+        with atomic_path(folder) as tmp:
+            result = build(tmp) or {}
+            prov = {"stage": stage, "fingerprint": fp, "result": result, **(provenance or {})}
+            (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
     return folder, prov, False
+
+
+# --- checks that fail before an expensive stage writes anything -----------------------------
+
+def check_writable(folder: Path, key: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it. A real write, not
+    os.access: root passes os.access on a read-only mount or an immutable folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(key, f"{folder} is not writable ({e.strerror or e})",
+                          f"fix its permissions or mount, or point {key} at a writable folder"
+                          ) from e
+
+
+def check_free_space(folder: Path, need_bytes: int, margin_bytes: int, what: str) -> None:
+    """Fail before writing when `folder`'s disk has less than need + margin bytes free."""
+    if need_bytes <= 0 and margin_bytes <= 0:
+        return
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():  # the cache folder of a new stage may not exist yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes + margin_bytes:
+        gb = 2**30
+        raise ConfigError("disk.margin_gb", f"{what} needs about {need_bytes / gb:.2f} GiB in "
+                          f"{folder}, plus a margin of {margin_bytes / gb:.2f} GiB, but only "
+                          f"{free / gb:.2f} GiB are free",
+                          "free some space (make clean deletes artifacts/ and quantized/), point "
+                          "paths.artifacts at a larger disk, or lower disk.margin_gb")
+
+
+def inside(root: Path, relative: str, key: str) -> Path:
+    """`root / relative`, refusing any path that resolves outside `root` (`../x`, `/etc/x`, or a
+    symlink leading out): a config value must not make publish write elsewhere."""
+    root = Path(root).resolve()
+    target = (root / relative).resolve()
+    if not relative or target == root or not target.is_relative_to(root):
+        raise ConfigError(key, f"{relative!r} is not a path inside {root}",
+                          "use a plain file or folder name such as model-int4 or model-q4_0.gguf")
+    return target

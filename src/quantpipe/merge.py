@@ -48,13 +48,26 @@ def check_adapter_fits(base_model, adapter: Path) -> None:
 
 
 def merge_adapter(base: Path, adapter: Path | None, out: Path, text: str,
-                  parity_tokens: int, min_top1_agreement: float) -> dict:
+                  parity_tokens: int, min_top1_agreement: float,
+                  stream_above_gb: float | None = None) -> dict:
+    """Merge in RAM with peft (and check logit parity), or, for a base whose FP16 weights
+    exceed `stream_above_gb`, shard by shard (quantpipe.streaming: peak RAM near one shard)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantpipe import streaming
+    safetensors = any(Path(base).glob("*.safetensors"))
+    if safetensors and stream_above_gb is not None:
+        fp16_gb = 2 * streaming.n_params(base) / 2**30
+        if fp16_gb > stream_above_gb:
+            log.info("merge: %.1f GiB FP16 > merge.stream_above_gb=%s: streaming shard by shard",
+                     fp16_gb, stream_above_gb)
+            return streaming.merge_lora_streaming(Path(base), adapter and Path(adapter), Path(out))
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # safetensors whenever the folder has them: a pickle (.bin) is never loaded by default
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32,
+                                                 use_safetensors=safetensors or None)
     ids = torch.tensor([tok(text)["input_ids"][:parity_tokens]])
     metrics: dict[str, float] = {}
     if adapter is None:
@@ -78,7 +91,7 @@ def merge_adapter(base: Path, adapter: Path | None, out: Path, text: str,
         if (base / name).is_file() and not (out / name).exists():
             shutil.copy2(base / name, out / name)
     if adapter is not None:
-        saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, use_safetensors=True)
         p = parity(unmerged, _logits(saved, ids))
         metrics.update({f"merge_saved_{k}": v for k, v in p.items()})
         log.info("merge parity: float32 %s, saved fp16 %s",

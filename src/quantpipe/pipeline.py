@@ -15,10 +15,11 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import artifacts as art
-from quantpipe import tracking
+from quantpipe import recovery, tracking
 from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
+WEIGHT_FILES = (".safetensors", ".bin")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default: nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import mlflow  # noqa: E402
@@ -28,13 +29,15 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     """Run every stage for `cfg.quant`; return the variant's metrics."""
     quant = require_quant(cfg)
     tracking.setup(cfg.tracking)
+    recovery.recover(cfg)  # close runs of killed pipelines, clean their temporaries
     tags = {"quantpipe.kind": "variant", "quant.name": str(quant.name),
             "quant.family": str(quant.family), "quant.method": str(quant.method),
-            **tracking.provenance_tags()}
+            **tracking.provenance_tags(), **recovery.process_tags()}
     with mlflow.start_run(run_name=str(quant.name), parent_run_id=parent_run_id, tags=tags,
-                          nested=parent_run_id is not None) as variant_run:
+                          nested=parent_run_id is not None) as variant_run, tracking.error_tag():
         mlflow.log_params(tracking.flat_params(cfg))
         mlflow.log_dict(OmegaConf.to_container(cfg, resolve=True), "config.json")
+        preflight(cfg)
         base = stage_base(cfg)
         adapter = stage_adapter(cfg, base)
         merged = stage_merge(cfg, base, adapter)
@@ -54,6 +57,21 @@ def require_quant(cfg: DictConfig) -> DictConfig:
     return cfg.quant
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Bad input that can be seen in a second, refused before hours of merging and converting:
+    output folders that cannot be written, a publish name leading out of paths.quantized, an
+    unknown GGUF type, a missing eval text."""
+    from quantpipe.data import load_text
+    art.check_writable(Path(cfg.paths.artifacts), "paths.artifacts")
+    art.check_writable(Path(cfg.paths.quantized), "paths.quantized")
+    art.inside(Path(cfg.paths.quantized), str(cfg.quant.publish), "quant.publish")
+    if cfg.quant.family == "gguf":
+        from quantpipe.quantize.gguf import ftype_of
+        ftype_of(str(cfg.quant.type))
+    if cfg.eval.text_file is not None:
+        load_text(cfg.eval.text_file, "eval", "eval.text_file")
+
+
 def _summary(m: dict[str, float]) -> str:
     keys = ("size_mb", "compression", "ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s")
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
@@ -65,12 +83,14 @@ def _provenance(cfg: DictConfig, inputs: dict[str, str]) -> dict[str, Any]:
 
 
 def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], dict],
-                 inputs: dict[str, str]) -> tuple[Path, dict]:
-    """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact."""
+                 inputs: dict[str, str], need_bytes: int = 0) -> tuple[Path, dict]:
+    """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact.
+    `need_bytes` estimates its output: the disk must hold it plus disk.margin_gb first."""
     with tracking.stage_run(name, **{"quantpipe.fingerprint": fp}):
         mlflow.log_params({f"input.{k}": v for k, v in inputs.items()})
-        folder, prov, reused = art.ensure_cached(Path(cfg.paths.artifacts), name, fp, build,
-                                                 _provenance(cfg, inputs))
+        folder, prov, reused = art.ensure_cached(
+            Path(cfg.paths.artifacts), name, fp, build, _provenance(cfg, inputs),
+            need_bytes=need_bytes, margin_bytes=int(cfg.disk.margin_gb * 2**30))
         log.info("%s: %s %s", name, "reusing" if reused else "built", folder)
         mlflow.set_tag("quantpipe.reused", str(reused).lower())
         mlflow.set_tag("quantpipe.artifact", str(folder))
@@ -95,7 +115,7 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
     gguf = base.embedded_gguf(cfg.model.embedded)
     fp = art.fingerprint("base", art.quick_file_fingerprint(gguf))
     folder, _ = cached_stage(cfg, "base", fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
-                             {"gguf": str(gguf)})
+                             {"gguf": str(gguf)}, need_bytes=4 * gguf.stat().st_size)  # Q4_1->FP16
     mlflow.set_tag("base.source", base.embedded_note(cfg.model.embedded, gguf))
     return {"path": folder, "fingerprint": fp}
 
@@ -106,7 +126,7 @@ def stage_adapter(cfg: DictConfig, base: dict) -> dict[str, Any] | None:
     if cfg.adapter.name == "none":
         return None
     if cfg.adapter.path is not None:
-        path = adapter.validate_adapter_folder(Path(cfg.adapter.path))
+        path = adapter.validate_adapter_folder(Path(cfg.adapter.path), cfg.model.allow_pickle)
         return {"path": path, "fingerprint": art.tree_fingerprint(path)}
     train = OmegaConf.to_container(cfg.adapter.train, resolve=True)
     fp = art.fingerprint("adapter", base["fingerprint"], train, cfg.seed)
@@ -123,12 +143,15 @@ def stage_merge(cfg: DictConfig, base: dict, adapter_: dict | None) -> dict[str,
     from quantpipe.data import topics_text
     settings = OmegaConf.to_container(cfg.merge, resolve=True)
     adapter_fp = adapter_["fingerprint"] if adapter_ else "none"
-    fp = art.fingerprint("merge", base["fingerprint"], adapter_fp, settings)
+    # streamed or in RAM, the merged weights are the same (tests/test_streaming.py checks it)
+    fp = art.fingerprint("merge", base["fingerprint"], adapter_fp,
+                         {k: v for k, v in settings.items() if k != "stream_above_gb"})
     folder, _ = cached_stage(
         cfg, "merge", fp,
         lambda tmp: merge.merge_adapter(base["path"], adapter_ and adapter_["path"], tmp,
                                         topics_text("eval"), **settings),
-        {"base": base["fingerprint"], "adapter": adapter_fp})
+        {"base": base["fingerprint"], "adapter": adapter_fp},
+        need_bytes=art.size_bytes(base["path"], WEIGHT_FILES))
     return {"path": folder, "fingerprint": fp}
 
 
@@ -140,9 +163,11 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
     fp = art.fingerprint("quantise", merged["fingerprint"], quant["backend"])
+    # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
     folder, prov = cached_stage(cfg, "quantise", fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),
-                                {"merged": merged["fingerprint"]})
+                                {"merged": merged["fingerprint"]},
+                                need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
     path = folder / prov["result"]["artifact"]
     return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
 

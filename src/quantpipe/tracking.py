@@ -19,7 +19,10 @@ from typing import Any, Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import PROJECT_ROOT
+from quantpipe.artifacts import check_writable
 from quantpipe.errors import ConfigError
+from quantpipe.locks import file_lock
+from quantpipe.recovery import process_tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402  (after the telemetry switch)
@@ -33,26 +36,31 @@ PARENT_ID_FILE = "mlflow_sweep_run_id"
 
 
 def setup(tracking: DictConfig) -> str:
-    """Point MLflow at the configured store and return the experiment id."""
+    """Point MLflow at the configured store and return the experiment id.
+
+    For a SQLite store, a write is tried first (os.access passes for root on a read-only mount),
+    and two pipelines starting at once are serialised by a lock beside the database: MLflow
+    creates the schema and the experiment on first use, and two processes doing that together
+    race ("table already exists"). After that, SQLite's own locking (MLflow sets a 20 s busy
+    timeout) serialises their writes."""
     uri = str(tracking.uri)
+    lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError("tracking.uri", f"cannot create {db.parent}: {e}",
-                              "choose a writable folder for the MLflow store") from e
-        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+        check_writable(db.parent, "tracking.uri")
+        if db.exists() and not os.access(db, os.W_OK):
             raise ConfigError("tracking.uri", f"{db} is not writable",
                               "fix its permissions or set tracking.uri to a writable store")
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(tracking.experiment)
-    if exp is None:
-        root = Path(tracking.artifact_root)
-        root.mkdir(parents=True, exist_ok=True)
-        exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=root.as_uri())
-    else:
-        exp_id = exp.experiment_id
+        lock = file_lock(db.with_name(f".{db.name}.setup.lock"), "MLflow store setup")
+    with lock:
+        mlflow.set_tracking_uri(uri)
+        exp = mlflow.get_experiment_by_name(tracking.experiment)
+        if exp is None:
+            root = Path(tracking.artifact_root)
+            check_writable(root, "tracking.artifact_root")
+            exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=root.as_uri())
+        else:
+            exp_id = exp.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -107,8 +115,20 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
     """A nested run for one stage; FAILED if the block raises."""
     with mlflow.start_run(run_name=name, nested=True,
-                          tags={"quantpipe.kind": "stage", "quantpipe.stage": name, **tags}) as r:
+                          tags={"quantpipe.kind": "stage", "quantpipe.stage": name,
+                                **process_tags(), **tags}) as r:
         yield r
+
+
+@contextlib.contextmanager
+def error_tag() -> Iterator[None]:
+    """Inside an active run: on an exception, tag the run with it (quantpipe.error), so the UI
+    and the report say why a run FAILED; the exception propagates."""
+    try:
+        yield
+    except Exception as e:
+        mlflow.set_tag("quantpipe.error", f"{type(e).__name__}: {e}"[:5000])
+        raise
 
 
 def log_dataset(name: str, text: str, source: str, context: str) -> None:
@@ -145,7 +165,8 @@ class SweepCallback(Callback):
         client = mlflow.MlflowClient()
         exp = mlflow.get_experiment_by_name(config.tracking.experiment)
         run = client.create_run(exp.experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
-                                tags={"quantpipe.kind": "sweep", **provenance_tags()})
+                                tags={"quantpipe.kind": "sweep", **provenance_tags(),
+                                      **process_tags()})
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)

