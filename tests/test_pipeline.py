@@ -43,10 +43,13 @@ def test_int4_end_to_end_then_int8_reuses_the_merge(cfg_factory):
     assert m4["size_mb"] < m8["size_mb"]
 
 
-def test_fp16_baseline_has_zero_divergence(cfg_factory):
+def test_fp16_baseline_differs_from_reference_only_by_rounding(cfg_factory):
+    # the reference computes the FP16 weights in float32; the variant runs them in FP16
     m = run(cfg_factory("+quant=fp16"))
-    assert m["kld_mean"] == pytest.approx(0, abs=1e-6)
-    assert m["top1_agree_pct"] == 100.0
+    assert 0 <= m["kld_mean"] < 1e-3
+    # a random-weight model has near-ties in its logits: FP16 rounding flips a few of 62 argmaxes
+    assert m["top1_agree_pct"] >= 90.0
+    assert abs(m["delta_ppl_pct"]) < 0.5
     assert m["compression"] == pytest.approx(1.0)
 
 

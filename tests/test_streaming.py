@@ -14,8 +14,7 @@ from transformers import AutoModelForCausalLM
 from quantpipe.data import topics_text
 from quantpipe.errors import ConfigError
 from quantpipe.merge import merge_adapter
-from quantpipe.streaming import (INDEX, merge_lora_streaming, read_header, shard_files,
-                                 stamp_gguf)
+from quantpipe.streaming import INDEX, merge_lora_streaming, read_header, shard_files
 
 
 def tensors(folder):
@@ -121,9 +120,10 @@ def test_streaming_refuses_adapter_for_another_hidden_size(tmp_path, tiny_base):
         merge_lora_streaming(tiny_base, adapter, tmp_path / "out")
 
 
-def test_stamp_gguf_writes_the_same_bytes_as_the_plain_copy(tmp_path):
+def test_add_metadata_writes_the_same_bytes_as_gguf_plain_copy(tmp_path):
     import gguf
     import numpy as np
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
     from quantpipe.quantize.gguf import add_metadata
     src = tmp_path / "raw.gguf"
@@ -134,8 +134,11 @@ def test_stamp_gguf_writes_the_same_bytes_as_the_plain_copy(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    add_metadata(src, tmp_path / "plain.gguf", {"quantpipe.provenance": "{}"})
-    stamp_gguf(src, tmp_path / "streamed.gguf", {"quantpipe.provenance": "{}"})
+    reader = gguf.GGUFReader(str(src))
+    copy_with_new_metadata(reader, gguf.GGUFWriter(str(tmp_path / "plain.gguf"), arch="llama"),
+                           {"quantpipe.provenance": MetadataDetails(gguf.GGUFValueType.STRING,
+                                                                    "{}")}, [])
+    add_metadata(src, tmp_path / "streamed.gguf", {"quantpipe.provenance": "{}"})
     assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "streamed.gguf").read_bytes()
     r = gguf.GGUFReader(str(tmp_path / "streamed.gguf"))
     assert r.get_field("quantpipe.provenance").contents() == "{}" and len(r.tensors) == 3

@@ -248,26 +248,3 @@ def _copy_side_files(base: Path, out: Path, total_bytes: int) -> None:
         index = json.loads((base / INDEX).read_text())
         index.setdefault("metadata", {})["total_size"] = total_bytes
         (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def stamp_gguf(src: Path, dst: Path, strings: dict[str, str]) -> None:
-    """Copy a GGUF adding string metadata, as gguf's copy_with_new_metadata does, but dropping
-    the source's mapped pages after each tensor. The plain copy reads the source through one
-    memory map, so the process's RSS grows to the whole file (2.3 GB for a 2.15 GB F16 1B, 14 GB
-    for a 7B) although llama.cpp's converter before it peaks at 0.6 GB. Same output bytes."""
-    import mmap
-
-    import gguf
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-    reader = gguf.GGUFReader(str(src), "r")
-    source = reader.data._mmap  # numpy.memmap's mapping: pages stay resident until dropped
-
-    class ReleasingWriter(gguf.GGUFWriter):
-        def write_tensor_data(self, tensor, *args, **kwargs):
-            super().write_tensor_data(tensor, *args, **kwargs)
-            source.madvise(mmap.MADV_DONTNEED)  # a clean shared mapping: refaults from the file
-
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = ReleasingWriter(str(dst), arch=arch, endianess=reader.endianess)
-    new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in strings.items()}
-    copy_with_new_metadata(reader, writer, new, [])

@@ -57,12 +57,24 @@ def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
 
 
 def add_metadata(src: Path, dst: Path, strings: dict[str, str]) -> None:
-    """Copy a GGUF adding string key/values, with the gguf package's own copy routine."""
+    """Copy a GGUF adding string key/values, with the gguf package's own copy routine, dropping
+    the source's mapped pages after each tensor: through one memory map the process's RSS grows
+    to the whole file (14 GB for a 7B F16) while llama.cpp's converter before it peaks at
+    0.8 GB; with the pages dropped the copy stays at 0.8 GB too (benchmarks/scale.py)."""
+    import mmap
+
     import gguf
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
     reader = gguf.GGUFReader(str(src), "r")
+    source = reader.data._mmap  # numpy.memmap's mapping: pages stay resident until dropped
+
+    class ReleasingWriter(gguf.GGUFWriter):
+        def write_tensor_data(self, tensor, *args, **kwargs):
+            super().write_tensor_data(tensor, *args, **kwargs)
+            source.madvise(mmap.MADV_DONTNEED)  # a clean shared mapping: refaults from the file
+
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
+    writer = ReleasingWriter(str(dst), arch=arch, endianess=reader.endianess)
     new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in strings.items()}
     copy_with_new_metadata(reader, writer, new, [])
 
