@@ -28,6 +28,7 @@ import mlflow  # noqa: E402
 def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     """Run every stage for `cfg.quant`; return the variant's metrics."""
     quant = require_quant(cfg)
+    set_threads(cfg.threads)
     tracking.setup(cfg.tracking)
     recovery.recover(cfg)  # close runs of killed pipelines, clean their temporaries
     tags = {"quantpipe.kind": "variant", "quant.name": str(quant.name),
@@ -72,6 +73,13 @@ def preflight(cfg: DictConfig) -> None:
         load_text(cfg.eval.text_file, "eval", "eval.text_file")
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op threads for the stages run in this process (merge, training, bnb)."""
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
 def _summary(m: dict[str, float]) -> str:
     keys = ("size_mb", "compression", "ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s")
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
@@ -113,7 +121,7 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
         mlflow.set_tag("base.source", f"local folder {path}")
         return {"path": path, "fingerprint": fp}
     gguf = base.embedded_gguf(cfg.model.embedded)
-    fp = art.fingerprint("base", art.quick_file_fingerprint(gguf))
+    fp = art.fingerprint("base", art.quick_file_fingerprint(gguf), base.RECIPE)
     folder, _ = cached_stage(cfg, "base", fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
                              {"gguf": str(gguf)}, need_bytes=4 * gguf.stat().st_size)  # Q4_1->FP16
     mlflow.set_tag("base.source", base.embedded_note(cfg.model.embedded, gguf))

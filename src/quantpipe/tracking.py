@@ -7,6 +7,7 @@ code raises is ended FAILED by `mlflow.start_run`'s context manager.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -55,7 +56,10 @@ def setup(tracking: DictConfig) -> str:
     with lock:
         mlflow.set_tracking_uri(uri)
         exp = mlflow.get_experiment_by_name(tracking.experiment)
-        if exp is None:
+        if exp is None and tracking.get("artifact_root") is None:
+            # a tracking server that serves artefacts itself picks the location
+            exp_id = mlflow.create_experiment(tracking.experiment)
+        elif exp is None:
             root = Path(tracking.artifact_root)
             check_writable(root, "tracking.artifact_root")
             exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=root.as_uri())
@@ -171,17 +175,25 @@ class SweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
         log.info("sweep run %s", run.info.run_id)
+        # Hydra raises after the last job when any job failed, and then never calls
+        # on_multirun_end: close the sweep run at exit in that case too
+        atexit.register(close_sweep_run, run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        f = Path(config.hydra.sweep.dir) / PARENT_ID_FILE
-        if f.is_file():
-            client = mlflow.MlflowClient()
-            run_id = f.read_text().strip()
-            children = client.search_runs(
-                [client.get_run(run_id).info.experiment_id],
-                filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
-            failed = any(c.info.status != "FINISHED" for c in children)
-            client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+        if (run_id := sweep_parent_id(config.hydra.sweep.dir)) is not None:
+            close_sweep_run(run_id)
+
+
+def close_sweep_run(run_id: str) -> None:
+    """End a sweep run FINISHED if every variant under it finished, else FAILED (once)."""
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    if run.info.status != "RUNNING":
+        return
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    failed = not children or any(c.info.status != "FINISHED" for c in children)
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
 def sweep_parent_id(sweep_dir: str | Path) -> str | None:
