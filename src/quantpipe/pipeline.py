@@ -201,7 +201,9 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
         out = Path(cfg.paths.quantized)
         final = art.publish(variant["path"], out / str(cfg.quant.publish))
         if cfg.quant.family == "gguf":
+            from quantpipe.deploy.modelfile import write_modelfile
             art.publish(variant["path"], out / "model.gguf")
+            mlflow.log_artifact(str(write_modelfile(out / "model.gguf")), "ollama")
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
         mlflow.set_tag("quantpipe.published", str(final))
         publish_to_registry(cfg.registry, publish_run.info.run_id,
