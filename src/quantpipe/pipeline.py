@@ -176,6 +176,12 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
                                 lambda tmp: backend(merged["path"], tmp, ctx),
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
+    if imatrix := quant["backend"].get("imatrix"):
+        # calibrated: the calibration text is an input of the variant, built or reused
+        from quantpipe.data import load_text
+        text, source = load_text(imatrix.get("text_file"), "calib",
+                                 "quant.backend.imatrix.text_file")
+        tracking.log_dataset("calibration-text", text, source, context="calibration")
     path = folder / prov["result"]["artifact"]
     return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
 
