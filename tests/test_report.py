@@ -210,3 +210,15 @@ def test_runs_that_overlapped_in_time_are_flagged():
     spans = {"a": (0, 100), "b": (50, 150), "c": (200, 300)}  # a parallel launcher ran a and b
     rows = [{**row(n, "dynamic"), "start_ms": s, "end_ms": e} for n, (s, e) in spans.items()]
     assert tables.overlapping(rows) == [("a", "b")]
+
+
+def test_deployment_table_shows_the_smoke_run_figures():
+    from quantpipe.report.tables import deployment
+    row = {"name": "gguf_q4_k_m", "run_id": "0123456789abcdef",
+           "metrics": {"deploy_smoke_ok": 1.0, "deploy_requests": 8, "deploy_errors": 0,
+                       "deploy_latency_p50_ms": 1234.4, "deploy_latency_p90_ms": 1500.2,
+                       "deploy_latency_p99_ms": 1600.9, "deploy_tok_s": 42.25,
+                       "deploy_ready_s": 1.7}}
+    line = deployment([row]).splitlines()[-1]
+    assert line == ("| **gguf_q4_k_m** | ok | 8 | 0 | 1234 | 1500 | 1601 | 42.2 | 1.7 | "
+                    "`01234567` |")

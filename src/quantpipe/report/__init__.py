@@ -37,6 +37,11 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
         parts += ["## Comparison (GPU)", tables.gpu_comparison(gpu),
                   "GPU runs measure speed and memory on random weights of the named shape; "
                   "quality comes from the CPU runs."]
+    if sel.deploy:
+        parts += ["## Deployment (llama.cpp's OpenAI-compatible server, `make smoke`)",
+                  tables.deployment(sel.deploy),
+                  "Latency includes queueing: llama-cpp-python's server answers one request at "
+                  "a time. The newest smoke/load-test run of each served format."]
     front = ", ".join(r["name"] for r in recommend.pareto_front(cpu)) or "none"
     parts += ["## Plots", f"![size vs ΔPPL]({size_plot})",
               f"Pareto front (no other variant is both smaller and closer to FP16): {front}.",

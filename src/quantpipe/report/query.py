@@ -26,6 +26,7 @@ class Selection:
     variants: list[dict]                    # finished CPU variant runs, one per quant.name
     failed: list[dict] = field(default_factory=list)
     gpu: list[dict] = field(default_factory=list)
+    deploy: list[dict] = field(default_factory=list)   # newest deploy (make smoke) run per format
 
 
 def as_row(run: Run) -> dict[str, Any]:
@@ -100,13 +101,16 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
     failed = [r for r in rows if r["status"] != "FINISHED" and r["name"] not in done]
     for r in finished:
         r["stages"] = [as_row(s) for s in _search(
-            client, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{r['run_id']}'")]
+            client, exp.experiment_id,
+            f"tags.`mlflow.parentRunId` = '{r['run_id']}' and {kind} = 'stage'")]
     gpu = _newest_per([as_row(r) for r in _search(
         client, exp.experiment_id, f"{kind} = 'gpu_bench' and attributes.status = 'FINISHED'")],
         "hardware.gpu", "shape", "quant.name")
     gpu.sort(key=lambda r: (r["metrics"].get("fp16_size_mb", 0.0), r["tags"].get("shape", ""),
                             -r["metrics"].get("size_mb", 0.0)))  # small models first
-    return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu)
+    deploy = _newest_per([as_row(r) for r in _search(client, exp.experiment_id,
+                                                     f"{kind} = 'deploy'")], "quant.name")
+    return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy)
 
 
 def order(rows: list[dict]) -> list[dict]:

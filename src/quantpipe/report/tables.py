@@ -57,6 +57,20 @@ def gpu_comparison(rows: list[dict]) -> str:
     return table(header, body)
 
 
+DEPLOY_COLUMNS = [("requests", "deploy_requests", 0), ("errors", "deploy_errors", 0),
+                  ("p50 ms", "deploy_latency_p50_ms", 0), ("p90 ms", "deploy_latency_p90_ms", 0),
+                  ("p99 ms", "deploy_latency_p99_ms", 0), ("tok/s", "deploy_tok_s", 1),
+                  ("server ready s", "deploy_ready_s", 1)]
+
+
+def deployment(rows: list[dict]) -> str:
+    header = ["format", "smoke (stops at EOS)"] + [h for h, _, _ in DEPLOY_COLUMNS] + ["run"]
+    body = [[f"**{r['name']}**", "ok" if r["metrics"].get("deploy_smoke_ok") else "FAILED"]
+            + [metric(r, k, d) for _, k, d in DEPLOY_COLUMNS] + [short(r["run_id"])]
+            for r in rows]
+    return table(header, body)
+
+
 def _values(rows: list[dict], get) -> dict[str, list[str]]:
     """Distinct values of `get(row)` -> the variants that have each (one line if all agree)."""
     seen: dict[str, list[str]] = defaultdict(list)
