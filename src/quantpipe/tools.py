@@ -41,13 +41,15 @@ class ToolRun:
 
 def run_tool(exe: Path, args: list[str], timeout: float | None = None) -> ToolRun:
     """Run a tool to completion; raise with the tail of its log if it fails. Its peak RSS is
-    the child's own (os.wait4), not the largest of all children so far."""
+    the child's own high-water mark (VmHWM) after exec, sampled while it runs: wait4's
+    ru_maxrss also counts the pages the child shared with this process before exec (1 GB when
+    the pipeline holds torch), so it cannot be used here."""
     cmd = [str(exe), *map(str, args)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
         try:
-            _, status, usage = _wait4(proc.pid, timeout)
+            status, peak_mb = _wait(proc.pid, Path(exe), timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
@@ -59,18 +61,33 @@ def run_tool(exe: Path, args: list[str], timeout: float | None = None) -> ToolRu
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
                            f"{(stderr or stdout)[-3000:]}")
-    return ToolRun(stdout, stderr, seconds, usage.ru_maxrss / 1024)  # ru_maxrss: KiB on Linux
+    return ToolRun(stdout, stderr, seconds, peak_mb)
 
 
-def _wait4(pid: int, timeout: float | None):
-    """os.wait4 with a timeout (polling every 50 ms when one is given)."""
-    if timeout is None:
-        return os.wait4(pid, 0)
-    deadline = time.monotonic() + timeout
+def _hwm_mb(pid: int, exe: Path) -> float:
+    """VmHWM of `pid` once it runs `exe` (0 before its exec, or once it is gone)."""
+    try:
+        if os.path.realpath(f"/proc/{pid}/exe") != os.path.realpath(exe):
+            return 0.0
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return 0.0
+
+
+def _wait(pid: int, exe: Path, timeout: float | None) -> tuple[int, float]:
+    """Wait for `pid` (with an optional timeout), sampling its memory high-water mark every
+    20 ms; a peak reached in the last 20 ms of its life can be missed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    peak = 0.0
     while True:
-        got, status, usage = os.wait4(pid, os.WNOHANG)
+        peak = max(peak, _hwm_mb(pid, exe))
+        got, status = os.waitpid(pid, os.WNOHANG)
         if got:
-            return got, status, usage
-        if time.monotonic() > deadline:
+            return status, peak
+        if deadline is not None and time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(str(pid), timeout)
-        time.sleep(0.05)
+        time.sleep(0.02)

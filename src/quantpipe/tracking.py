@@ -177,17 +177,20 @@ class SweepCallback(Callback):
         log.info("sweep run %s", run.info.run_id)
         # Hydra raises after the last job when any job failed, and then never calls
         # on_multirun_end: close the sweep run at exit in that case too
-        atexit.register(close_sweep_run, run.info.run_id)
+        atexit.register(close_sweep_run, run.info.run_id, mlflow.get_tracking_uri())
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if (run_id := sweep_parent_id(config.hydra.sweep.dir)) is not None:
             close_sweep_run(run_id)
 
 
-def close_sweep_run(run_id: str) -> None:
+def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
     """End a sweep run FINISHED if every variant under it finished, else FAILED (once)."""
-    client = mlflow.MlflowClient()
-    run = client.get_run(run_id)
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:  # the store is gone (a test's temporary one)
+        return
     if run.info.status != "RUNNING":
         return
     children = client.search_runs([run.info.experiment_id],
