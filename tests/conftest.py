@@ -92,3 +92,16 @@ def cfg_factory(tmp_path, tiny_base, tiny_adapter):
         return make_cfg(tmp_path, [f"model.path={tiny_base}", f"adapter.path={tiny_adapter}",
                                    *SHRINK, *overrides])
     return make
+
+
+@pytest.fixture
+def adapter_missing_modules(tmp_path, tiny_adapter) -> Path:
+    """The tiny adapter edited to target `query_key_value`, a module the Llama base lacks."""
+    import json
+    import shutil
+    bad = tmp_path / "bad-adapter"
+    shutil.copytree(tiny_adapter, bad)
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["query_key_value"]
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    return bad

@@ -1,9 +1,7 @@
 """LoRA merge: parity with the unmerged model, and clear errors for adapters that do not fit."""
 import json
-import shutil
 
 import pytest
-import torch
 
 from quantpipe.adapter import validate_adapter_folder
 from quantpipe.data import topics_text
@@ -29,14 +27,10 @@ def test_merge_without_adapter_is_a_copy(tmp_path, tiny_base):
     assert (tmp_path / "tokenizer.json").is_file()
 
 
-def test_adapter_for_missing_modules_is_refused(tmp_path, tiny_base, tiny_adapter):
-    bad = tmp_path / "bad-adapter"
-    shutil.copytree(tiny_adapter, bad)
-    cfg = json.loads((bad / "adapter_config.json").read_text())
-    cfg["target_modules"] = ["query_key_value"]
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+def test_adapter_for_missing_modules_is_refused(tmp_path, tiny_base, adapter_missing_modules):
     with pytest.raises(ConfigError, match="adapter.path.*query_key_value"):
-        merge_adapter(tiny_base, bad, tmp_path / "out", topics_text("eval"), 16, 0.9)
+        merge_adapter(tiny_base, adapter_missing_modules, tmp_path / "out", topics_text("eval"),
+                      16, 0.9)
 
 
 def test_adapter_for_another_hidden_size_is_refused(tmp_path, tiny_base, tokenizer_dir):

@@ -99,14 +99,10 @@ def test_streaming_scale_follows_rslora_and_alpha_pattern(tmp_path, tiny_base, t
     assert torch.equal(out[k], expect)
 
 
-def test_streaming_refuses_adapter_for_missing_modules(tmp_path, tiny_base, tiny_adapter):
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_adapter, bad)
-    cfg = json.loads((bad / "adapter_config.json").read_text())
-    cfg["target_modules"] = ["query_key_value"]
-    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+def test_streaming_refuses_adapter_for_missing_modules(tmp_path, tiny_base,
+                                                      adapter_missing_modules):
     with pytest.raises(ConfigError, match="adapter.path.*query_key_value"):
-        merge_lora_streaming(tiny_base, bad, tmp_path / "out")
+        merge_lora_streaming(tiny_base, adapter_missing_modules, tmp_path / "out")
 
 
 def test_streaming_refuses_adapter_for_another_hidden_size(tmp_path, tiny_base):

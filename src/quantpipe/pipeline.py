@@ -190,9 +190,8 @@ def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, fl
     """Size, speed and quality of the variant against the merged FP16 reference."""
     from quantpipe.evaluate import evaluate_variant
     with tracking.stage_run("evaluate"):
-        metrics, sample = evaluate_variant(cfg, merged, variant)
+        metrics = evaluate_variant(cfg, merged, variant)
         mlflow.log_metrics(metrics)
-        mlflow.log_text(sample, "sample.txt")
     return metrics
 
 

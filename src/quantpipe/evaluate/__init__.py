@@ -78,7 +78,7 @@ def prepare_ids(cfg: DictConfig, merged: Path) -> tuple[str, str, np.ndarray, in
     return text, source, ids, bos
 
 
-def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> tuple[dict, str]:
+def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
     """Metrics for `variant` (a dict with path) against the FP16 `merged` model."""
     import mlflow
     from quantpipe import tracking
@@ -115,9 +115,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> tuple[dict
     metrics.update({"size_mb": size / 2**20, "fp16_size_mb": fp16_bytes / 2**20,
                     "compression": fp16_bytes / size, "bits_per_weight": 8 * size / n_params})
     mlflow.set_tag("eval.runtime", result["runtime"])
-    mlflow.log_dict(result["sample"], "sample.json")
-    s = result["sample"]
-    return metrics, f"PROMPT: {s['prompt']}\n\nOUTPUT: {s['output']}\n\nstopped at EOS: {s['stopped_at_eos']}\n"
+    mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
+    return metrics
 
 
 def _n_params(merged: Path) -> int:
