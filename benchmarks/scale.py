@@ -1,7 +1,7 @@
 """Scale benchmark: peak memory and time of merge, convert and quantise against model size, on
 synthetic Llama-shaped models (random FP16 weights, a random rank-16 LoRA), up to 7B.
 
-    .venv/bin/python benchmarks/scale.py                # 1b, 3b, 7b: ~15 min on 2 cores, 42 GB disk
+    .venv/bin/python benchmarks/scale.py                # 1b, 3b, 7b: ~15 min on 2 cores, 28 GB disk
     .venv/bin/python benchmarks/scale.py --sizes 0.1b,1b --peft-up-to 1b --workdir /tmp/scale
 
 Each size: write the base shard by shard (--shard-gb, default 4 GB, as Llama-3-8B's shards),

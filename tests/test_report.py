@@ -222,3 +222,15 @@ def test_deployment_table_shows_the_smoke_run_figures():
     line = deployment([row]).splitlines()[-1]
     assert line == ("| **gguf_q4_k_m** | ok | 8 | 0 | 1234 | 1500 | 1601 | 42.2 | 1.7 | "
                     "`01234567` |")
+
+
+def test_gguf_stage_table_shows_the_bench_run_steps_convert_first():
+    from quantpipe.report.tables import gguf_stage
+    m = {"quantize_q8_0.ours_s": 1.09, "quantize_q8_0.tool_s": 1.06, "quantize_q8_0.ratio": 1.034,
+         "quantize_q8_0.ours_rss_mb": 248, "quantize_q8_0.tool_rss_mb": 209,
+         "quantize_q8_0.identical": 1.0,
+         "convert_f16.ours_s": 7.22, "convert_f16.tool_s": 7.36, "convert_f16.ratio": 0.98,
+         "convert_f16.ours_rss_mb": 459, "convert_f16.tool_rss_mb": 455}
+    lines = gguf_stage({"metrics": m}).splitlines()
+    assert lines[2] == "| convert f16 | 7.22 | 7.36 | **0.980×** | 459 | 455 | – |"
+    assert lines[3] == "| quantize q8_0 | 1.09 | 1.06 | **1.034×** | 248 | 209 | yes |"

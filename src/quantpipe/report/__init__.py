@@ -42,6 +42,17 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
                   tables.deployment(sel.deploy),
                   "Latency includes queueing: llama-cpp-python's server answers one request at "
                   "a time. The newest smoke/load-test run of each served format."]
+    if sel.bench:
+        p = sel.bench["params"]
+        parts += ["## GGUF stage vs llama.cpp's own tools (`make bench`)",
+                  tables.gguf_stage(sel.bench),
+                  f"Run {tables.short(sel.bench['run_id'])}: median of {p.get('repeats', '?')} "
+                  f"alternating runs each, {p.get('threads', '?')} threads, load average "
+                  f"{sel.bench['tags'].get('benchmark.load_before', '?')} before. Convert: "
+                  "llama.cpp's converter as the pipeline runs it (writing the provenance key) "
+                  "vs the converter alone; same bytes = the converter's file with that key "
+                  "added by gguf's own copy routine. Quantise: llama_model_quantize through "
+                  "llama-cpp-python vs `llama-quantize`, same threads."]
     front = ", ".join(r["name"] for r in recommend.pareto_front(cpu)) or "none"
     parts += ["## Plots", f"![size vs ΔPPL]({size_plot})",
               f"Pareto front (no other variant is both smaller and closer to FP16): {front}.",

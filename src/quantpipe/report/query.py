@@ -2,7 +2,8 @@
 
 By default the newest sweep (tag quantpipe.kind=sweep) and its variant runs; with no sweep in
 the experiment, the newest finished variant run of each quant.name. GPU rows come from runs
-tagged quantpipe.kind=gpu_bench: the newest finished one per (GPU, shape, quant.name). Every run
+tagged quantpipe.kind=gpu_bench: the newest finished one per (GPU, shape, quant.name); deployment
+rows from kind=deploy, the GGUF-stage benchmark from the newest kind=benchmark run. Every run
 becomes a plain dict (a "row") that the other report modules read: ids, tags, params, metrics,
 times, plus the row's stage runs and dataset inputs.
 """
@@ -27,6 +28,7 @@ class Selection:
     failed: list[dict] = field(default_factory=list)
     gpu: list[dict] = field(default_factory=list)
     deploy: list[dict] = field(default_factory=list)   # newest deploy (make smoke) run per format
+    bench: dict | None = None   # newest `make bench` run (GGUF stage vs llama.cpp's tools)
 
 
 def as_row(run: Run) -> dict[str, Any]:
@@ -110,7 +112,10 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
                             -r["metrics"].get("size_mb", 0.0)))  # small models first
     deploy = _newest_per([as_row(r) for r in _search(client, exp.experiment_id,
                                                      f"{kind} = 'deploy'")], "quant.name")
-    return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy)
+    bench = _search(client, exp.experiment_id, f"{kind} = 'benchmark' and "
+                    "tags.`benchmark.name` = 'gguf_stage' and attributes.status = 'FINISHED'")
+    return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
+                     as_row(bench[0]) if bench else None)
 
 
 def order(rows: list[dict]) -> list[dict]:

@@ -71,6 +71,23 @@ def deployment(rows: list[dict]) -> str:
     return table(header, body)
 
 
+def gguf_stage(row: dict) -> str:
+    """The `make bench` run: each step of the pipeline's GGUF stage against llama.cpp's own tool
+    (metrics `<step>.<field>`, as benchmarks/gguf_stage.py logs them)."""
+    m = row["metrics"]
+    steps = sorted({k.split(".", 1)[0] for k in m if k.endswith(".ratio")},
+                   key=lambda s: (not s.startswith("convert"), s))
+    body = []
+    for s in steps:
+        same = m.get(f"{s}.identical")
+        body.append([s.replace("_", " ", 1), num(m.get(f"{s}.ours_s"), 2),
+                     num(m.get(f"{s}.tool_s"), 2), f"**{num(m.get(f'{s}.ratio'), 3)}×**",
+                     num(m.get(f"{s}.ours_rss_mb"), 0), num(m.get(f"{s}.tool_rss_mb"), 0),
+                     "–" if same is None else ("yes" if same else "no")])
+    return table(["step", "pipeline s", "llama.cpp tool s", "pipeline / tool",
+                  "pipeline peak RSS MiB", "tool peak RSS MiB", "same bytes"], body)
+
+
 def _values(rows: list[dict], get) -> dict[str, list[str]]:
     """Distinct values of `get(row)` -> the variants that have each (one line if all agree)."""
     seen: dict[str, list[str]] = defaultdict(list)
