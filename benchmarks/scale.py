@@ -249,12 +249,15 @@ def bench_pipeline(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
     """The real pipeline on a synthetic base + LoRA, one child process per variant."""
     import mlflow
     folder = work / f"pipeline-{size}"
-    shutil.rmtree(folder, ignore_errors=True)
     base, lora, root = folder / "base", folder / "lora", folder / "root"
-    n = write_base(size, base, tokenizer, args.shard_gb)
-    write_lora(size, lora)
+    if args.keep and (lora / "adapter_config.json").is_file():  # a kept earlier run: go on
+        n = sum(math.prod(s) for _, s in tensor_specs(size))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        n = write_base(size, base, tokenizer, args.shard_gb)
+        write_lora(size, lora)
     fp16_gb = 2 * n / GB
-    print(f"[{size}] wrote {n / 1e9:.2f}B params, {fp16_gb:.2f} GB FP16", flush=True)
+    print(f"[{size}] {n / 1e9:.2f}B params, {fp16_gb:.2f} GB FP16 in {base}", flush=True)
     out = []
     for quant in args.quants.split(","):
         cmd = ("import sys, runpy; sys.argv = ['pipelines.run', " + ", ".join(

@@ -15,7 +15,6 @@ import pytest
 
 from quantpipe import memory
 from quantpipe.errors import ConfigError
-from quantpipe.evaluate.metrics import kld_topk
 from quantpipe.pipeline import run
 from tests.test_pipeline import runs
 
@@ -26,27 +25,23 @@ PARITY_MAX_ABS_LOGP = 0.15
 PARITY_MEAN_KLD = 2e-3
 
 
-def _reference_arrays(cfg_factory, runtime: str) -> dict:
-    cfg = cfg_factory("+quant=fp16", f"eval.reference_runtime={runtime}")
-    run(cfg)
-    [folder] = [p for p in Path(cfg.paths.artifacts, "reference").iterdir()
-                if (p / "reference.json").is_file() and runtime in (p / "reference.json").read_text()]
-    return dict(np.load(folder / "reference.npz"))
-
-
 def test_llama_cpp_reference_matches_the_float32_one(cfg_factory):
-    new = _reference_arrays(cfg_factory, "llama.cpp")
-    old = _reference_arrays(cfg_factory, "transformers-float32")
-    assert new["nll"].shape == old["nll"].shape
-    max_abs = float(np.abs(new["nll"] - old["nll"]).max())
-    # KL(old || new) over old's top-k + tail, new's log-probs placed on old's top-k ids: exact
-    # where the top-k sets agree, which they do for all but near-ties
-    logq = np.full((len(old["nll"]), int(old["topk_idx"].max()) + 1), -np.inf, dtype=np.float32)
-    np.put_along_axis(logq, new["topk_idx"][:, :], new["topk_logp"], -1)
-    logq = np.where(np.isinf(logq), np.log(1e-9), logq)
-    kld = kld_topk(old["topk_logp"], old["topk_idx"], logq)
-    assert max_abs < PARITY_MAX_ABS_LOGP, max_abs
-    assert float(kld.mean()) < PARITY_MEAN_KLD, float(kld.mean())
+    """The new reference (llama.cpp, F16 GGUF) against the former (transformers, float32), over
+    the full vocabulary on the evaluation's own windows."""
+    from transformers import AutoTokenizer
+
+    from quantpipe.data import topics_text
+    from quantpipe.evaluate.metrics import windows
+    from quantpipe.evaluate.parity import compare
+    cfg = cfg_factory("+quant=fp16")
+    run(cfg)
+    [merged] = Path(cfg.paths.artifacts, "merge").glob("*/config.json")
+    [f16] = Path(cfg.paths.artifacts, "gguf-f16").glob("*/model-f16.gguf")
+    tok = AutoTokenizer.from_pretrained(merged.parent)
+    ids = np.array(tok(topics_text("eval"), add_special_tokens=False)["input_ids"], np.int32)
+    p = compare(merged.parent, f16, windows(ids, cfg.eval.n_ctx, cfg.eval.n_windows, None), 2)
+    assert p["parity_max_abs_dlogp"] < PARITY_MAX_ABS_LOGP, p
+    assert p["parity_kld_mean"] < PARITY_MEAN_KLD, p
 
 
 def test_memory_estimate_refuses_before_any_stage(cfg_factory):
