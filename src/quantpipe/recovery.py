@@ -40,9 +40,18 @@ def _start_time(pid: int) -> str:
 def process_tags() -> dict[str, str]:
     """Tags that identify this process (and its SLURM job, inside one): set on every run at start."""
     tags = {PID: str(os.getpid()), START: _start_time(os.getpid()), HOST: socket.gethostname()}
-    if job := os.environ.get("SLURM_JOB_ID"):
+    if job := slurm_job_id():
         tags[SLURM_JOB] = job
     return tags
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job, as squeue, sacct and submitit's folders name it: `123_4` for
+    task 4 of array job 123 (a sweep is one array), else `123`; None outside SLURM."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
 
 
 def slurm_job_state(job_id: str) -> str | None:
@@ -78,8 +87,8 @@ def _end_slurm_run(client, run, job_id: str) -> bool:
     # the job ended, so its process can no longer close the run: what is RUNNING now stays so
     if client.get_run(run.info.run_id).info.status != "RUNNING":
         return False
-    note = (f"SLURM job {job_id} ended ({state}) without closing this run; its output is in "
-            f"submitit's folder of the sweep (.submitit/{job_id}*)")
+    note = (f"SLURM job {job_id} ended ({state}) without closing this run; its output: "
+            f"<sweep folder>/.submitit/{job_id}/")
     client.set_tag(run.info.run_id, "quantpipe.recovered", note)
     client.set_tag(run.info.run_id, "quantpipe.error", note)
     client.set_terminated(run.info.run_id, "FAILED")
