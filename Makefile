@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 -include .cluster/cluster.mk
 
 .PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
-        gpu-bench gpu-import serve modelfile smoke cluster-up cluster-down clean
+        gpu-bench gpu-import serve modelfile smoke cluster-up cluster-down ray-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -64,7 +64,7 @@ endif
 test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: setup tools  ## end-to-end tests on the real default model and llama.cpp tools
+test-slow: setup tools ray-deps  ## end-to-end tests: default model, llama.cpp tools, SLURM + MLflow server (root), Ray
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 tools: $(VENV)/.tools  ## build llama.cpp's tools (quantize, imatrix, perplexity, bench; ~5 min)
@@ -106,6 +106,12 @@ cluster-up: setup  ## one-machine SLURM + MLflow server on PostgreSQL, on 127.0.
 
 cluster-down:  ## stop what cluster-up started (by PID file); data stays in .cluster/
 	bash scripts/cluster/down.sh
+
+ray-deps: $(VENV)-ray/.installed  ## Ray + hydra-ray-launcher into .venv-ray (PYTHONPATH=.venv-ray for hydra/launcher=ray_cluster)
+
+$(VENV)-ray/.installed: requirements/ray.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(VENV)-ray -r requirements/ray.txt
+	touch $@
 
 clean:  ## delete outputs (quantized/, artifacts/, outputs/); keeps mlruns/ and .venv
 	rm -rf quantized artifacts outputs multirun

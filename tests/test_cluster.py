@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -203,3 +204,48 @@ def test_runs_of_ended_slurm_jobs_end_failed_with_the_reason(tmp_path, monkeypat
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     assert recovery.process_tags()[recovery.SLURM_JOB] == "7_1"
+
+
+@pytest.mark.slow
+def test_sweep_on_a_local_ray_cluster(cluster, tmp_path, tiny_base, tiny_adapter):
+    """hydra/launcher=ray_cluster against `ray start --head` on this machine (make ray-deps puts
+    Ray and hydra-ray-launcher into .venv-ray): both variants as Ray tasks, logged to the same
+    tracking server, the merge built once."""
+    ray_libs = PROJECT_ROOT / ".venv-ray"
+    if not (ray_libs / "ray").is_dir():
+        pytest.skip("Ray is not installed: make ray-deps")
+    env = {**cluster, "PYTHONPATH": os.pathsep.join(filter(None, [
+        os.environ.get("PYTHONPATH"), str(ray_libs)])), "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = Path(tempfile.mkdtemp(prefix="qp-ray-", dir="/tmp"))  # short: Ray's socket paths
+    # --block: this process owns the Ray daemons and stops them when it is terminated
+    head = subprocess.Popen([sys.executable, str(ray_libs / "bin" / "ray"), "start", "--head",
+                             "--block", "--port=6390", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        address_file = temp / "ray_current_cluster"
+        for _ in range(240):
+            if address_file.is_file() or head.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert address_file.is_file(), head.communicate(timeout=60)[0][-3000:]
+        exp = f"ray-test-{uuid.uuid4().hex[:8]}"
+        cmd = [sys.executable, "-m", "pipelines.run", "hydra.mode=MULTIRUN",
+               "hydra/launcher=ray_cluster", "tracking=remote", f"tracking.experiment={exp}",
+               f"paths.root={tmp_path}", f"model.path={tiny_base}",
+               f"adapter.path={tiny_adapter}", *SHRINK, "threads=1", "+quant=int8,gguf_q4_0"]
+        res = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900,
+                             env={**env, "RAY_ADDRESS": address_file.read_text().strip()})
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert "Ray Launcher is launching 2 jobs" in res.stdout + res.stderr
+    finally:
+        head.terminate()
+        head.communicate(timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+    _, runs = runs_of(exp)
+    variants = [r for r in runs if r.data.tags.get("quantpipe.kind") == "variant"]
+    assert sorted(r.data.tags["quant.name"] for r in variants) == ["gguf_q4_0", "int8"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["ppl"] > 1 for r in variants)
+    merges = [r for r in runs if r.data.tags.get("quantpipe.stage") == "merge"]
+    assert sorted(r.data.tags["quantpipe.reused"] for r in merges) == ["false", "true"]
