@@ -4,8 +4,8 @@ slurmdbd on MariaDB, slurmctld, slurmd) and an MLflow tracking server on Postgre
 server; the runs, metrics and artefacts are read back through the MLflow client; the cluster is
 stopped by scripts/cluster/down.sh.
 
-    .venv/bin/python -m pytest -q -m slow tests/test_cluster.py     # root; apt-installs what is missing
-    .venv/bin/python -m pytest -q tests/test_cluster.py             # the fast one: SLURM states -> runs
+    .venv/bin/python -m pytest -q -m slow tests/test_cluster.py   # root; apt-installs the packages
+    .venv/bin/python -m pytest -q tests/test_cluster.py           # fast: SLURM states -> runs
 
 The test cluster has its own folder (.cluster-test/) and ports (+100), so a cluster started by
 `make cluster-up` keeps running beside it. Without root the tests are skipped (up.sh would only
@@ -43,7 +43,6 @@ def cluster_script(name: str, env: dict) -> str:
 
 @pytest.fixture(scope="module")
 def cluster():  # slow: the first start installs packages and creates MLflow's tables
-
     if os.geteuid() != 0:
         pytest.skip("make cluster-up needs root (daemons, apt); it prints the manual steps")
     env = {**os.environ, **PORTS, "CLUSTER_DIR": str(CLUSTER_DIR), "PY": sys.executable}
@@ -149,7 +148,8 @@ def test_two_sweeps_at_once_through_slurm_with_a_server_restart(cluster, tmp_pat
         assert m["size_mb"] > 0 and m["ppl"] > 1 and m["kld_mean"] >= 0, (name, m)
         # artefacts went through the server into its artifact store
         assert client.list_artifacts(r.info.run_id), name
-    assert by_name["gguf_q4_0"].data.metrics["size_mb"] < by_name["gguf_q8_0"].data.metrics["size_mb"]
+    size = {name: r.data.metrics["size_mb"] for name, r in by_name.items()}
+    assert size["gguf_q4_0"] < size["gguf_q8_0"]
 
     # the stage cache is shared across jobs: the merge was built by one job, reused by two
     merges = [r for r in runs if r.data.tags.get("quantpipe.stage") == "merge"]
@@ -200,7 +200,8 @@ def test_runs_of_ended_slurm_jobs_end_failed_with_the_reason(tmp_path, monkeypat
     assert recovery.mark_dead_runs(exp, client) == [run["7_1"]]
     status = {job: client.get_run(r).info.status for job, r in run.items()}
     assert status == {"7_0": "RUNNING", "7_1": "FAILED", "8": "RUNNING"}
-    assert "SLURM job 7_1 ended (TIMEOUT)" in client.get_run(run["7_1"]).data.tags["quantpipe.error"]
+    error = client.get_run(run["7_1"]).data.tags["quantpipe.error"]
+    assert "SLURM job 7_1 ended (TIMEOUT)" in error
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     assert recovery.process_tags()[recovery.SLURM_JOB] == "7_1"

@@ -45,8 +45,15 @@ install_packages() {
     say "installing Debian packages ($PACKAGES): missing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    # the packages' own service start-up is refused in a container; we start the daemons below
+    # the packages must not start their system-wide services (MariaDB on 3306, PostgreSQL on
+    # 5432, ...): a policy-rc.d answering 101 ("not allowed") for the install, if none is there
+    local policy=/usr/sbin/policy-rc.d made=
+    if [[ ! -e $policy ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made=1
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get install -y -q --no-install-recommends $PACKAGES >/dev/null
+    [[ -z $made ]] || { rm -f "$policy"; trap - EXIT; }
     PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 }
 

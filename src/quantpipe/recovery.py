@@ -38,7 +38,7 @@ def _start_time(pid: int) -> str:
 
 
 def process_tags() -> dict[str, str]:
-    """Tags that identify this process (and its SLURM job, inside one): set on every run at start."""
+    """Tags that identify this process (and its SLURM job, if any): set on every run at start."""
     tags = {PID: str(os.getpid()), START: _start_time(os.getpid()), HOST: socket.gethostname()}
     if job := slurm_job_id():
         tags[SLURM_JOB] = job
@@ -56,7 +56,8 @@ def slurm_job_id() -> str | None:
 
 def slurm_job_state(job_id: str) -> str | None:
     """SLURM's state of a job (RUNNING, COMPLETED, TIMEOUT, ...), or None when SLURM cannot say.
-    squeue knows a job until MinJobAge (300 s by default) after its end, sacct (accounting) after."""
+    squeue knows a job until MinJobAge (300 s by default) after its end, sacct (accounting)
+    after that."""
     for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"],
                 ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
         try:
@@ -120,7 +121,8 @@ def mark_dead_runs(experiment_id: str, client=None) -> list[str]:
         client.set_terminated(r.info.run_id, "KILLED")
         dead.append(r.info.run_id)
     if dead:
-        log.warning("marked %d interrupted run(s) KILLED: %s", len(dead), ", ".join(dead))
+        log.warning("closed %d run(s) of dead processes or ended SLURM jobs: %s", len(dead),
+                    ", ".join(dead))
     return dead
 
 
