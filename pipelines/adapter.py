@@ -17,7 +17,7 @@ from quantpipe.pipeline import run_adapter
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    schema.check(cfg, require_quant=False)
+    schema.check(cfg, with_quant=False)
     run_adapter(cfg)
 
 

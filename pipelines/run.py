@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 import quantpipe  # noqa: F401  (registers the ${quantpipe.root:} resolver)
 from quantpipe import schema
 from quantpipe.cli import exit_on_user_error, log_job_error, one_line_errors
+from quantpipe.console import quiet_known_noise
 
 log = logging.getLogger("pipelines.run")
 
@@ -27,12 +28,11 @@ log = logging.getLogger("pipelines.run")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    quiet_known_noise()  # again: a launcher may run this job in another process
     try:
         schema.check(cfg)  # before the heavy imports below: a typo costs a second
-        from quantpipe.console import quiet_known_noise
         from quantpipe.pipeline import run
         from quantpipe.tracking import sweep_parent_id
-        quiet_known_noise()
         run(cfg, parent_run_id=sweep_parent_id(hc.sweep.dir) if multirun else None)
     except Exception as e:
         if multirun:  # the sweep goes on; Hydra raises the first failure after the last job
@@ -43,6 +43,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def checked_main() -> None:
+    quiet_known_noise()
     # before Hydra, whose own refusal of a second +quant= speaks of `override` syntax
     schema.check_overrides(sys.argv[1:])
     main()

@@ -1,7 +1,7 @@
 """What a person sees in the terminal: known third-party noise filtered by its message, C
 libraries' chatter sent to a log file, and a closing summary of the variant.
 
-    quiet_known_noise()                     # once per process (entry point, evaluation worker)
+    quiet_known_noise()                     # once, first thing in an entry point
     with output_to(path / "quantize.log"):  # llama.cpp prints a line per tensor (272 on SmolLM2)
         llama_model_quantize(...)
     print_summary("int4", metrics, published, run_id)
@@ -18,22 +18,20 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Mapping
 
-# (message regex, category, why it is noise for this pipeline)
+# (message regex, category, why it is noise here): each seen on a `make pipeline` run
 KNOWN_WARNINGS = [
-    (r"MatMul8bitLt: inputs will be cast from", UserWarning,
-     "bitsandbytes LLM.int8 on CPU: printed on every matmul of every layer"),
-    (r".*_check_is_size will be removed", FutureWarning, "torch internals used by bitsandbytes"),
-    (r"The installed version of bitsandbytes was compiled without GPU support", UserWarning,
-     "we run bitsandbytes on CPU on purpose"),
-    (r".*`torch_dtype` is deprecated", UserWarning, "raised inside peft / transformers"),
-    (r"Filesystem tracking backend \(e\.g\., '\./mlruns'\) is deprecated", FutureWarning,
-     "only reached by a test's file store"),
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning,
+     "transformers 5.23 on peft 0.21's merge: a rename inside the libraries"),
+    (r"The specified dataset source can be interpreted in multiple ways", UserWarning,
+     "MLflow, logging the eval text's local path as a dataset source: both readings agree"),
 ]
 # third-party loggers that log known noise at INFO / WARNING
 QUIET_LOGGERS = {
-    "bitsandbytes": logging.ERROR,   # "cannot fetch kernels from the hub": offline on purpose
-    "httpx": logging.WARNING,        # a line per request when the smoke test talks to the server
+    "bitsandbytes": logging.ERROR,   # "MatMul8bitLt: inputs will be cast", "cannot fetch
+                                     # kernels from the hub" (offline on purpose): every load
+    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..."
     "alembic": logging.WARNING,      # MLflow's schema migrations on first use of a store
+    "httpx": logging.WARNING,        # a line per request when the smoke test talks to the server
 }
 
 
@@ -43,6 +41,10 @@ def quiet_known_noise() -> None:
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers 5 draws a bar per load and save ("Loading weights", "Writing model shards"),
+    # three per stage; the stages log what they built and the long steps (training, scoring)
+    # draw their own bar. Read when huggingface_hub is imported; the evaluation worker inherits it.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @contextlib.contextmanager

@@ -125,21 +125,25 @@ RULES: dict[str, Any] = {
 OPEN_SECTIONS = ("quant.backend", "hydra")
 
 
-def check(cfg: DictConfig, require_quant: bool = True) -> None:
+def check(cfg: DictConfig, with_quant: bool = True) -> None:
     """Every key of `cfg` with a rule holds an allowed value; raise ConfigError on the first
-    that does not. Then the quant backend checks its own options."""
+    that does not. Then the quant backend checks its own options. `with_quant=False` leaves
+    quant out: a sweep's start (each job checks its own variant), `make adapter`."""
     for key, rule in RULES.items():
+        if key.startswith("quant.") and not with_quant:
+            continue
         present, value = _value(cfg, key)
         if present and not rule.ok(value):
             raise ConfigError(key, f"{_fmt(value)} is not {rule.allowed()}",
                               f"set {key}=<{rule.allowed()}>")
-    if require_quant and ("quant" not in cfg or cfg.quant is None):
+    if not with_quant:
+        return
+    if "quant" not in cfg or cfg.quant is None:
         from quantpipe.config import quant_options
         raise ConfigError("quant", "no quantisation variant chosen",
                           f"add +quant=<name>, one of: {', '.join(quant_options())}")
-    if cfg.get("quant") is not None:
-        from quantpipe.quantize import check_backend
-        check_backend(cfg.quant)
+    from quantpipe.quantize import check_backend
+    check_backend(cfg.quant)
 
 
 def unchecked_keys(cfg: DictConfig) -> list[str]:

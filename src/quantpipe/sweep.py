@@ -15,9 +15,14 @@ from omegaconf import DictConfig
 
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from quantpipe import schema, tracking
-        # a bad value shared by every variant fails once, before the sweep run exists
-        schema.check(config, require_quant=False)
+        from quantpipe import schema
+        from quantpipe.cli import exit_on_user_error
+        try:  # a bad value shared by every variant fails once, before the sweep run exists
+            schema.check(config, with_quant=False)
+        except Exception as e:
+            exit_on_user_error(e)  # SystemExit: Hydra turns a callback's exceptions into warnings
+            raise
+        from quantpipe import tracking  # MLflow: 2-4 s to import
         tracking.start_sweep_run(config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -66,7 +66,8 @@ def log_sweep_comparison(client: MlflowClient, sweep_id: str) -> None:
 
 def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     """The UI's compare view: #/compare-runs?runs=[...]&experiments=[...] (URL-encoded JSON)."""
-    q = urllib.parse.urlencode({"runs": json.dumps(run_ids), "experiments": json.dumps([experiment_id])},
+    q = urllib.parse.urlencode({"runs": json.dumps(run_ids, separators=(",", ":")),
+                                "experiments": json.dumps([experiment_id])},
                                quote_via=urllib.parse.quote)
     return f"{base.rstrip('/')}/#/compare-runs?{q}"
 

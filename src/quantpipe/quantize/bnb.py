@@ -35,7 +35,6 @@ def load_quantised(src: Path, qconfig):
     import torch
     from transformers import AutoModelForCausalLM
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
         # non-quantised tensors (embeddings, norms) stay FP16, as in the FP16 baseline
         return AutoModelForCausalLM.from_pretrained(src, quantization_config=qconfig,
                                                     dtype=torch.float16, device_map=_device())
@@ -58,7 +57,6 @@ def save_and_verify(model, src: Path, dst: Path) -> dict:
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
                         [:VERIFY_TOKENS]], device=model.device)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
         live = model(input_ids=ids).logits.float()
         reloaded = AutoModelForCausalLM.from_pretrained(dst, device_map=_device())
         again = reloaded(input_ids=ids).logits.float()
