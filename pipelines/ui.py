@@ -5,8 +5,9 @@ loopback over the project's store (mlruns/).
     python -m pipelines.ui --port 5001        # another port
     python -m pipelines.ui --print-only       # only the URLs (also for tracking=remote)
 
-The experiment is marked as a model-training experiment first, so MLflow 3's UI opens on its
-runs, not on the GenAI "Traces" overview. The process execs `mlflow ui` (same PID): stop it by
+The experiment is marked as a model-training experiment and every URL printed carries
+workflowType=machine_learning, so MLflow 3's UI opens on the runs, not on the GenAI "Traces"
+overview (quantpipe.ui says why both). The process execs `mlflow ui` (same PID): stop it by
 that PID. Trailing words are Hydra overrides of conf/ (tracking.*, paths.root).
 """
 import argparse
@@ -19,7 +20,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from quantpipe import PROJECT_ROOT  # noqa: E402
 from quantpipe.errors import ConfigError  # noqa: E402
-from quantpipe.ui import compare_url, mark_model_training, newest_sweep  # noqa: E402
+from quantpipe.ui import compare_url, mark_model_training, newest_sweep, runs_url  # noqa: E402
 
 
 def urls(client: MlflowClient, experiment: str, base: str) -> list[str]:
@@ -28,10 +29,10 @@ def urls(client: MlflowClient, experiment: str, base: str) -> list[str]:
     if exp is None:
         return [f"no MLflow experiment {experiment!r} yet: make pipeline +quant=int4 or make sweep"]
     mark_model_training(client, exp.experiment_id)
-    lines = [f"runs:          {base}/#/experiments/{exp.experiment_id}/runs"]
+    lines = [f"runs:          {runs_url(base, exp.experiment_id)}"]
     if (found := newest_sweep(client, experiment)) is not None and found[2]:
         exp_id, sweep_id, variants = found
-        lines.append(f"newest sweep:  {base}/#/experiments/{exp_id}/runs/{sweep_id}")
+        lines.append(f"newest sweep:  {runs_url(base, exp_id, sweep_id)}")
         lines.append(f"compare view:  {compare_url(base, exp_id, variants)}")
     return lines
 

@@ -3,9 +3,11 @@ comparison table and the report's plots, and `make ui` prints the newest sweep's
 
     python -m pipelines.ui               # make ui: prints the compare URL, then serves the UI
 
-MLflow 3's UI opens an experiment without a kind on the GenAI "Traces" overview (empty here);
-the tag mlflow.experimentKind=custom_model_development makes it open on the runs table, as the
-"model training" choice in the UI's own experiment-type switch does.
+MLflow 3.17's UI opens an experiment on the GenAI overview ("0 traces"), empty here. Two things
+move it to the runs: the experiment tag mlflow.experimentKind=custom_model_development (what the
+UI's experiment-type choice writes; older 3.x UIs go by it) and, since the UI's global
+"GenAI | Model training" switch decides in 3.17 (stored in the browser, GenAI by default), the
+query parameter workflowType=machine_learning on every URL printed here.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+WORKFLOW = "workflowType=machine_learning"  # the UI's "Model training" side, from the URL
 TABLE_FILE = "comparison.json"   # the sweep run's mlflow.log_table artefact
 # the comparison's columns: the metrics every variant logs, in the report's order
 TABLE_METRICS = ("size_mb", "compression", "bits_per_weight", "ppl", "delta_ppl_pct", "kld_mean",
@@ -69,7 +72,13 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     q = urllib.parse.urlencode({"runs": json.dumps(run_ids, separators=(",", ":")),
                                 "experiments": json.dumps([experiment_id])},
                                quote_via=urllib.parse.quote)
-    return f"{base.rstrip('/')}/#/compare-runs?{q}"
+    return f"{base.rstrip('/')}/#/compare-runs?{q}&{WORKFLOW}"
+
+
+def runs_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The experiment's runs table (or one run), on the UI's model-training side."""
+    run = f"/runs/{run_id}" if run_id else "/runs"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{run}?{WORKFLOW}"
 
 
 def newest_sweep(client: MlflowClient, experiment: str) -> tuple[str, str, list[str]] | None:
