@@ -148,6 +148,26 @@ def ui_number(v: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
 
 
+def dump_dom(chromium: str, url: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The page's DOM after 30 s of virtual time (the UI is a React app: its requests and
+    rendering finish within it); chromium runs in its own session, and whatever it leaves
+    behind (helpers that outlive it) is killed by that session's group id."""
+    proc = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--disable-dev-shm-usage", "--disable-breakpad",
+                             "--disable-crash-reporter", f"--user-data-dir={tmp_path / 'chromium'}",
+                             "--window-size=1400,1000", "--virtual-time-budget=30000",
+                             "--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def page_text(dom: str) -> str:
     text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", dom, flags=re.S)
     return " ".join(re.sub(r"<[^>]+>", " ", text).split())
@@ -166,11 +186,7 @@ def test_compare_page_in_headless_chromium(sweep, tmp_path):
     try:
         wait_healthy(port, proc)
         url = compare_line((tmp_path / "ui.log").read_text())
-        # the UI is a React app: give its requests and rendering virtual time before the dump
-        res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                              "--disable-dev-shm-usage", "--window-size=1400,1000",
-                              "--virtual-time-budget=30000", "--dump-dom", url],
-                             capture_output=True, text=True, timeout=300)
+        res = dump_dom(chromium, url, tmp_path)
     finally:
         stop(proc)
     assert proc.returncode is not None
