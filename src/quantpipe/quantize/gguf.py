@@ -97,8 +97,11 @@ def _check_options(options: dict) -> None:
     """Before any stage: a type llama.cpp knows, and imatrix settings it can use."""
     ftype_of(str(options["type"]))
     if options["imatrix"] is not None:
+        from quantpipe.data import load_text
         from quantpipe.quantize.imatrix import imatrix_settings
-        imatrix_settings(dict(options["imatrix"]))
+        settings = imatrix_settings(dict(options["imatrix"]))
+        if settings["text_file"] is not None:  # a missing file: refused now, not after convert
+            load_text(settings["text_file"], "calib", "quant.backend.imatrix.text_file")
 
 
 @options_checked_by(_check_options)
