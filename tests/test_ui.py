@@ -67,6 +67,8 @@ def sweep(tmp_path_factory):
 def test_experiment_opens_on_runs(sweep):
     exp = sweep["client"].get_experiment(sweep["experiment_id"])
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.quantpipe"])  # runs table: metric columns
+    assert {f"metrics.`{k}`" for k in KEY_METRICS} <= set(view["selectedColumns"])
 
 
 def test_sweep_run_carries_table_and_plots(sweep, tmp_path):
@@ -96,7 +98,8 @@ def test_make_ui_prints_the_compare_url(sweep):
     assert json.loads(query["runs"][0]) == sweep["variant_ids"]
     assert json.loads(query["experiments"][0]) == [sweep["experiment_id"]]
     assert query["workflowType"] == ["machine_learning"]
-    assert f"#/experiments/{sweep['experiment_id']}/runs?workflowType=machine_learning" in res.stdout
+    assert (f"#/experiments/{sweep['experiment_id']}/runs?viewStateShareKey=quantpipe&"
+            "workflowType=machine_learning") in res.stdout
 
 
 def compare_line(stdout: str) -> str:

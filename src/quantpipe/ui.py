@@ -29,11 +29,24 @@ TABLE_METRICS = ("size_mb", "compression", "bits_per_weight", "ppl", "delta_ppl_
                  "top1_agree_pct", "decode_tok_s", "ttft_ms", "peak_rss_mb", "load_s")
 
 
+# A saved view of the runs table (the UI's "share view": an experiment tag named by the URL's
+# viewStateShareKey): the variant runs with the key metrics as columns. Without it the table
+# shows no metric until the columns are picked by hand.
+VIEW_KEY = "quantpipe"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_METRICS = ("size_mb", "delta_ppl_pct", "kld_mean", "decode_tok_s", "top1_agree_pct",
+                "ttft_ms", "peak_rss_mb")
+VIEW_STATE = json.dumps({"selectedColumns": [f"metrics.`{m}`" for m in VIEW_METRICS],
+                         "searchFilter": "tags.`quantpipe.kind` = 'variant'"})
+
+
 def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
-    """Open the experiment on its runs in MLflow 3's UI (idempotent)."""
-    exp = client.get_experiment(experiment_id)
-    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    """Open the experiment on its runs in MLflow 3's UI, and keep the runs view with the key
+    metrics as columns (idempotent)."""
+    tags = client.get_experiment(experiment_id).tags
+    for key, value in ((EXPERIMENT_KIND_TAG, EXPERIMENT_KIND), (VIEW_TAG, VIEW_STATE)):
+        if tags.get(key) != value:
+            client.set_experiment_tag(experiment_id, key, value)
 
 
 def comparison_rows(client: MlflowClient, experiment: str, sweep_id: str) -> list[dict]:
@@ -76,9 +89,12 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
 
 
 def runs_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
-    """The experiment's runs table (or one run), on the UI's model-training side."""
-    run = f"/runs/{run_id}" if run_id else "/runs"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{run}?{WORKFLOW}"
+    """The experiment's runs table with the key metrics as columns (or one run), on the UI's
+    model-training side."""
+    if run_id:
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{WORKFLOW}"
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+            f"&{WORKFLOW}")
 
 
 def newest_sweep(client: MlflowClient, experiment: str) -> tuple[str, str, list[str]] | None:
