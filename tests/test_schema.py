@@ -26,7 +26,8 @@ from tests.conftest import make_cfg
 LIMIT_S = 10  # the bound for a refused command line
 
 
-def cli(root: Path, *words: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def cli(root: Path, *words: str, env: dict | None = None
+        ) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "pipelines.run", f"paths.root={root}", *words],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
@@ -134,7 +135,8 @@ def test_every_rule_names_a_key_of_conf(tmp_path):
 @pytest.mark.parametrize("override, key", [
     ("threads=0", "threads"), ("threads=two", "threads"), ("eval.n_windows=0", "eval.n_windows"),
     ("eval.n_ctx=64.5", "eval.n_ctx"), ("eval.n_ctx=true", "eval.n_ctx"),
-    ("eval.speed.new_tokens=1", "eval.speed.new_tokens"), ("eval.speed.repeats=0", "eval.speed.repeats"),
+    ("eval.speed.new_tokens=1", "eval.speed.new_tokens"),
+    ("eval.speed.repeats=0", "eval.speed.repeats"),
     ("gate.max_kld=-1", "gate.max_kld"), ("disk.margin_gb=-0.5", "disk.margin_gb"),
     ("merge.min_top1_agreement=1.5", "merge.min_top1_agreement"),
     ("registry.champion_mode=median", "registry.champion_mode"),

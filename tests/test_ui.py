@@ -27,7 +27,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from quantpipe import PROJECT_ROOT, tracking, ui
+from quantpipe import PROJECT_ROOT, tracking
 from tests.conftest import make_cfg
 
 # a sweep of three variants (values away from rounding ties: the page rounds them, ui_number)

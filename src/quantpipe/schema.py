@@ -114,10 +114,12 @@ RULES: dict[str, Any] = {
     "eval.sample.prompt": Str(), "eval.sample.max_new_tokens": COUNT,
     "gate.max_delta_ppl_pct": Num(lo=0, null=True),
     "gate.max_kld": Num(lo=0, null=True),
-    "registry.name": Str(), "registry.champion_by": Str(), "registry.champion_mode": Choice(("min", "max")),
+    "registry.name": Str(), "registry.champion_by": Str(),
+    "registry.champion_mode": Choice(("min", "max")),
     "tracking.uri": Str(), "tracking.experiment": Str(), "tracking.artifact_root": Str(null=True),
     "tracking.log_model_max_mb": Num(lo=0),
-    "quant.name": Str(), "quant.family": Str(), "quant.method": Choice(("none", "dynamic", "static")),
+    "quant.name": Str(), "quant.family": Str(),
+    "quant.method": Choice(("none", "dynamic", "static")),
     "quant.bits": Num(lo=1, hi=32, null=True), "quant.publish": Str(), "quant.type": Str(),
     "quant.backend._target_": Str(),
 }
@@ -158,9 +160,10 @@ def check_overrides(overrides: Iterable[str]) -> None:
     quants = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] == "quant"]
     if len(quants) > 1:
         names = [q.split("=", 1)[1] for q in quants]
+        several = ",".join(names)
         raise ConfigError("+quant", f"given {len(quants)} times ({' '.join(quants)}); one run "
                           "makes one variant", f"use the sweep for several: make sweep "
-                          f"SWEEP={','.join(names)}  (or hydra.mode=MULTIRUN +quant={','.join(names)})")
+                          f"SWEEP={several}  (or hydra.mode=MULTIRUN +quant={several})")
 
 
 def _value(cfg: DictConfig, key: str) -> tuple[bool, Any]:

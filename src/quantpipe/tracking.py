@@ -167,7 +167,8 @@ def start_sweep_run(config: DictConfig) -> str:
     setup(config.tracking)
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(config.tracking.experiment)
-    run = client.create_run(exp.experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
+    name = f"sweep {Path(config.hydra.sweep.dir).name}"
+    run = client.create_run(exp.experiment_id, run_name=name,
                             tags={"quantpipe.kind": "sweep", **provenance_tags(),
                                   **process_tags()})
     sweep_dir = Path(config.hydra.sweep.dir)
