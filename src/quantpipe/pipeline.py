@@ -15,7 +15,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import artifacts as art
-from quantpipe import recovery, tracking
+from quantpipe import recovery, schema, tracking
+from quantpipe.console import print_summary
 from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ import mlflow  # noqa: E402
 
 def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     """Run every stage for `cfg.quant`; return the variant's metrics."""
+    schema.check(cfg)  # types, ranges and backend options: before any run or stage
     quant = require_quant(cfg)
     set_threads(cfg.threads)
     tracking.setup(cfg.tracking)
@@ -44,9 +46,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         merged = stage_merge(cfg, base, adapter)
         variant = stage_quantise(cfg, merged)
         metrics = stage_evaluate(cfg, merged, variant)
-        stage_publish(cfg, variant, metrics)
+        published = stage_publish(cfg, variant, metrics)
         mlflow.log_metrics(metrics)
         log.info("done: run %s, %s", variant_run.info.run_id, _summary(metrics))
+    print_summary(str(quant.name), metrics, published, variant_run.info.run_id)
     return metrics
 
 
@@ -233,8 +236,9 @@ def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, fl
     return metrics
 
 
-def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> None:
-    """Expose the variant under quantized/ and record whether it passes the quality gate."""
+def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> dict[str, str]:
+    """Expose the variant under quantized/ and record whether it passes the quality gate;
+    return the gate tags and where it was published."""
     from quantpipe.gate import check_gate
     from quantpipe.registry import publish_to_registry
     with tracking.stage_run("publish") as publish_run:
@@ -255,6 +259,7 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
                             metrics)
     mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
+    return {**gate_tags, "published": str(final)}
 
 
 def run_adapter(cfg: DictConfig) -> Path | None:
