@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from quantpipe import artifacts as art
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
+from quantpipe.evaluate.finetune import score_base
 from quantpipe.evaluate.metrics import windows
+from quantpipe.evaluate.tasks import load_tasks
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
@@ -78,8 +80,10 @@ def prepare_ids(cfg: DictConfig, merged: Path) -> tuple[str, str, np.ndarray, in
     return text, source, ids, bos
 
 
-def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
-    """Metrics for `variant` (a dict with path) against the FP16 `merged` model."""
+def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
+                     base: dict | None = None) -> dict:
+    """Metrics for `variant` (a dict with path) against the FP16 `merged` model; with `base`
+    (the model before the adapter was merged), also how much of the fine-tune it keeps."""
     import mlflow
     from quantpipe import tracking
     e = cfg.eval
@@ -88,10 +92,11 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
     text, source, ids, bos = prepare_ids(cfg, merged["path"])
     tracking.log_dataset("eval-text", text, source, context="evaluation")
     protocol = {"n_ctx": e.n_ctx, "n_windows": e.n_windows, "kld_top_k": e.kld_top_k, "bos": bos,
-                "threads": cfg.threads}
+                "threads": cfg.threads, "generation": OmegaConf.to_container(e.generation)}
     fp = art.fingerprint("reference", merged["fingerprint"], protocol, art.fingerprint(text))
     base_spec = {**protocol, "speed": OmegaConf.to_container(e.speed),
-                 "sample": OmegaConf.to_container(e.sample)}
+                 "sample": OmegaConf.to_container(e.sample), "ci": OmegaConf.to_container(e.ci),
+                 "tasks": load_tasks(e.tasks_file), "tasks_max_new_tokens": e.tasks_max_new_tokens}
 
     def build_reference(tmp: Path) -> dict:
         np.save(tmp / "ids.npy", ids)
@@ -101,12 +106,14 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
 
     ref, _, _ = art.ensure_cached(Path(cfg.paths.artifacts), "reference", fp, build_reference,
                                   {"merged": merged["fingerprint"], "text_source": source})
+    base_nll = score_base(cfg, base, merged, base_spec, ref, art.fingerprint(text))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "metrics.json"
         is_gguf = Path(variant["path"]).is_file()
         run_worker({**base_spec, "mode": "variant", "artifact": str(variant["path"]),
                     "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
-                    "out": str(out), "text": text if is_gguf else None})
+                    "out": str(out), "text": text if is_gguf else None,
+                    "base_nll": base_nll and str(base_nll)})
         result = json.loads(out.read_text())
     metrics = result["metrics"]
     fp16_bytes = weights_size(merged["path"])
@@ -116,6 +123,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
                     "compression": fp16_bytes / size, "bits_per_weight": 8 * size / n_params})
     mlflow.set_tag("eval.runtime", result["runtime"])
     mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
+    if "task_answers" in result:
+        mlflow.log_dict(result["task_answers"], "task_answers.json")
     return metrics
 
 
