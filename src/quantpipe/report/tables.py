@@ -124,7 +124,7 @@ def indistinguishable(rows: list[dict]) -> list[str]:
             out.append(f"- **{label}**: " + ("; ".join(pairs) if pairs else
                                              "every pair of variants differs (no two 95 % "
                                              "intervals overlap)"))
-    return out
+    return out or ["- no 95 % intervals in these runs (logged since the bootstrap was added)"]
 
 
 def gpu_comparison(rows: list[dict]) -> str:
