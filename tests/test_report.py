@@ -123,6 +123,15 @@ def test_report_numbers_are_the_mlflow_metrics(store, tmp_path):
     # the sweep's variants only (gguf_q4_0 ran outside it), every metric column of each
     assert check_table(md, "Comparison (CPU)", runs, METRIC_OF,
                        {"method": "quant.method", "gate": "gate"}) == len(SWEEP) * len(METRIC_OF)
+    header, body = parse_table(md, "Comparison (CPU)")
+    for cells in body:  # the 95 % intervals beside ΔPPL and KLD
+        cell = dict(zip(header, cells))
+        (r,) = [r for i, r in runs.items() if cell["run"] == f"`{i[:8]}`"]
+        for column, prefix in (("ΔPPL 95 % CI", "delta_ppl"), ("KLD 95 % CI", "kld")):
+            low, high = cell[column].strip("[]").split(", ")
+            assert_shows(low, r.data.metrics[f"{prefix}_ci95_low"])
+            assert_shows(high, r.data.metrics[f"{prefix}_ci95_high"])
+    assert "## Fine-tune retention and generation agreement" in md
     gpu = {r.info.run_id: r for r in search(client, cfg, "tags.`quantpipe.kind` = 'gpu_bench'")}
     assert check_table(md, "Comparison (GPU)", gpu, GPU_METRIC_OF,
                        {"shape": "shape", "GPU": "hardware.gpu"}) == 9 * len(GPU_METRIC_OF)
@@ -234,3 +243,50 @@ def test_gguf_stage_table_shows_the_bench_run_steps_convert_first():
     lines = gguf_stage({"metrics": m}).splitlines()
     assert lines[2] == "| convert f16 | 7.22 | 7.36 | **0.980×** | 459 | 455 | – |"
     assert lines[3] == "| quantize q8_0 | 1.09 | 1.06 | **1.034×** | 248 | 209 | yes |"
+
+
+def ci_row(name, method="dynamic", adapter="day2-demo", **metrics):
+    r = row(name, method, **metrics)
+    r["params"]["adapter.name"] = adapter
+    return r
+
+
+def test_intervals_are_printed_and_overlapping_variants_named():
+    a = ci_row("gguf_q4_k_m", delta_ppl_pct=7.5, delta_ppl_ci95_low=5.1, delta_ppl_ci95_high=9.8,
+               kld_mean=0.04, kld_ci95_low=0.035, kld_ci95_high=0.045)
+    b = ci_row("gguf_imatrix_q4_k_m", "static", delta_ppl_pct=2.9, delta_ppl_ci95_low=1.0,
+               delta_ppl_ci95_high=5.5, kld_mean=0.026, kld_ci95_low=0.022, kld_ci95_high=0.03)
+    c = ci_row("gguf_q4_0", delta_ppl_pct=19.3, delta_ppl_ci95_low=15.0,
+               delta_ppl_ci95_high=24.0, kld_mean=0.19, kld_ci95_low=0.17, kld_ci95_high=0.21)
+    header, rows = parse_table("## Comparison (CPU)\n" + tables.comparison([a, b, c]),
+                               "Comparison (CPU)")
+    cells = dict(zip(header, rows[0]))
+    assert cells["ΔPPL 95 % CI"] == "[+5.10, +9.80]" and cells["KLD 95 % CI"] == "[0.03500, 0.04500]"
+    assert header.index("ΔPPL 95 % CI") == header.index("ΔPPL %") + 1
+    lines = tables.indistinguishable([a, b, c])
+    assert lines[0] == ("- **ΔPPL**: gguf_q4_k_m [+5.10, +9.80] ~ gguf_imatrix_q4_k_m "
+                        "[+1.00, +5.50]")  # q4_0 overlaps neither
+    assert lines[1].startswith("- **KLD**: every pair of variants differs")
+    note = tables.static_vs_dynamic([a, b])
+    assert "ΔPPL cannot be told apart (95 % intervals overlap), KLD differs" in note
+    assert "[+1.00, +5.50]" in note  # the static-vs-dynamic table prints the interval too
+
+
+def test_retention_table_and_the_no_fine_tune_case():
+    kept = ci_row("int8", ppl=12.5, base_ppl=14.4, ppl_fp16=12.47, finetune_retention_pct=98.4,
+                  finetune_retention_ci95_low=96.0, finetune_retention_ci95_high=100.5,
+                  gen_prefix_match_pct=87.5, gen_mean_match_len=13.25)
+    lost = ci_row("int4", ppl=14.95, base_ppl=14.4, ppl_fp16=12.47, finetune_retention_pct=-28.5,
+                  finetune_retention_ci95_low=-40.0, finetune_retention_ci95_high=-15.0)
+    header, rows = parse_table("## T\n" + tables.finetune_and_generation([kept, lost]), "T")
+    first = dict(zip(header, rows[0]))
+    assert first["fine-tune kept %"] == "98.4" and first["kept 95 % CI"] == "[96.0, 100.5]"
+    assert first["base PPL (no adapter)"] == "14.400" and first["gen prefix match %"] == "87.5"
+    note = recommend.finetune_note([kept, lost])
+    assert "base model before fine-tuning scores PPL 14.400" in note
+    assert "whole fine-tune lost: int4 (-28.5 % [-40.0, -15.0])" in note and "int8" not in \
+        note.split("lost:")[1]
+    none = ci_row("fp16", "none", adapter="none", ppl=14.4)
+    header, rows = parse_table("## T\n" + tables.finetune_and_generation([none]), "T")
+    assert dict(zip(header, rows[0]))["fine-tune kept %"] == "no fine-tune"
+    assert recommend.finetune_note([none]).startswith("no fine-tune")

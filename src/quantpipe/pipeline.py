@@ -45,7 +45,7 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         adapter = stage_adapter(cfg, base)
         merged = stage_merge(cfg, base, adapter)
         variant = stage_quantise(cfg, merged)
-        metrics = stage_evaluate(cfg, merged, variant)
+        metrics = stage_evaluate(cfg, merged, variant, base if adapter else None)
         published = stage_publish(cfg, variant, metrics)
         mlflow.log_metrics(metrics)
         log.info("done: run %s, %s", variant_run.info.run_id, _summary(metrics))
@@ -227,11 +227,13 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
 
 
-def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, float]:
-    """Size, speed and quality of the variant against the merged FP16 reference."""
+def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict,
+                   base: dict | None = None) -> dict[str, float]:
+    """Size, speed and quality of the variant against the merged FP16 reference; with `base`
+    (None when there is no adapter), the share of the fine-tune's gain it keeps."""
     from quantpipe.evaluate import evaluate_variant
     with tracking.stage_run("evaluate"):
-        metrics = evaluate_variant(cfg, merged, variant)
+        metrics = evaluate_variant(cfg, merged, variant, base)
         mlflow.log_metrics(metrics)
     return metrics
 

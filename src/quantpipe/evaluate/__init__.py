@@ -33,7 +33,9 @@ from quantpipe import artifacts as art
 from quantpipe import memory
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
+from quantpipe.evaluate.finetune import score_base
 from quantpipe.evaluate.metrics import windows
+from quantpipe.evaluate.tasks import load_tasks
 
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -131,28 +133,35 @@ def prepare_ids(cfg: DictConfig, merged: Path, text: str) -> tuple[np.ndarray, i
 
 
 def _protocol(cfg: DictConfig) -> dict:
+    """What decides the FP16 reference's content (and so its cache key)."""
     e = cfg.eval
     return {"n_ctx": e.n_ctx, "n_windows": e.n_windows, "kld_top_k": e.kld_top_k,
-            "threads": cfg.threads, "max_minutes": e.max_minutes}
+            "threads": cfg.threads, "max_minutes": e.max_minutes,
+            "generation": OmegaConf.to_container(e.generation)}
 
 
 def _budget_s(cfg: DictConfig) -> float | None:
     return None if cfg.eval.max_minutes is None else 60.0 * cfg.eval.max_minutes
 
 
-def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
-    """Metrics for `variant` (a dict with path and fingerprint) against the FP16 `merged` model,
-    reused from the evaluation cache when nothing that decides them changed."""
+def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
+                     base: dict | None = None) -> dict:
+    """Metrics for `variant` (a dict with path and fingerprint) against the FP16 `merged` model;
+    with `base` (the model before the adapter was merged), also how much of the fine-tune it
+    keeps. Reused from the evaluation cache when nothing that decides them changed."""
     import mlflow
     from quantpipe import tracking
-    text, source = load_text(cfg.eval.text_file, "eval", "eval.text_file")
+    e = cfg.eval
+    text, source = load_text(e.text_file, "eval", "eval.text_file")
     tracking.log_dataset("eval-text", text, source, context="evaluation")
     text_fp = art.fingerprint(text)
+    tasks = load_tasks(e.tasks_file)
     key = art.fingerprint("evaluation", EVAL_RECIPE, variant["fingerprint"], merged["fingerprint"],
-                          _protocol(cfg), cfg.eval.reference_runtime, text_fp)
+                          base and base["fingerprint"], _protocol(cfg), e.reference_runtime,
+                          OmegaConf.to_container(e.ci), tasks, e.tasks_max_new_tokens, text_fp)
 
     def build(tmp: Path) -> dict:
-        return _measure(cfg, merged, variant, text, source, text_fp)
+        return _measure(cfg, merged, variant, base, tasks, text, source, text_fp)
 
     folder, prov, reused = art.ensure_cached(Path(cfg.paths.artifacts), "evaluation", key, build,
                                              {"variant": variant["fingerprint"],
@@ -171,10 +180,13 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
                      "eval.reference_runtime": result["reference_runtime"],
                      "eval.reused": str(reused).lower(), "eval.scored": result["scored"]})
     mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
+    if result.get("task_answers"):
+        mlflow.log_dict(result["task_answers"], "task_answers.json")
     return metrics
 
 
-def _measure(cfg, merged: dict, variant: dict, text: str, source: str, text_fp: str) -> dict:
+def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | None, text: str,
+             source: str, text_fp: str) -> dict:
     e = cfg.eval
     vpath = Path(variant["path"])
     if vpath.is_file():  # GGUF: refuse a broken file before any worker runs
@@ -185,13 +197,17 @@ def _measure(cfg, merged: dict, variant: dict, text: str, source: str, text_fp: 
     check_budget(vpath, shape, cfg, len(windows(ids, e.n_ctx, e.n_windows, bos)),
                  f"the evaluation of {vpath.name}")
     ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
+    base_nll = score_base(cfg, base, merged, {**_protocol(cfg), "bos": bos}, ref, shape, text_fp)
     base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": _budget_s(cfg),
-                 "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample)}
+                 "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample),
+                 "ci": OmegaConf.to_container(e.ci), "tasks": tasks,
+                 "tasks_max_new_tokens": e.tasks_max_new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "metrics.json"
         run_worker({**base_spec, "mode": "variant", "artifact": str(vpath),
                     "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
-                    "out": str(out), "text": text if vpath.is_file() else None},
+                    "out": str(out), "text": text if vpath.is_file() else None,
+                    "base_nll": base_nll and str(base_nll)},
                    runtime_need(vpath, shape, e.n_ctx), cfg.memory.limit_gb,
                    f"the evaluation of {vpath.name}")
         result = json.loads(out.read_text())
@@ -205,7 +221,8 @@ def _measure(cfg, merged: dict, variant: dict, text: str, source: str, text_fp: 
     scored = (f"{int(metrics['eval_windows_scored'])} of {int(metrics['eval_windows_planned'])} "
               f"windows x {e.n_ctx} tokens ({int(metrics['eval_tokens_scored'])} scored tokens)")
     return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
-            "reference_runtime": ref_meta["runtime"], "scored": scored}
+            "reference_runtime": ref_meta["runtime"], "scored": scored,
+            "task_answers": result.get("task_answers")}
 
 
 # Effective speed on this project's reference machine (2 cores, AVX2): prompt processing in
@@ -270,7 +287,7 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
                          text_fp)
 
     def build(tmp: Path) -> dict:
-        artifact = reference_artifact(cfg, merged, runtime)
+        artifact = reference_artifact(cfg, merged)
         np.save(tmp / "ids.npy", ids)
         float32 = runtime == "transformers-float32"
         n_planned = int(len(windows(ids, e.n_ctx, e.n_windows, bos)))
@@ -291,16 +308,17 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
     return folder
 
 
-def reference_artifact(cfg: DictConfig, merged: dict, runtime: str) -> Path:
-    """What the reference runs on: the merged model's F16 GGUF (converted once, shared with the
-    GGUF variants) for llama.cpp, the merged folder itself for transformers."""
-    if runtime != "llama.cpp":
-        return Path(merged["path"])
+def reference_artifact(cfg: DictConfig, model: dict) -> Path:
+    """What a reference pass (the merged model's, or the base's for fine-tune retention) runs
+    on: the model's F16 GGUF for llama.cpp (converted once; the merged model's is the one the
+    GGUF variants are quantised from), the Hugging Face folder itself for transformers."""
+    if cfg.eval.reference_runtime != "llama.cpp":
+        return Path(model["path"])
     from quantpipe.quantize import QuantContext
     from quantpipe.quantize.gguf import f16_gguf
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
-                       src_fingerprint=merged["fingerprint"], threads=cfg.threads)
-    return f16_gguf(Path(merged["path"]), ctx)
+                       src_fingerprint=model["fingerprint"], threads=cfg.threads)
+    return f16_gguf(Path(model["path"]), ctx)
 
 
 def _remeasure_speed(cfg, merged: dict, variant: dict, folder: Path) -> dict:
@@ -314,6 +332,7 @@ def _remeasure_speed(cfg, merged: dict, variant: dict, folder: Path) -> dict:
         np.save(ids, prepare_ids(cfg, merged["path"], text)[0])
         out = Path(tmp) / "metrics.json"
         run_worker({**_protocol(cfg), "bos": None, "mode": "speed", "artifact": str(vpath),
+                    "ci": {}, "tasks": None,
                     "ids": str(ids), "out": str(out), "text": None,
                     "speed": OmegaConf.to_container(e.speed),
                     "sample": OmegaConf.to_container(e.sample)},

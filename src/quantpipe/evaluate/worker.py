@@ -4,16 +4,19 @@
 
 The spec (written by quantpipe.evaluate.evaluate_variant) names the artefact, the token ids,
 the protocol settings and an output path. Mode "reference" scores the FP16 model and saves its
-top-k log-probs (reference.npz); mode "variant" measures load time, a chat sample, speed,
-peak RSS (after load + generation, before scoring buffers), perplexity, KLD and top-token
-agreement against the reference, and writes metrics JSON; mode "speed" only the first four.
+per-token NLL, top-k log-probs and greedy continuations of the generation prompts
+(reference.npz; with "nll_only", the NLL alone: the base model before fine-tuning). Mode
+"variant" measures load time, a chat sample, speed, its own peak RSS (after load + generation,
+before scoring buffers), perplexity, KLD and top-token agreement against the reference with
+95 % intervals, fine-tune retention (given the base model's NLL), generation agreement and,
+given tasks, exact match and ROUGE-L; it writes metrics JSON.
 With `max_seconds` (eval.max_minutes) scoring stops after the window that reaches it: the
-reference keeps the windows it scored, a variant scores at most those.
+reference keeps the windows it scored, a variant scores at most those. Mode "speed" measures
+load time, the chat sample, speed and peak RSS only (eval.speed.remeasure).
 """
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -24,6 +27,7 @@ from tqdm import tqdm
 
 from quantpipe.evaluate import metrics as M
 from quantpipe.evaluate.runtimes import open_runtime
+from quantpipe.tools import vm_hwm_mb
 
 
 def score(rt, wins: np.ndarray, desc: str, max_seconds: float | None = None):
@@ -77,7 +81,9 @@ def measure_speed(rt, prompt: list[int], new_tokens: int, warmup: int, repeats: 
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak RSS: VmHWM, not ru_maxrss, which after fork + exec still holds
+    the parent's high-water mark (every variant of a sweep read the sweep process's 1384 MB)."""
+    return vm_hwm_mb("self")
 
 
 def peak_gpu_mb() -> float | None:
@@ -90,15 +96,63 @@ def peak_gpu_mb() -> float | None:
     return None
 
 
-def run_reference(spec: dict, rt, wins: np.ndarray) -> None:
+def greedy_continuations(rt, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+    """[prompts, new_tokens] greedy tokens after each prompt (KV cache, no stop at EOS)."""
+    out = np.empty((len(prompts), new_tokens), dtype=np.int32)
+    for i, prompt in enumerate(prompts):
+        tok = rt.prefill(prompt.tolist())
+        out[i, 0] = tok
+        for j in range(1, new_tokens):
+            out[i, j] = tok = rt.step(tok)
+    return out
+
+
+def run_reference(spec: dict, rt, wins: np.ndarray, ids: np.ndarray) -> None:
     nll, top_lp, top_id = [], [], []
-    for logp, target in score(rt, wins, "FP16 reference", spec.get("max_seconds")):
+    for logp, target in score(rt, wins, spec.get("desc", "FP16 reference"),
+                              spec.get("max_seconds")):
         nll.append(-np.take_along_axis(logp, target[:, None], -1)[:, 0])
-        lp, idx = M.topk(logp, spec["kld_top_k"])
-        top_lp.append(lp)
-        top_id.append(idx)
+        if not spec.get("nll_only"):
+            lp, idx = M.topk(logp, spec["kld_top_k"])
+            top_lp.append(lp)
+            top_id.append(idx)
+    if spec.get("nll_only"):
+        np.savez(spec["out"], nll=np.concatenate(nll))
+        return
+    g = spec["generation"]
+    prompts = M.generation_prompts(ids, g["prompts"], g["prompt_tokens"], spec["bos"])
     np.savez(spec["out"], nll=np.concatenate(nll), topk_logp=np.concatenate(top_lp),
-             topk_idx=np.concatenate(top_id))
+             topk_idx=np.concatenate(top_id), gen_prompts=prompts,
+             gen_tokens=greedy_continuations(rt, prompts, g["new_tokens"]))
+
+
+def per_window(values: np.ndarray, n_windows: int) -> np.ndarray:
+    """Flat per-token values -> [windows, scored positions] (every window scores as many)."""
+    if values.size % n_windows:
+        raise ValueError(f"{values.size} scored values do not split into {n_windows} windows")
+    return values.reshape(n_windows, -1)
+
+
+def quality(spec: dict, nll: np.ndarray, kld: np.ndarray, ref) -> dict[str, float]:
+    """ΔPPL and KLD with 95 % intervals; base PPL and fine-tune retention given the base
+    model's NLL (spec["base_nll"]); generation agreement with FP16's continuations."""
+    w = len(nll)
+    ref_nll = per_window(ref["nll"][: nll.size], w)  # a budget may have cut the variant short
+    base = np.load(spec["base_nll"])["nll"] if spec.get("base_nll") else None
+    # the base pass has its own budget: retention only over windows both passes scored
+    base = per_window(base[: nll.size], w) if base is not None and base.size >= nll.size else None
+    out = {"delta_ppl_pct": float(M.delta_ppl_pct(nll.ravel(), ref_nll.ravel()))}
+    if base is not None:
+        out["base_ppl"] = M.perplexity(base.ravel())[0]
+        if not M.finetune_gain_is_measurable(base, ref_nll):
+            base = None  # the adapter changed nothing measurable: no ratio to take
+        else:
+            out["finetune_retention_pct"] = float(M.retention_pct(base.ravel(), nll.ravel(),
+                                                                  ref_nll.ravel()))
+    ci = spec.get("ci", {})
+    out.update(M.quality_intervals(nll, ref_nll, kld, base, ci.get("resamples", 2000),
+                                   ci.get("seed", 0)))
+    return {k: v for k, v in out.items() if np.isfinite(v)}
 
 
 def run_speed(spec: dict, rt, load_s: float) -> dict:
@@ -119,8 +173,8 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
     out = run_speed(spec, rt, load_s)
     ref = np.load(spec["reference"])
     planned = len(wins)
-    per_window = len(wins[0]) - M.first_scored(len(wins[0])) - 1
-    wins = wins[: len(ref["nll"]) // per_window]  # the windows the reference scored
+    scored_per_window = len(wins[0]) - M.first_scored(len(wins[0])) - 1
+    wins = wins[: len(ref["nll"]) // scored_per_window]  # the windows the reference scored
     nll, kld, agree, offset = [], [], [], 0
     for logp, target in score(rt, wins, f"score {Path(spec['artifact']).name}",
                               spec.get("max_seconds")):
@@ -130,18 +184,27 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
                               ref["topk_idx"][offset:offset + n], logp))
         agree.append(logp.argmax(-1) == ref["topk_idx"][offset:offset + n, 0])
         offset += n
-    nll_a, kld_a = np.concatenate(nll), np.concatenate(kld)
+    nll_w, kld_w = np.stack(nll), np.stack(kld)  # [windows, scored positions]
+    nll_a, kld_a = nll_w.ravel(), kld_w.ravel()
     ppl, err = M.perplexity(nll_a)
     ppl_ref, _ = M.perplexity(ref["nll"][: len(nll_a)])  # the same positions
     out["metrics"].update({
         "ppl": ppl, "ppl_err": err, "ppl_fp16": ppl_ref, "ppl_ratio": ppl / ppl_ref,
-        "delta_ppl_pct": 100 * (ppl / ppl_ref - 1),
         "kld_mean": float(kld_a.mean()), "kld_p99": float(np.percentile(kld_a, 99)),
         "kld_max": float(kld_a.max()),
         "top1_agree_pct": 100 * float(np.concatenate(agree).mean()),
         "kld_ref_tail_mass": float(M.tail_mass(ref["topk_logp"]).mean()),
         "eval_tokens_scored": float(len(nll_a)), "eval_windows_scored": float(len(nll)),
         "eval_windows_planned": float(planned)})
+    out["metrics"].update(quality(spec, nll_w, kld_w, ref))
+    g = spec["generation"]
+    gen = greedy_continuations(rt, ref["gen_prompts"], ref["gen_tokens"].shape[1])
+    out["metrics"].update(M.generation_agreement(ref["gen_tokens"], gen, g["match_k"]))
+    if spec.get("tasks"):
+        from quantpipe.evaluate.tasks import answer_and_score
+        scores, answers = answer_and_score(rt, spec["tasks"], spec["tasks_max_new_tokens"])
+        out["metrics"].update(scores)
+        out["task_answers"] = answers
     Path(spec["out"]).write_text(json.dumps(out, indent=2))
 
 
@@ -155,7 +218,7 @@ def main(spec_path: str) -> None:
     load_s = time.perf_counter() - t0
     check_tokenizer(rt, ids, spec["text"]) if spec.get("text") is not None else None
     if spec["mode"] == "reference":
-        run_reference(spec, rt, wins)
+        run_reference(spec, rt, wins, ids)
     elif spec["mode"] == "speed":
         Path(spec["out"]).write_text(json.dumps(run_speed(spec, rt, load_s), indent=2))
     else:

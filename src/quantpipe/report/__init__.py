@@ -23,11 +23,25 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
     for scenario, row, reason in recommend.recommendations(cpu, gpu):
         name = f"**{row['name']}** (run {tables.short(row['run_id'])})" if row else "none"
         parts.append(f"- **{scenario}**: {name}: {reason}.")
+    parts.append(f"- **Fine-tune**: {recommend.finetune_note(cpu)}.")
     if champion:
         parts.append(f"- **Registry**: {champion}.")
     parts += ["## Comparison (CPU)", tables.comparison(cpu),
               "Quality is measured against the merged FP16 model on the same token ids "
-              "(llama.cpp's perplexity protocol; KLD over the FP16 top-k tokens, in nats)."]
+              "(llama.cpp's perplexity protocol; KLD over the FP16 top-k tokens, in nats). "
+              "95 % intervals: a paired bootstrap over the evaluation windows (the variant and "
+              "FP16 resampled together). Variants whose intervals overlap cannot be told apart "
+              "on this text (a conservative reading: a pair not named below differs):",
+              *tables.indistinguishable(cpu),
+              "## Fine-tune retention and generation agreement",
+              tables.finetune_and_generation(cpu),
+              "Fine-tune kept % = 100 · (PPL_base − PPL_variant) / (PPL_base − PPL_FP16 merged), "
+              "with PPL_base the model before the adapter was merged, scored on the same token "
+              "ids: 100 keeps the whole gain, 0 is back to the base model, below 0 is worse than "
+              "before fine-tuning. Generation: greedy continuations of fixed prompts cut from "
+              "the eval text against FP16's own (prefix match % = share of prompts whose first "
+              "eval.generation.match_k tokens equal FP16's); task columns: exact match and "
+              "ROUGE-L against the references of eval.tasks_file, when one was given."]
     overlap = tables.overlapping(cpu)
     if overlap:
         parts.append("**Speed caution**: these runs overlapped in time (a parallel launcher), so "

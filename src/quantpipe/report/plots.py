@@ -1,5 +1,6 @@
-"""The report's two PNG plots (matplotlib, Agg backend: no display needed): size vs ΔPPL with the
-Pareto front marked, and decode tokens/s per format (CPU, and GPU per shape where present).
+"""The report's two PNG plots (matplotlib, Agg backend: no display needed): size vs ΔPPL with its
+95 % interval and the Pareto front marked, and decode tokens/s per format (CPU, and GPU per
+shape where present).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def size_vs_delta_ppl(rows: list[dict], front: list[dict], path: Path) -> Path:
         if "size_mb" not in m or "delta_ppl_pct" not in m:
             continue
         color = "tab:green" if r["gate"] == "passed" else "tab:red"
+        if "delta_ppl_ci95_low" in m and "delta_ppl_ci95_high" in m:  # 95 % interval
+            ax.vlines(m["size_mb"], m["delta_ppl_ci95_low"], m["delta_ppl_ci95_high"],
+                      color=color, alpha=0.6, linewidth=2, zorder=2)
         ax.scatter(m["size_mb"], m["delta_ppl_pct"], s=60, color=color, zorder=3,
                    edgecolors="black" if r["run_id"] in on_front else "none", linewidths=1.5)
         ax.annotate(r["name"], (m["size_mb"], m["delta_ppl_pct"]), textcoords="offset points",
@@ -30,7 +34,7 @@ def size_vs_delta_ppl(rows: list[dict], front: list[dict], path: Path) -> Path:
         ax.legend(fontsize=8)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("ΔPPL vs FP16 (%)")
-    ax.set_title("Size vs quality (green: passes the gate, red: fails)")
+    ax.set_title("Size vs quality, 95 % intervals (green: passes the gate, red: fails)")
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

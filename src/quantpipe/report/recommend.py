@@ -1,11 +1,13 @@
 """Which variant to deploy, per scenario, computed from the runs' metrics (nothing is written in
 advance): max fidelity (lowest mean KLD vs FP16 among quantised variants), smallest passing the
 quality gate, fastest CPU decode passing the gate, and GPU serving (fastest GPU decode among
-formats whose CPU run passed the gate). Each answer carries its reason with the numbers.
+formats whose CPU run passed the gate). Each answer carries its reason with the numbers, the
+95 % interval of ΔPPL and the share of the fine-tune's gain kept; `finetune_note` says which
+variants ended worse than the model before fine-tuning.
 """
 from __future__ import annotations
 
-from quantpipe.report.tables import metric
+from quantpipe.report.tables import interval, metric, no_finetune
 
 
 def pareto_front(rows: list[dict], x: str = "size_mb", y: str = "delta_ppl_pct") -> list[dict]:
@@ -27,7 +29,36 @@ def _gate(r: dict) -> str:
         limits.append(f"ΔPPL ≤ {bound} %")
     if (bound := r["params"].get("gate.max_kld", "None")) != "None":
         limits.append(f"KLD ≤ {bound}")
-    return " and ".join(limits) or "no bound"
+    if (bound := r["params"].get("gate.min_finetune_retention_pct", "None")) != "None":
+        limits.append(f"fine-tune kept ≥ {bound} %")
+    mode = r["params"].get("gate.use_interval")
+    return (" and ".join(limits) or "no bound") + (f", judged {mode}" if mode else "")
+
+
+def _kept(r: dict) -> str:
+    """", keeps X % [CI] of the fine-tune's gain" (nothing without a retention figure)."""
+    if "finetune_retention_pct" not in r["metrics"]:
+        return ""
+    return (f", keeps {metric(r, 'finetune_retention_pct', 1)} % "
+            f"{interval(r, 'finetune_retention', 1)} of the fine-tune's gain")
+
+
+def finetune_note(cpu: list[dict]) -> str:
+    """What quantisation did to the fine-tune: the base and merged PPL, and the variants that
+    ended worse than the model before fine-tuning (retention below 0)."""
+    if cpu and all(no_finetune(r) for r in cpu):
+        return "no fine-tune (adapter=none): the base model was quantised as it is"
+    with_base = [r for r in cpu if "base_ppl" in r["metrics"]]
+    if not with_base:
+        return "no base-model score in these runs (no fine-tune retention measured)"
+    r = with_base[0]
+    text = (f"the base model before fine-tuning scores PPL {metric(r, 'base_ppl', 3)}, the merged "
+            f"FP16 {metric(r, 'ppl_fp16', 3)} (run {r['run_id'][:8]})")
+    lost = [f"{v['name']} ({metric(v, 'finetune_retention_pct', 1)} % "
+            f"{interval(v, 'finetune_retention', 1)})" for v in with_base
+            if v["metrics"].get("finetune_retention_pct", 100.0) < 0]
+    return text + ("; worse than the base model, the whole fine-tune lost: " + ", ".join(lost)
+                   if lost else "; every variant keeps part of the fine-tune's gain or more")
 
 
 def _pick(rows: list[dict], key: str, largest: bool = False) -> dict | None:
@@ -45,8 +76,8 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
     out.append(("Max fidelity", r, "no quantised variant has a KLD" if r is None else
                 f"lowest mean KLD vs FP16 of the quantised variants: {metric(r, 'kld_mean', 5)} "
                 f"nats (p99 {metric(r, 'kld_p99', 4)}), top-1 agreement "
-                f"{metric(r, 'top1_agree_pct', 2)} %, ΔPPL {metric(r, 'delta_ppl_pct', 2)} %, "
-                f"{metric(r, 'size_mb', 2)} MB"))
+                f"{metric(r, 'top1_agree_pct', 2)} %, ΔPPL {metric(r, 'delta_ppl_pct', 2)} % "
+                f"{interval(r, 'delta_ppl', 2)}, {metric(r, 'size_mb', 2)} MB{_kept(r)}"))
 
     r = _pick(passed, "size_mb")
     smaller_failed = "".join(
@@ -57,8 +88,9 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
     out.append(("Smallest (passes the gate)", r, "no variant passes the gate" if r is None else
                 f"{metric(r, 'size_mb', 2)} MB ({metric(r, 'compression', 2)}× smaller than "
                 f"FP16, {metric(r, 'bits_per_weight', 2)} bits/weight) with ΔPPL "
-                f"{metric(r, 'delta_ppl_pct', 2)} % and KLD {metric(r, 'kld_mean', 5)} inside "
-                f"the gate ({_gate(r)}){smaller_failed}"))
+                f"{metric(r, 'delta_ppl_pct', 2)} % {interval(r, 'delta_ppl', 2)} and KLD "
+                f"{metric(r, 'kld_mean', 5)} inside the gate ({_gate(r)}){_kept(r)}"
+                f"{smaller_failed}"))
 
     r = _pick(passed, "decode_tok_s", largest=True)
     vs = (f", FP16 decodes {metric(fp16, 'decode_tok_s', 1)} tok/s"
@@ -66,7 +98,7 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
     out.append(("Fastest on CPU (passes the gate)", r, "no variant passes the gate" if r is None
                 else f"{metric(r, 'decode_tok_s', 1)} tok/s decode, TTFT {metric(r, 'ttft_ms', 1)} "
                 f"ms at {r['params'].get('threads', '?')} threads{vs}; ΔPPL "
-                f"{metric(r, 'delta_ppl_pct', 2)} %"))
+                f"{metric(r, 'delta_ppl_pct', 2)} % {interval(r, 'delta_ppl', 2)}{_kept(r)}"))
     return out + gpu_serving(cpu, gpu)
 
 

@@ -19,6 +19,15 @@ COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
            ("decode tok/s", "decode_tok_s", 1), ("PPL", "ppl", 3), ("± err", "ppl_err", 3),
            ("ΔPPL %", "delta_ppl_pct", 2), ("KLD mean", "kld_mean", 5),
            ("KLD p99", "kld_p99", 4), ("top-1 %", "top1_agree_pct", 2)]
+# (header after which it goes, header, interval metric prefix, decimals): 95 % intervals
+INTERVALS = [("ΔPPL %", "ΔPPL 95 % CI", "delta_ppl", 2), ("KLD mean", "KLD 95 % CI", "kld", 5)]
+# the fine-tune and generation table: (header, metric, decimals)
+FINETUNE_COLUMNS = [("base PPL (no adapter)", "base_ppl", 3), ("PPL", "ppl", 3),
+                    ("fine-tune kept %", "finetune_retention_pct", 1)]
+GENERATION_COLUMNS = [("gen prefix match %", "gen_prefix_match_pct", 1),
+                      ("gen mean match tokens", "gen_mean_match_len", 2),
+                      ("task exact match %", "task_exact_match_pct", 1),
+                      ("task ROUGE-L %", "task_rouge_l_pct", 1)]
 GPU_COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
                ("load s", "load_s", 2), ("peak GPU MB", "peak_gpu_mb", 0),
                ("TTFT ms", "ttft_ms", 1), ("decode tok/s", "decode_tok_s", 1)]
@@ -34,6 +43,26 @@ def metric(row: dict, key: str, decimals: int) -> str:
     return num(row["metrics"].get(key), decimals, sign=key == "delta_ppl_pct")
 
 
+def ci95(row: dict, prefix: str) -> tuple[float, float] | None:
+    """The run's 95 % interval of metric `prefix` (metrics <prefix>_ci95_low/high), or None."""
+    m = row["metrics"]
+    low, high = m.get(f"{prefix}_ci95_low"), m.get(f"{prefix}_ci95_high")
+    return None if low is None or high is None else (low, high)
+
+
+def interval(row: dict, prefix: str, decimals: int) -> str:
+    """"[low, high]" of the run's 95 % interval, or — when it logged none."""
+    ci = ci95(row, prefix)
+    if ci is None:
+        return NA
+    sign = prefix == "delta_ppl"
+    return f"[{num(ci[0], decimals, sign)}, {num(ci[1], decimals, sign)}]"
+
+
+def no_finetune(row: dict) -> bool:
+    return row["params"].get("adapter.name") == "none"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -44,10 +73,58 @@ def short(run_id: str) -> str:
 
 
 def comparison(rows: list[dict]) -> str:
-    header = ["format", "method"] + [h for h, _, _ in COLUMNS] + ["gate", "run"]
-    body = [[f"**{r['name']}**", r["method"]] + [metric(r, k, d) for _, k, d in COLUMNS]
+    after = {h: (ci_h, prefix, d) for h, ci_h, prefix, d in INTERVALS}
+    header, cells = ["format", "method"], []
+    for h, k, d in COLUMNS:
+        header.append(h)
+        cells.append(lambda r, k=k, d=d: metric(r, k, d))
+        if h in after:
+            ci_h, prefix, ci_d = after[h]
+            header.append(ci_h)
+            cells.append(lambda r, p=prefix, d=ci_d: interval(r, p, d))
+    body = [[f"**{r['name']}**", r["method"]] + [c(r) for c in cells]
             + [r["gate"] or NA, short(r["run_id"])] for r in rows]
+    return table(header + ["gate", "run"], body)
+
+
+def finetune_and_generation(rows: list[dict]) -> str:
+    """Per variant: the base model's PPL (before fine-tuning), the variant's, the share of the
+    fine-tune's gain it keeps with its 95 % interval (or "no fine-tune"), and how its greedy
+    continuations and task answers agree with FP16's / the references."""
+    header = (["format"] + [h for h, _, _ in FINETUNE_COLUMNS] + ["kept 95 % CI"]
+              + [h for h, _, _ in GENERATION_COLUMNS] + ["run"])
+    body = []
+    for r in rows:
+        if no_finetune(r):
+            ft = [NA, metric(r, "ppl", 3), "no fine-tune", NA]
+        else:
+            ft = [metric(r, k, d) for _, k, d in FINETUNE_COLUMNS] + [
+                interval(r, "finetune_retention", 1)]
+        body.append([f"**{r['name']}**"] + ft + [metric(r, k, d) for _, k, d in
+                                                  GENERATION_COLUMNS] + [short(r["run_id"])])
     return table(header, body)
+
+
+def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+def indistinguishable(rows: list[dict]) -> list[str]:
+    """One line per metric naming the pairs of variants whose 95 % intervals overlap: on this
+    eval text they cannot be told apart. Overlap is a conservative test (both intervals carry
+    the same text-sample noise, so a paired comparison of the two could still separate
+    some), so a pair not listed differs for sure and a listed one may or may not."""
+    out = []
+    for label, prefix, decimals in (("ΔPPL", "delta_ppl", 2), ("KLD", "kld", 5)):
+        pairs = [f"{a['name']} {interval(a, prefix, decimals)} ~ "
+                 f"{b['name']} {interval(b, prefix, decimals)}"
+                 for i, a in enumerate(rows) for b in rows[i + 1:]
+                 if overlaps(ci95(a, prefix), ci95(b, prefix))]
+        if any(ci95(r, prefix) for r in rows):
+            out.append(f"- **{label}**: " + ("; ".join(pairs) if pairs else
+                                             "every pair of variants differs (no two 95 % "
+                                             "intervals overlap)"))
+    return out or ["- no 95 % intervals in these runs (logged since the bootstrap was added)"]
 
 
 def gpu_comparison(rows: list[dict]) -> str:
@@ -277,7 +354,8 @@ def static_vs_dynamic(rows: list[dict]) -> str:
                 body.append([f"**{r['name']}**", method, r["params"].get("quant.type", NA),
                              calib["name"] if r is s and calib else NA,
                              f"`{eval_digest(r)}`", metric(r, "size_mb", 2),
-                             metric(r, "delta_ppl_pct", 2), metric(r, "kld_mean", 5),
+                             metric(r, "delta_ppl_pct", 2), interval(r, "delta_ppl", 2),
+                             metric(r, "kld_mean", 5), interval(r, "kld", 5),
                              metric(r, "top1_agree_pct", 2), short(r["run_id"])])
             if not same:
                 notes.append(f"{s['name']} and {d['name']} were scored on different texts: "
@@ -287,7 +365,18 @@ def static_vs_dynamic(rows: list[dict]) -> str:
                 notes.append(f"{s['name']} vs {d['name']} on the same text: KLD "
                              f"{metric(d, 'kld_mean', 5)} -> {metric(s, 'kld_mean', 5)} "
                              f"({change:+.1f} %), ΔPPL {metric(d, 'delta_ppl_pct', 2)} % -> "
-                             f"{metric(s, 'delta_ppl_pct', 2)} %")
+                             f"{metric(s, 'delta_ppl_pct', 2)} %{_told_apart(d, s)}")
     header = ["format", "method", "type", "calibration text", "eval text digest", "size MB",
-              "ΔPPL %", "KLD mean", "top-1 %", "run"]
+              "ΔPPL %", "ΔPPL 95 % CI", "KLD mean", "KLD 95 % CI", "top-1 %", "run"]
     return (table(header, body) if body else "") + "\n\n" + "\n".join(f"- {n}" for n in notes)
+
+
+def _told_apart(a: dict, b: dict) -> str:
+    """Whether two variants' 95 % intervals separate them (see `indistinguishable`)."""
+    said = []
+    for label, prefix in (("ΔPPL", "delta_ppl"), ("KLD", "kld")):
+        ca, cb = ci95(a, prefix), ci95(b, prefix)
+        if ca and cb:
+            said.append(f"{label} cannot be told apart (95 % intervals overlap)"
+                        if overlaps(ca, cb) else f"{label} differs (95 % intervals do not overlap)")
+    return f"; {', '.join(said)}" if said else ""
