@@ -271,9 +271,12 @@ def bench_pipeline(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
             print(f"[{size}] {quant}: {e}", flush=True)
             m = {"failed": str(e)}
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
-        [variant] = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
-                                       filter_string=f"tags.`quant.name` = '{quant}' and "
-                                       "tags.`quantpipe.kind` = 'variant'", max_results=1)
+        found = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
+                                   filter_string=f"tags.`quant.name` = '{quant}' and "
+                                   "tags.`quantpipe.kind` = 'variant'", max_results=1)
+        if not found:  # refused before its MLflow run started (bad config): nothing to read
+            continue
+        variant = found[0]
         stages = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
                                     filter_string="tags.`mlflow.parentRunId` = "
                                     f"'{variant.info.run_id}'")
