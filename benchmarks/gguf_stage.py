@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from quantpipe import PROJECT_ROOT, tracking
 from quantpipe.artifacts import file_sha256
 from quantpipe.errors import ConfigError
+from quantpipe.names import Kind, Tag
 from quantpipe.tools import run_tool, tool_path
 
 TARGET = 1.1
@@ -166,7 +167,7 @@ def table(rows: dict[str, dict]) -> str:
 def log_run(cfg: DictConfig, f16: Path, rows: dict[str, dict], params: dict, load: str) -> None:
     import mlflow
     tracking.setup(cfg.tracking)
-    tags = {"quantpipe.kind": "benchmark", "benchmark.name": "gguf_stage",
+    tags = {Tag.KIND: Kind.BENCHMARK, "benchmark.name": "gguf_stage",
             "benchmark.load_before": load, **tracking.provenance_tags()}
     with mlflow.start_run(run_name="bench gguf_stage", tags=tags):
         mlflow.log_params({"f16": str(f16), **params})

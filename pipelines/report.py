@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from quantpipe import PROJECT_ROOT  # noqa: E402
 from quantpipe.errors import ConfigError  # noqa: E402
+from quantpipe.names import Tag  # noqa: E402
 from quantpipe.registry import CHAMPION  # noqa: E402
 from quantpipe.report import write_report  # noqa: E402
 from quantpipe.report.query import select  # noqa: E402
@@ -32,7 +33,7 @@ def champion_note(client: mlflow.MlflowClient, name: str) -> str | None:
     except MlflowException:
         return None
     return (f"alias `{CHAMPION}` of registered model `{name}` is version {v.version} "
-            f"({v.tags.get('quant.name', '?')}, gate {v.tags.get('gate', '?')}, source "
+            f"({v.tags.get(Tag.QUANT_NAME, '?')}, gate {v.tags.get(Tag.GATE, '?')}, source "
             f"`{v.source}`): `models:/{name}@{CHAMPION}`")
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import artifacts as art
 from quantpipe import recovery, tracking
+from quantpipe.names import Gate, Kind, Metric, Stage, Tag
 from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     set_threads(cfg.threads)
     tracking.setup(cfg.tracking)
     recovery.recover(cfg)  # close runs of killed pipelines, clean their temporaries
-    tags = {"quantpipe.kind": "variant", "quant.name": str(quant.name),
-            "quant.family": str(quant.family), "quant.method": str(quant.method),
+    tags = {Tag.KIND: Kind.VARIANT, Tag.QUANT_NAME: str(quant.name),
+            Tag.QUANT_FAMILY: str(quant.family), Tag.QUANT_METHOD: str(quant.method),
             **tracking.provenance_tags(), **recovery.process_tags()}
     with mlflow.start_run(run_name=str(quant.name), parent_run_id=parent_run_id, tags=tags,
                           nested=parent_run_id is not None) as variant_run, tracking.error_tag():
@@ -81,7 +82,8 @@ def set_threads(threads: int | None) -> None:
 
 
 def _summary(m: dict[str, float]) -> str:
-    keys = ("size_mb", "compression", "ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s")
+    keys = (Metric.SIZE_MB, Metric.COMPRESSION, Metric.PPL, Metric.DELTA_PPL_PCT, Metric.KLD_MEAN,
+            Metric.DECODE_TOK_S)
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
@@ -94,14 +96,14 @@ def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], di
                  inputs: dict[str, str], need_bytes: int = 0) -> tuple[Path, dict]:
     """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact.
     `need_bytes` estimates its output: the disk must hold it plus disk.margin_gb first."""
-    with tracking.stage_run(name, **{"quantpipe.fingerprint": fp}):
+    with tracking.stage_run(name, **{Tag.FINGERPRINT: fp}):
         mlflow.log_params({f"input.{k}": v for k, v in inputs.items()})
         folder, prov, reused = art.ensure_cached(
             Path(cfg.paths.artifacts), name, fp, build, _provenance(cfg, inputs),
             need_bytes=need_bytes, margin_bytes=int(cfg.disk.margin_gb * 2**30))
         log.info("%s: %s %s", name, "reusing" if reused else "built", folder)
-        mlflow.set_tag("quantpipe.reused", str(reused).lower())
-        mlflow.set_tag("quantpipe.artifact", str(folder))
+        mlflow.set_tag(Tag.REUSED, str(reused).lower())
+        mlflow.set_tag(Tag.ARTIFACT, str(folder))
         mlflow.log_metrics(prov["result"].get("metrics", {}))
         mlflow.log_dict(prov, "provenance.json")
     return folder, prov
@@ -115,16 +117,16 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.path is not None:
         path = base.validate_hf_folder(Path(cfg.model.path), "model.path", cfg.model.allow_pickle)
         fp = art.tree_fingerprint(path)
-        with tracking.stage_run("base", **{"quantpipe.fingerprint": fp}):
-            mlflow.set_tags({"quantpipe.reused": "external", "quantpipe.artifact": str(path)})
-            mlflow.set_tag("base.source", f"local folder {path}")
-        mlflow.set_tag("base.source", f"local folder {path}")
+        with tracking.stage_run(Stage.BASE, **{Tag.FINGERPRINT: fp}):
+            mlflow.set_tags({Tag.REUSED: "external", Tag.ARTIFACT: str(path)})
+            mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {path}")
+        mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {path}")
         return {"path": path, "fingerprint": fp}
     gguf = base.embedded_gguf(cfg.model.embedded)
-    fp = art.fingerprint("base", art.quick_file_fingerprint(gguf), base.RECIPE)
-    folder, _ = cached_stage(cfg, "base", fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
+    fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(gguf), base.RECIPE)
+    folder, _ = cached_stage(cfg, Stage.BASE, fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
                              {"gguf": str(gguf)}, need_bytes=4 * gguf.stat().st_size)  # Q4_1->FP16
-    mlflow.set_tag("base.source", base.embedded_note(cfg.model.embedded, gguf))
+    mlflow.set_tag(Tag.BASE_SOURCE, base.embedded_note(cfg.model.embedded, gguf))
     return {"path": folder, "fingerprint": fp}
 
 
@@ -137,9 +139,9 @@ def stage_adapter(cfg: DictConfig, base: dict) -> dict[str, Any] | None:
         path = adapter.validate_adapter_folder(Path(cfg.adapter.path), cfg.model.allow_pickle)
         return {"path": path, "fingerprint": art.tree_fingerprint(path)}
     train = OmegaConf.to_container(cfg.adapter.train, resolve=True)
-    fp = art.fingerprint("adapter", base["fingerprint"], train, cfg.seed)
+    fp = art.fingerprint(Stage.ADAPTER, base["fingerprint"], train, cfg.seed)
     folder, _ = cached_stage(
-        cfg, "adapter", fp,
+        cfg, Stage.ADAPTER, fp,
         lambda tmp: adapter.train_demo_adapter(base["path"], tmp, train, cfg.seed, cfg.threads),
         {"base": base["fingerprint"]})
     return {"path": folder, "fingerprint": fp}
@@ -152,10 +154,10 @@ def stage_merge(cfg: DictConfig, base: dict, adapter_: dict | None) -> dict[str,
     settings = OmegaConf.to_container(cfg.merge, resolve=True)
     adapter_fp = adapter_["fingerprint"] if adapter_ else "none"
     # streamed or in RAM, the merged weights are the same (tests/test_streaming.py checks it)
-    fp = art.fingerprint("merge", base["fingerprint"], adapter_fp,
+    fp = art.fingerprint(Stage.MERGE, base["fingerprint"], adapter_fp,
                          {k: v for k, v in settings.items() if k != "stream_above_gb"})
     folder, _ = cached_stage(
-        cfg, "merge", fp,
+        cfg, Stage.MERGE, fp,
         lambda tmp: merge.merge_adapter(base["path"], adapter_ and adapter_["path"], tmp,
                                         topics_text("eval"), **settings),
         {"base": base["fingerprint"], "adapter": adapter_fp},
@@ -170,9 +172,9 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     backend = build_backend(cfg.quant)
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
-    fp = art.fingerprint("quantise", merged["fingerprint"], quant["backend"])
+    fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"], quant["backend"])
     # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
-    folder, prov = cached_stage(cfg, "quantise", fp,
+    folder, prov = cached_stage(cfg, Stage.QUANTISE, fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
@@ -189,7 +191,7 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
 def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, float]:
     """Size, speed and quality of the variant against the merged FP16 reference."""
     from quantpipe.evaluate import evaluate_variant
-    with tracking.stage_run("evaluate"):
+    with tracking.stage_run(Stage.EVALUATE):
         metrics = evaluate_variant(cfg, merged, variant)
         mlflow.log_metrics(metrics)
     return metrics
@@ -199,9 +201,9 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
     """Expose the variant under quantized/ and record whether it passes the quality gate."""
     from quantpipe.gate import check_gate
     from quantpipe.registry import publish_to_registry
-    with tracking.stage_run("publish") as publish_run:
+    with tracking.stage_run(Stage.PUBLISH) as publish_run:
         passed, reason = check_gate(cfg.gate, metrics)
-        gate_tags = {"gate": "passed" if passed else "failed", "gate.reason": reason}
+        gate_tags = {Tag.GATE: Gate.PASSED if passed else Gate.FAILED, Tag.GATE_REASON: reason}
         mlflow.set_tags(gate_tags)
         out = Path(cfg.paths.quantized)
         final = art.publish(variant["path"], out / str(cfg.quant.publish))
@@ -210,12 +212,12 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
             art.publish(variant["path"], out / "model.gguf")
             mlflow.log_artifact(str(write_modelfile(out / "model.gguf")), "ollama")
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
-        mlflow.set_tag("quantpipe.published", str(final))
+        mlflow.set_tag(Tag.PUBLISHED, str(final))
         publish_to_registry(cfg.registry, publish_run.info.run_id,
-                            publish_run.data.tags["mlflow.parentRunId"], str(cfg.quant.name),
+                            publish_run.data.tags[Tag.PARENT_RUN], str(cfg.quant.name),
                             art.read_provenance(variant["folder"])["inputs"]["merged"], passed,
                             metrics)
-    mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
+    mlflow.set_tags({**gate_tags, Tag.PUBLISHED: str(final)})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
 
 
@@ -223,7 +225,7 @@ def run_adapter(cfg: DictConfig) -> Path | None:
     """Only the base and adapter stages (make adapter): trains the demo adapter if missing."""
     tracking.setup(cfg.tracking)
     with mlflow.start_run(run_name="day2-adapter",
-                          tags={"quantpipe.kind": "adapter", **tracking.provenance_tags()}):
+                          tags={Tag.KIND: Kind.ADAPTER, **tracking.provenance_tags()}):
         mlflow.log_params(tracking.flat_params(cfg))
         adapter_ = stage_adapter(cfg, stage_base(cfg))
     path = adapter_ and adapter_["path"]

@@ -23,9 +23,10 @@ from pathlib import Path
 import psutil
 
 from quantpipe import artifacts as art
+from quantpipe.names import Tag
 
 log = logging.getLogger(__name__)
-PID, START, HOST = "quantpipe.pid", "quantpipe.pid_start", "quantpipe.host"
+PID, START, HOST = Tag.PID, Tag.PID_START, Tag.HOST
 
 
 def _start_time(pid: int) -> str:
@@ -65,7 +66,7 @@ def mark_dead_runs(experiment_id: str) -> list[str]:
             continue
         note = (f"process {tags[PID]} on {host} ended without closing this run (killed or "
                 f"crashed); marked KILLED by pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        client.set_tag(r.info.run_id, "quantpipe.recovered", note)
+        client.set_tag(r.info.run_id, Tag.RECOVERED, note)
         client.set_terminated(r.info.run_id, "KILLED")
         dead.append(r.info.run_id)
     if dead:

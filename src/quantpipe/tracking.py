@@ -23,6 +23,7 @@ from quantpipe import PROJECT_ROOT
 from quantpipe.artifacts import check_writable
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock
+from quantpipe.names import Kind, Tag
 from quantpipe.recovery import process_tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -97,9 +98,9 @@ def hardware() -> dict[str, str]:
 
 
 def provenance_tags() -> dict[str, str]:
-    tags = {f"version.{k}": v for k, v in library_versions().items()}
+    tags = {f"{Tag.VERSION_PREFIX}{k}": v for k, v in library_versions().items()}
     tags.update(hardware())
-    tags["git.sha"] = git_sha()
+    tags[Tag.GIT_SHA] = git_sha()
     return tags
 
 
@@ -119,7 +120,7 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
     """A nested run for one stage; FAILED if the block raises."""
     with mlflow.start_run(run_name=name, nested=True,
-                          tags={"quantpipe.kind": "stage", "quantpipe.stage": name,
+                          tags={Tag.KIND: Kind.STAGE, Tag.STAGE: name,
                                 **process_tags(), **tags}) as r:
         yield r
 
@@ -131,7 +132,7 @@ def error_tag() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        mlflow.set_tag("quantpipe.error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.set_tag(Tag.ERROR, f"{type(e).__name__}: {e}"[:5000])
         raise
 
 
@@ -169,7 +170,7 @@ class SweepCallback(Callback):
         client = mlflow.MlflowClient()
         exp = mlflow.get_experiment_by_name(config.tracking.experiment)
         run = client.create_run(exp.experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
-                                tags={"quantpipe.kind": "sweep", **provenance_tags(),
+                                tags={Tag.KIND: Kind.SWEEP, **provenance_tags(),
                                       **process_tags()})
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +195,7 @@ def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
     if run.info.status != "RUNNING":
         return
     children = client.search_runs([run.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+                                  filter_string=f"tags.`{Tag.PARENT_RUN}` = '{run_id}'")
     failed = not children or any(c.info.status != "FINISHED" for c in children)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 

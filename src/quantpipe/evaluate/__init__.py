@@ -21,6 +21,7 @@ from quantpipe import artifacts as art
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate.metrics import windows
+from quantpipe.names import Metric, Tag
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
@@ -112,9 +113,10 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
     fp16_bytes = weights_size(merged["path"])
     size = weights_size(variant["path"])
     n_params = _n_params(merged["path"])
-    metrics.update({"size_mb": size / 2**20, "fp16_size_mb": fp16_bytes / 2**20,
-                    "compression": fp16_bytes / size, "bits_per_weight": 8 * size / n_params})
-    mlflow.set_tag("eval.runtime", result["runtime"])
+    metrics.update({Metric.SIZE_MB: size / 2**20, Metric.FP16_SIZE_MB: fp16_bytes / 2**20,
+                    Metric.COMPRESSION: fp16_bytes / size,
+                    Metric.BITS_PER_WEIGHT: 8 * size / n_params})
+    mlflow.set_tag(Tag.EVAL_RUNTIME, result["runtime"])
     mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
     return metrics
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from quantpipe.evaluate import metrics as M
 from quantpipe.evaluate.runtimes import open_runtime
+from quantpipe.names import Metric
 
 
 def score(rt, wins: np.ndarray, desc: str):
@@ -60,10 +61,10 @@ def measure_speed(rt, prompt: list[int], new_tokens: int, warmup: int, repeats: 
             runs.append((t1 - t0, (new_tokens - 1) / (t2 - t1)))
     ttft = [r[0] for r in runs]
     decode = [r[1] for r in runs]
-    return {"ttft_ms": 1000 * statistics.median(ttft),
-            "prefill_tok_s": len(prompt) / statistics.median(ttft),
-            "decode_tok_s": statistics.median(decode),
-            "decode_tok_s_min": min(decode), "decode_tok_s_max": max(decode)}
+    return {Metric.TTFT_MS: 1000 * statistics.median(ttft),
+            Metric.PREFILL_TOK_S: len(prompt) / statistics.median(ttft),
+            Metric.DECODE_TOK_S: statistics.median(decode),
+            Metric.DECODE_TOK_S_MIN: min(decode), Metric.DECODE_TOK_S_MAX: max(decode)}
 
 
 def peak_rss_mb() -> float:
@@ -92,15 +93,15 @@ def run_reference(spec: dict, rt, wins: np.ndarray) -> None:
 
 
 def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
-    out: dict = {"metrics": {"load_s": load_s}, "runtime": rt.name}
+    out: dict = {"metrics": {Metric.LOAD_S: load_s}, "runtime": rt.name}
     text, eos = rt.chat(spec["sample"]["prompt"], spec["sample"]["max_new_tokens"])
     out["sample"] = {"prompt": spec["sample"]["prompt"], "output": text, "stopped_at_eos": eos}
     sp = spec["speed"]
     prompt = np.load(spec["ids"])[: sp["prompt_tokens"]].tolist()
     out["metrics"].update(measure_speed(rt, prompt, sp["new_tokens"], sp["warmup"], sp["repeats"]))
-    out["metrics"]["peak_rss_mb"] = peak_rss_mb()
+    out["metrics"][Metric.PEAK_RSS_MB] = peak_rss_mb()
     if (gpu := peak_gpu_mb()) is not None:
-        out["metrics"]["peak_gpu_mb"] = gpu
+        out["metrics"][Metric.PEAK_GPU_MB] = gpu
     ref = np.load(spec["reference"])
     nll, kld, agree, offset = [], [], [], 0
     for logp, target in score(rt, wins, f"score {Path(spec['artifact']).name}"):
@@ -114,13 +115,14 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
     ppl, err = M.perplexity(nll_a)
     ppl_ref, _ = M.perplexity(ref["nll"])
     out["metrics"].update({
-        "ppl": ppl, "ppl_err": err, "ppl_fp16": ppl_ref, "ppl_ratio": ppl / ppl_ref,
-        "delta_ppl_pct": 100 * (ppl / ppl_ref - 1),
-        "kld_mean": float(kld_a.mean()), "kld_p99": float(np.percentile(kld_a, 99)),
-        "kld_max": float(kld_a.max()),
-        "top1_agree_pct": 100 * float(np.concatenate(agree).mean()),
-        "kld_ref_tail_mass": float(M.tail_mass(ref["topk_logp"]).mean()),
-        "eval_tokens_scored": float(len(nll_a))})
+        Metric.PPL: ppl, Metric.PPL_ERR: err, Metric.PPL_FP16: ppl_ref,
+        Metric.PPL_RATIO: ppl / ppl_ref,
+        Metric.DELTA_PPL_PCT: 100 * (ppl / ppl_ref - 1),
+        Metric.KLD_MEAN: float(kld_a.mean()), Metric.KLD_P99: float(np.percentile(kld_a, 99)),
+        Metric.KLD_MAX: float(kld_a.max()),
+        Metric.TOP1_AGREE_PCT: 100 * float(np.concatenate(agree).mean()),
+        Metric.KLD_REF_TAIL_MASS: float(M.tail_mass(ref["topk_logp"]).mean()),
+        Metric.EVAL_TOKENS_SCORED: float(len(nll_a))})
     Path(spec["out"]).write_text(json.dumps(out, indent=2))
 
 

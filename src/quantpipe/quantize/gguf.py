@@ -21,6 +21,7 @@ from pathlib import Path
 
 from quantpipe import artifacts as art
 from quantpipe.errors import ConfigError
+from quantpipe.names import Metric
 
 log = logging.getLogger(__name__)
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
@@ -52,7 +53,7 @@ def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{res.stderr[-3000:]}")
-    return {"metrics": {"convert_s": time.perf_counter() - t0}}
+    return {"metrics": {Metric.CONVERT_S: time.perf_counter() - t0}}
 
 
 def f16_gguf(src: Path, ctx) -> Path:
@@ -90,7 +91,7 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
         metrics.update(quantize_with_imatrix(f16, out, type, imatrix, ctx))
     else:
         llama_quantize(f16, out, type, ctx.threads)
-    metrics["quantize_s"] = time.perf_counter() - t0
+    metrics[Metric.QUANTIZE_S] = time.perf_counter() - t0
     metrics.update(smoke(out, Path(src)))
     return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}
 
@@ -123,4 +124,4 @@ def smoke(path: Path, hf_folder: Path) -> dict:
     llm = Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
     reply = llm.create_chat_completion([{"role": "user", "content": "Say hello."}],
                                        max_tokens=24, temperature=0.0)["choices"][0]
-    return {"smoke_stopped_at_eos": float(reply["finish_reason"] == "stop")}
+    return {Metric.SMOKE_STOPPED_AT_EOS: float(reply["finish_reason"] == "stop")}

@@ -9,19 +9,21 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
+from quantpipe.names import Metric, Tag
 from quantpipe.report.query import Selection, all_datasets
 
 NA = "—"
 # (header, metric, decimals): the comparison table, one row per variant run
-COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
-           ("compression ×", "compression", 2), ("load s", "load_s", 2),
-           ("peak RSS MB", "peak_rss_mb", 0), ("TTFT ms", "ttft_ms", 1),
-           ("decode tok/s", "decode_tok_s", 1), ("PPL", "ppl", 3), ("± err", "ppl_err", 3),
-           ("ΔPPL %", "delta_ppl_pct", 2), ("KLD mean", "kld_mean", 5),
-           ("KLD p99", "kld_p99", 4), ("top-1 %", "top1_agree_pct", 2)]
-GPU_COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
-               ("load s", "load_s", 2), ("peak GPU MB", "peak_gpu_mb", 0),
-               ("TTFT ms", "ttft_ms", 1), ("decode tok/s", "decode_tok_s", 1)]
+COLUMNS = [("bits/weight", Metric.BITS_PER_WEIGHT, 2), ("size MB", Metric.SIZE_MB, 2),
+           ("compression ×", Metric.COMPRESSION, 2), ("load s", Metric.LOAD_S, 2),
+           ("peak RSS MB", Metric.PEAK_RSS_MB, 0), ("TTFT ms", Metric.TTFT_MS, 1),
+           ("decode tok/s", Metric.DECODE_TOK_S, 1), ("PPL", Metric.PPL, 3),
+           ("± err", Metric.PPL_ERR, 3),
+           ("ΔPPL %", Metric.DELTA_PPL_PCT, 2), ("KLD mean", Metric.KLD_MEAN, 5),
+           ("KLD p99", Metric.KLD_P99, 4), ("top-1 %", Metric.TOP1_AGREE_PCT, 2)]
+GPU_COLUMNS = [("bits/weight", Metric.BITS_PER_WEIGHT, 2), ("size MB", Metric.SIZE_MB, 2),
+               ("load s", Metric.LOAD_S, 2), ("peak GPU MB", Metric.PEAK_GPU_MB, 0),
+               ("TTFT ms", Metric.TTFT_MS, 1), ("decode tok/s", Metric.DECODE_TOK_S, 1)]
 
 
 def num(value: float | None, decimals: int, sign: bool = False) -> str:
@@ -31,7 +33,7 @@ def num(value: float | None, decimals: int, sign: bool = False) -> str:
 
 
 def metric(row: dict, key: str, decimals: int) -> str:
-    return num(row["metrics"].get(key), decimals, sign=key == "delta_ppl_pct")
+    return num(row["metrics"].get(key), decimals, sign=key == Metric.DELTA_PPL_PCT)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -52,20 +54,21 @@ def comparison(rows: list[dict]) -> str:
 
 def gpu_comparison(rows: list[dict]) -> str:
     header = ["shape", "GPU", "format"] + [h for h, _, _ in GPU_COLUMNS] + ["run"]
-    body = [[r["tags"].get("shape", NA), r["tags"].get("hardware.gpu", NA), f"**{r['name']}**"]
+    body = [[r["tags"].get(Tag.SHAPE, NA), r["tags"].get(Tag.HARDWARE_GPU, NA), f"**{r['name']}**"]
             + [metric(r, k, d) for _, k, d in GPU_COLUMNS] + [short(r["run_id"])] for r in rows]
     return table(header, body)
 
 
-DEPLOY_COLUMNS = [("requests", "deploy_requests", 0), ("errors", "deploy_errors", 0),
-                  ("p50 ms", "deploy_latency_p50_ms", 0), ("p90 ms", "deploy_latency_p90_ms", 0),
-                  ("p99 ms", "deploy_latency_p99_ms", 0), ("tok/s", "deploy_tok_s", 1),
-                  ("server ready s", "deploy_ready_s", 1)]
+DEPLOY_COLUMNS = [("requests", Metric.DEPLOY_REQUESTS, 0), ("errors", Metric.DEPLOY_ERRORS, 0),
+                  ("p50 ms", Metric.DEPLOY_LATENCY_P50_MS, 0),
+                  ("p90 ms", Metric.DEPLOY_LATENCY_P90_MS, 0),
+                  ("p99 ms", Metric.DEPLOY_LATENCY_P99_MS, 0), ("tok/s", Metric.DEPLOY_TOK_S, 1),
+                  ("server ready s", Metric.DEPLOY_READY_S, 1)]
 
 
 def deployment(rows: list[dict]) -> str:
     header = ["format", "smoke (stops at EOS)"] + [h for h, _, _ in DEPLOY_COLUMNS] + ["run"]
-    body = [[f"**{r['name']}**", "ok" if r["metrics"].get("deploy_smoke_ok") else "FAILED"]
+    body = [[f"**{r['name']}**", "ok" if r["metrics"].get(Metric.DEPLOY_SMOKE_OK) else "FAILED"]
             + [metric(r, k, d) for _, k, d in DEPLOY_COLUMNS] + [short(r["run_id"])]
             for r in rows]
     return table(header, body)
@@ -107,7 +110,7 @@ def _line(label: str, seen: dict[str, list[str]]) -> str:
 def provenance(sel: Selection) -> str:
     cpu = sel.variants
     out = []
-    base = _values(cpu, lambda r: r["tags"].get("base.source", "unknown"))
+    base = _values(cpu, lambda r: r["tags"].get(Tag.BASE_SOURCE, "unknown"))
     out.append(_line("Base model", base))
     if any("Q4_1" in b for b in base):
         out.append("  The default base is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF "
@@ -136,13 +139,13 @@ def provenance(sel: Selection) -> str:
         if not group:
             continue
         out.append(_line(f"Hardware ({kind})", _values(group, lambda r: ", ".join(
-            f"{k.removeprefix('hardware.')} {v}" for k, v in sorted(r["tags"].items())
-            if k.startswith("hardware.")))))
+            f"{k.removeprefix(Tag.HARDWARE_PREFIX)} {v}" for k, v in sorted(r["tags"].items())
+            if k.startswith(Tag.HARDWARE_PREFIX)))))
         out.append(_line(f"Library versions ({kind})", _values(group, lambda r: ", ".join(
-            f"{k.removeprefix('version.')} {v}" for k, v in sorted(r["tags"].items())
-            if k.startswith("version.")))))
+            f"{k.removeprefix(Tag.VERSION_PREFIX)} {v}" for k, v in sorted(r["tags"].items())
+            if k.startswith(Tag.VERSION_PREFIX)))))
         out.append(_line(f"git SHA ({kind})", _values(group, lambda r: r["tags"].get(
-            "git.sha", "unknown"))))
+            Tag.GIT_SHA, "unknown"))))
     out.append(f"- **MLflow**: experiment `{sel.experiment}` at `{sel.tracking_uri}`")
     if sel.sweep:
         out.append(f"- **Sweep run**: `{sel.sweep['run_id']}` ({sel.sweep['status']}, started "
@@ -170,7 +173,7 @@ def _adapter(params: dict) -> str:
 
 def _protocol(r: dict) -> str:
     p, m = r["params"], r["metrics"]
-    tokens = m.get("eval_tokens_scored")
+    tokens = m.get(Metric.EVAL_TOKENS_SCORED)
     return (f"n_ctx {p.get('eval.n_ctx', '?')}, windows {p.get('eval.n_windows', '?')}, "
             f"KLD over the FP16 top-{p.get('eval.kld_top_k', '?')} tokens, "
             f"{num(tokens, 0)} tokens scored")
@@ -203,8 +206,8 @@ def _stages(row: dict) -> str:
     for s in sorted(row["stages"], key=lambda s: s["start_ms"]):
         secs = ((s["end_ms"] or s["start_ms"]) - s["start_ms"]) / 1000
         how = {"true": "reused", "false": "built", "external": "given"}.get(
-            s["tags"].get("quantpipe.reused", ""), "ran")
-        out.append(f"{s['tags'].get('quantpipe.stage', s['name'])} {how} {secs:.1f} s")
+            s["tags"].get(Tag.REUSED, ""), "ran")
+        out.append(f"{s['tags'].get(Tag.STAGE, s['name'])} {how} {secs:.1f} s")
     return "; ".join(out) or NA
 
 
@@ -212,13 +215,14 @@ def workflow(rows: list[dict]) -> str:
     """FP16 -> INT8 -> INT4 -> GGUF: what each run did, stage by stage, from its stage runs."""
     out = []
     for r in rows:
-        registry = (f", registry {r['tags']['registry.version']}"
-                    if "registry.version" in r["tags"] else "")
+        registry = (f", registry {r['tags'][Tag.REGISTRY_VERSION]}"
+                    if Tag.REGISTRY_VERSION in r["tags"] else "")
         out.append(f"1. **{r['name']}** (run {short(r['run_id'])}, {r['family']}, {r['method']}):"
-                   f" {_backend(r['params'])} -> {metric(r, 'size_mb', 2)} MB, "
-                   f"{metric(r, 'bits_per_weight', 2)} bits/weight, ΔPPL "
-                   f"{metric(r, 'delta_ppl_pct', 2)} %, KLD {metric(r, 'kld_mean', 5)}; published "
-                   f"`{r['tags'].get('quantpipe.published', NA)}`{registry}.  \n"
+                   f" {_backend(r['params'])} -> {metric(r, Metric.SIZE_MB, 2)} MB, "
+                   f"{metric(r, Metric.BITS_PER_WEIGHT, 2)} bits/weight, ΔPPL "
+                   f"{metric(r, Metric.DELTA_PPL_PCT, 2)} %, KLD {metric(r, Metric.KLD_MEAN, 5)}; "
+                   f"published "
+                   f"`{r['tags'].get(Tag.PUBLISHED, NA)}`{registry}.  \n"
                    f"   Stages: {_stages(r)}.")
     return "\n".join(out)
 
@@ -248,18 +252,18 @@ def static_vs_dynamic(rows: list[dict]) -> str:
             for r, method in ((d, "dynamic"), (s, "static")):
                 body.append([f"**{r['name']}**", method, r["params"].get("quant.type", NA),
                              calib["name"] if r is s and calib else NA,
-                             f"`{eval_digest(r)}`", metric(r, "size_mb", 2),
-                             metric(r, "delta_ppl_pct", 2), metric(r, "kld_mean", 5),
-                             metric(r, "top1_agree_pct", 2), short(r["run_id"])])
+                             f"`{eval_digest(r)}`", metric(r, Metric.SIZE_MB, 2),
+                             metric(r, Metric.DELTA_PPL_PCT, 2), metric(r, Metric.KLD_MEAN, 5),
+                             metric(r, Metric.TOP1_AGREE_PCT, 2), short(r["run_id"])])
             if not same:
                 notes.append(f"{s['name']} and {d['name']} were scored on different texts: "
                              "not comparable")
-            elif "kld_mean" in s["metrics"] and d["metrics"].get("kld_mean"):
-                change = 100 * (s["metrics"]["kld_mean"] / d["metrics"]["kld_mean"] - 1)
+            elif Metric.KLD_MEAN in s["metrics"] and d["metrics"].get(Metric.KLD_MEAN):
+                change = 100 * (s["metrics"][Metric.KLD_MEAN] / d["metrics"][Metric.KLD_MEAN] - 1)
                 notes.append(f"{s['name']} vs {d['name']} on the same text: KLD "
-                             f"{metric(d, 'kld_mean', 5)} -> {metric(s, 'kld_mean', 5)} "
-                             f"({change:+.1f} %), ΔPPL {metric(d, 'delta_ppl_pct', 2)} % -> "
-                             f"{metric(s, 'delta_ppl_pct', 2)} %")
+                             f"{metric(d, Metric.KLD_MEAN, 5)} -> {metric(s, Metric.KLD_MEAN, 5)} "
+                             f"({change:+.1f} %), ΔPPL {metric(d, Metric.DELTA_PPL_PCT, 2)} % -> "
+                             f"{metric(s, Metric.DELTA_PPL_PCT, 2)} %")
     header = ["format", "method", "type", "calibration text", "eval text digest", "size MB",
               "ΔPPL %", "KLD mean", "top-1 %", "run"]
     return (table(header, body) if body else "") + "\n\n" + "\n".join(f"- {n}" for n in notes)
