@@ -231,9 +231,10 @@ def latest_gguf_files(cfg: DictConfig) -> list[Path]:
     seen, files = set(), []
     for r in runs:
         name, path = r.data.tags.get(Tag.QUANT_NAME), r.data.tags.get(Tag.PUBLISHED)
-        if name not in seen and path and Path(path).is_file():
+        path = Path(cfg.paths.root) / path if path else None  # tag relative to paths.root
+        if name not in seen and path and path.is_file():
             seen.add(name)
-            files.append(Path(path))
+            files.append(path)
     return files
 
 

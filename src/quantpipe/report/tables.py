@@ -144,8 +144,7 @@ def provenance(sel: Selection) -> str:
         out.append(_line(f"Library versions ({kind})", _values(group, lambda r: ", ".join(
             f"{k.removeprefix(Tag.VERSION_PREFIX)} {v}" for k, v in sorted(r["tags"].items())
             if k.startswith(Tag.VERSION_PREFIX)))))
-        out.append(_line(f"git SHA ({kind})", _values(group, lambda r: r["tags"].get(
-            Tag.GIT_SHA, "unknown"))))
+        out.append(_line(f"git SHA ({kind})", _values(group, _git)))
     out.append(f"- **MLflow**: experiment `{sel.experiment}` at `{sel.tracking_uri}`")
     if sel.sweep:
         out.append(f"- **Sweep run**: `{sel.sweep['run_id']}` ({sel.sweep['status']}, started "
@@ -159,6 +158,15 @@ def provenance(sel: Selection) -> str:
         out.append("- **Not finished (left out)**: " + ", ".join(
             f"{r['name']} `{r['run_id']}` ({r['status']})" for r in sel.failed))
     return "\n".join(out)
+
+
+def _git(r: dict) -> str:
+    """The commit the run's code came from; `-dirty` (uncommitted changes) said in words, since
+    no clone of the repository reproduces such a run."""
+    sha = r["tags"].get(Tag.GIT_SHA, "unknown")
+    if sha.endswith("-dirty"):
+        return f"{sha.removesuffix('-dirty')} plus uncommitted changes (not reproducible from git)"
+    return sha
 
 
 def _adapter(params: dict) -> str:
