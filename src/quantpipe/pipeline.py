@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import artifacts as art
 from quantpipe import recovery, tracking
-from quantpipe.names import Gate, Kind, Metric, Stage, Tag
 from quantpipe.errors import ConfigError
+from quantpipe.names import Gate, Kind, Metric, Stage, Tag
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = (".safetensors", ".bin")

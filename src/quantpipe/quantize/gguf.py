@@ -66,9 +66,9 @@ def f16_gguf(src: Path, ctx) -> Path:
     """The F16 GGUF of the merged model, converted once per merged model (a sweep reuses it)."""
     from quantpipe import tracking
     # the converter's recipe and versions are in the key: a new converter converts again
-    made_by = {"recipe": RECIPE, "versions": tracking.versions_of(CONVERTER_LIBRARIES)}
-    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint, made_by)
-    prov = {"merged": ctx.src_fingerprint, **made_by}
+    converter = {"recipe": RECIPE, "versions": tracking.versions_of(CONVERTER_LIBRARIES)}
+    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint, converter)
+    prov = {"merged": ctx.src_fingerprint, **converter}
     folder, _, reused = art.ensure_cached(
         ctx.artifacts, "gguf-f16", fp, lambda tmp: convert_f16(src, tmp / "model-f16.gguf", prov))
     log.info("gguf f16: %s %s", "reusing" if reused else "converted", folder)
