@@ -11,6 +11,17 @@ then, each step in a fresh child process whose peak memory is measured:
   convert   quantpipe.quantize.gguf.convert_f16: llama.cpp's converter to an F16 GGUF (lazy by
             default), writing the provenance key as it goes
   quantise  quantpipe.quantize.gguf.llama_quantize to q4_0
+With --pipeline, each size instead goes through the whole pipeline, the real entry point
+(`python -m pipelines.run`, i.e. quantpipe.pipeline.run) once per --quants variant, sharing one
+root so the merge and the F16 GGUF are built once: base (your folder) -> merge (with the LoRA)
+-> quantise -> evaluate (FP16 reference + the variant, default protocol) -> publish. Per stage it
+reports the wall time and peak RSS each stage run logged to MLflow (`stage_seconds`,
+`stage_peak_rss_mb`: the pipeline process's own high-water mark since the stage began, or the
+largest child it ran: the converter, an evaluation worker), and the pipeline process tree's
+peak sampled from outside.
+
+    .venv/bin/python benchmarks/scale.py --pipeline --sizes 1b,7b --quants gguf_q4_k_m,int4
+
 Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
 largest single process). RSS counts the pages of memory-mapped input files the step has read
 (clean page cache, dropped under memory pressure); "anon" is the sampled peak of anonymous
@@ -231,6 +242,97 @@ def bench_size(size: str, work: Path, tokenizer: Path, args) -> dict:
     return res
 
 
+PIPELINE_STAGES = ("merge", "quantise", "evaluate", "publish")
+
+
+def bench_pipeline(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
+    """The real pipeline on a synthetic base + LoRA, one child process per variant."""
+    import mlflow
+    folder = work / f"pipeline-{size}"
+    base, lora, root = folder / "base", folder / "lora", folder / "root"
+    if args.keep and (lora / "adapter_config.json").is_file():  # a kept earlier run: go on
+        n = sum(math.prod(s) for _, s in tensor_specs(size))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        n = write_base(size, base, tokenizer, args.shard_gb)
+        write_lora(size, lora)
+    fp16_gb = 2 * n / GB
+    print(f"[{size}] {n / 1e9:.2f}B params, {fp16_gb:.2f} GB FP16 in {base}", flush=True)
+    out = []
+    for quant in args.quants.split(","):
+        cmd = ("import sys, runpy; sys.argv = ['pipelines.run', " + ", ".join(
+            repr(a) for a in [f"+quant={quant}", f"model.path={base}", f"adapter.path={lora}",
+                              f"paths.root={root}", f"threads={args.threads}",
+                              "hydra.run.dir=" + str(root / "outputs" / quant), *args.override]) +
+               "]; runpy.run_module('pipelines.run', run_name='__main__')")
+        try:
+            m = measure(f"pipeline {quant}", cmd, folder / "log.txt")
+        except RuntimeError as e:
+            print(f"[{size}] {quant}: {e}", flush=True)
+            m = {"failed": str(e)}
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+        [variant] = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
+                                       filter_string=f"tags.`quant.name` = '{quant}' and "
+                                       "tags.`quantpipe.kind` = 'variant'", max_results=1)
+        stages = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
+                                    filter_string="tags.`mlflow.parentRunId` = "
+                                    f"'{variant.info.run_id}'")
+        rec = {"size": size, "params_b": n / 1e9, "fp16_gb": fp16_gb, "quant": quant,
+               "status": variant.info.status, "process": m, "metrics": variant.data.metrics,
+               "error": variant.data.tags.get("quantpipe.error"), "stages": {}}
+        for r in stages:
+            st = r.data.tags.get("quantpipe.stage")
+            if st:
+                rec["stages"][st] = {"seconds": r.data.metrics.get("stage_seconds"),
+                                     "peak_rss_gb": r.data.metrics.get("stage_peak_rss_mb", 0) * 2**20 / GB,
+                                     "reused": r.data.tags.get("quantpipe.reused", "false"),
+                                     "status": r.info.status}
+        print(pipeline_row(rec), flush=True)
+        out.append(rec)
+    if not args.keep:
+        shutil.rmtree(folder)
+    return out
+
+
+def pipeline_row(r: dict) -> str:
+    parts = []
+    for st in PIPELINE_STAGES:
+        s = r["stages"].get(st)
+        if s and s["seconds"] is not None:
+            parts.append(f"{st} {s['seconds']:.0f} s / {s['peak_rss_gb']:.2f} GB"
+                         + (" (reused)" if s["reused"] == "true" else ""))
+    m = r["metrics"]
+    quality = (f"PPL {m['ppl']:.2f}, dPPL {m['delta_ppl_pct']:+.2f} %, KLD {m['kld_mean']:.4f}, "
+               f"{m['decode_tok_s']:.2f} tok/s, scored {m.get('eval_windows_scored', 0):.0f}/"
+               f"{m.get('eval_windows_planned', 0):.0f} windows" if "ppl" in m else
+               f"{r['status']}: {r['error']}")
+    whole = r["process"]
+    total = (f"{whole['seconds']:.0f} s, tree peak {whole['peak_rss_gb']:.2f} GB"
+             if "seconds" in whole else "failed")
+    return f"[{r['size']}] {r['quant']}: {'; '.join(parts)} | {quality} | whole run {total}"
+
+
+def pipeline_table(results: list[dict]) -> str:
+    rows = ["| size | FP16 GB | variant | " + " | ".join(PIPELINE_STAGES) +
+            " | quality | whole run |", "|---" * (5 + len(PIPELINE_STAGES)) + "|"]
+    for r in results:
+        cells = []
+        for st in PIPELINE_STAGES:
+            s = r["stages"].get(st)
+            cells.append("–" if not s or s["seconds"] is None else
+                         f"{s['seconds']:.0f} s, {s['peak_rss_gb']:.2f} GB"
+                         + (" (reused)" if s["reused"] == "true" else ""))
+        m = r["metrics"]
+        quality = (f"dPPL {m['delta_ppl_pct']:+.2f} %, KLD {m['kld_mean']:.4f}, "
+                   f"{m['decode_tok_s']:.2f} tok/s ({m.get('eval_windows_scored', 0):.0f}/"
+                   f"{m.get('eval_windows_planned', 0):.0f} windows)" if "ppl" in m else r["status"])
+        whole = r["process"]
+        rows.append(f"| {r['size']} | {r['fp16_gb']:.2f} | {r['quant']} | " + " | ".join(cells) +
+                    f" | {quality} | " + (f"{whole['seconds']:.0f} s, {whole['peak_rss_gb']:.2f} GB"
+                                          if "seconds" in whole else "failed") + " |")
+    return "\n".join(rows)
+
+
 def tokenizer_dir(work: Path) -> Path:
     from transformers import AutoTokenizer
 
@@ -278,6 +380,29 @@ def log_mlflow(results: list[dict]) -> None:
                                    for k, v in r[s].items()}})
 
 
+def log_pipeline_mlflow(results: list[dict]) -> None:
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from quantpipe import tracking
+    tracking.setup(OmegaConf.create({"uri": f"sqlite:///{ROOT}/mlruns/mlflow.db",
+                                     "artifact_root": f"{ROOT}/mlruns/artifacts",
+                                     "experiment": "scale-benchmark"}))
+    for r in results:
+        with mlflow.start_run(run_name=f"pipeline {r['size']} {r['quant']}",
+                              tags={"quantpipe.kind": "benchmark", "benchmark.mode": "pipeline",
+                                    "status": r["status"], **tracking.hardware()}):
+            mlflow.log_params({"size": r["size"], "quant": r["quant"]})
+            metrics = {"params_b": r["params_b"], "fp16_gb": r["fp16_gb"],
+                       **{f"{st}_{k}": v for st, s in r["stages"].items()
+                          for k, v in s.items() if isinstance(v, float)},
+                       **{f"run_{k}": v for k, v in r["process"].items() if isinstance(v, float)}}
+            metrics.update({k: v for k, v in r["metrics"].items()
+                            if k in ("ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s",
+                                     "eval_windows_scored", "eval_windows_planned")})
+            mlflow.log_metrics(metrics)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1b,3b,7b", help=f"comma list of {', '.join(SHAPES)}")
@@ -287,10 +412,24 @@ def main() -> None:
     ap.add_argument("--peft-up-to", default="1b", help="also time peft's in-RAM merge up to this size (none: never)")
     ap.add_argument("--keep", action="store_true", help="keep the files of each size")
     ap.add_argument("--no-mlflow", action="store_true")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="run the whole pipeline (merge -> quantise -> evaluate -> publish)")
+    ap.add_argument("--quants", default="gguf_q4_k_m,int4", help="variants for --pipeline")
+    ap.add_argument("--override", action="append", default=[],
+                    help="extra Hydra override for --pipeline (repeatable)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_dir(args.workdir)
+    if args.pipeline:
+        results = []
+        for size in args.sizes.split(","):
+            results += bench_pipeline(size, args.workdir, tokenizer, args)
+            (args.workdir / "pipeline-results.json").write_text(json.dumps(results, indent=2))
+        print("\n" + pipeline_table(results))
+        if not args.no_mlflow:
+            log_pipeline_mlflow(results)
+        return
     # what a child holds before any model: python + torch + transformers + peft
     baseline = measure("imports only", IMPORTS + "import torch, transformers, peft, safetensors, "
                        "quantpipe.merge", args.workdir / "baseline-log.txt")

@@ -108,6 +108,8 @@ class Metric:
     KLD_REF_TAIL_MASS = "kld_ref_tail_mass"
     TOP1_AGREE_PCT = "top1_agree_pct"
     EVAL_TOKENS_SCORED = "eval_tokens_scored"
+    EVAL_WINDOWS_SCORED = "eval_windows_scored"    # fewer than planned when eval.max_minutes ends
+    EVAL_WINDOWS_PLANNED = "eval_windows_planned"
     # fine-tune retention (the base model without the adapter, same token ids)
     BASE_PPL = "base_ppl"
     FINETUNE_RETENTION_PCT = "finetune_retention_pct"

@@ -73,6 +73,44 @@ def preflight(cfg: DictConfig) -> None:
         ftype_of(str(cfg.quant.type))
     if cfg.eval.text_file is not None:
         load_text(cfg.eval.text_file, "eval", "eval.text_file")
+    preflight_memory(cfg)
+
+
+def preflight_memory(cfg: DictConfig) -> None:
+    """Every stage's estimated peak RAM against what the machine has, before any stage runs:
+    the merge, the variant's own stages (its backend's `memory_need`), the FP16 reference. The
+    embedded default (135M parameters) is not checked: it needs under 2 GB anywhere."""
+    import importlib
+
+    from quantpipe import base, memory
+    if cfg.model.path is None:
+        return
+    path = base.validate_hf_folder(Path(cfg.model.path), "model.path", cfg.model.allow_pickle)
+    if not any(path.glob("*.safetensors")):
+        return  # pickle weights (allow_pickle): no headers to read the shape from
+    shape = memory.shape_of(path)
+    stream_gb = cfg.merge.stream_above_gb
+    streams = stream_gb is not None and shape.fp16_bytes / 2**30 > stream_gb
+    needs = [("the LoRA merge" + (" (streamed)" if streams else " (in RAM, float32)"),
+              memory.estimate_merge(shape, streams),
+              "merge.stream_above_gb=0 merges tensor by tensor in far less memory")]
+    target = str(cfg.quant.backend.get("_target_", ""))
+    module = importlib.import_module(target.rsplit(".", 1)[0]) if "." in target else None
+    if (need := getattr(module, "memory_need", None)) is not None:
+        options = {k: v for k, v in OmegaConf.to_container(cfg.quant.backend, resolve=True).items()
+                   if not k.startswith("_")}
+        needs += need(shape, cfg.eval.n_ctx, **options)
+    if cfg.eval.reference_runtime == "llama.cpp":
+        ref = memory.estimate_gguf_file_runtime(shape.fp16_bytes, shape, cfg.eval.n_ctx)
+    else:
+        scale = 2 if cfg.eval.reference_runtime == "transformers-float32" else 1
+        ref = memory.estimate_hf_runtime(scale * shape.fp16_bytes, shape, cfg.eval.n_ctx)
+    needs.append((f"the FP16 reference ({cfg.eval.reference_runtime})", ref,
+                  "eval.reference_runtime=llama.cpp scores it memory-mapped from the F16 GGUF"))
+    for what, nbytes, fix in needs:
+        memory.check(what, nbytes, cfg.memory.limit_gb, fix)
+    log.info("memory: largest stage estimate %s, %s", memory.fmt_gib(max(n for _, n, _ in needs)),
+             memory.available_note(cfg.memory.limit_gb))
 
 
 def set_threads(threads: int | None) -> None:

@@ -58,6 +58,8 @@ def run_tool(exe: Path, args: list[str], timeout: float | None = None) -> ToolRu
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
+    from quantpipe.memory import note_child_peak
+    note_child_peak(peak_mb)  # the running stage's peak is the larger of its own and this
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
                            f"{(stderr or stdout)[-3000:]}")

@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -128,11 +129,20 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
 @contextlib.contextmanager
 def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
-    """A nested run for one stage; FAILED if the block raises."""
+    """A nested run for one stage; FAILED if the block raises. Logs the stage's wall time and
+    peak RSS (`stage_seconds`, `stage_peak_rss_mb`: this process's own high-water mark since
+    the stage began, or the largest child process it ran), failed or not."""
+    from quantpipe import memory
+    memory.reset_peak()
+    t0 = time.perf_counter()
     with mlflow.start_run(run_name=name, nested=True,
                           tags={Tag.KIND: Kind.STAGE, Tag.STAGE: name,
                                 **process_tags(), **tags}) as r:
-        yield r
+        try:
+            yield r
+        finally:
+            mlflow.log_metrics({"stage_seconds": time.perf_counter() - t0,
+                                "stage_peak_rss_mb": memory.stage_peak_mb()})
 
 
 @contextlib.contextmanager

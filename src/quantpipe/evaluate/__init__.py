@@ -2,28 +2,48 @@
 
 One protocol for every format. The eval text is tokenised once with the merged model's
 tokenizer; those ids feed both runtimes (transformers for HF folders, llama.cpp for GGUF). The
-FP16 reference (top-k log-probs per scored position) is computed once per merged model and eval
-setting and cached. Each measurement runs in a fresh worker process (quantpipe.evaluate.worker).
+FP16 reference (top-k log-probs per scored position) is computed once per merged model and
+eval setting and cached; by default on llama.cpp over the F16 GGUF of the merged model (the
+one the GGUF variants are quantised from), memory-mapped, so it needs no more RAM than the
+model's own storage: transformers would need float32 for a reference as exact (4 bytes a
+weight: 27.5 GB for a 7B), and its FP16 matmuls run at a quarter of float32's speed on this
+AVX2 CPU (`eval.reference_runtime`, README "Evaluation at scale").
+
+Each measurement runs in a fresh worker process (quantpipe.evaluate.worker) whose peak memory
+is estimated first and refused up front when it cannot fit (quantpipe.memory). A variant's
+results are cached by its fingerprint + protocol + eval-text digest: an unchanged sweep reuses
+them (the log says `reusing`); `eval.speed.remeasure=true` re-measures the speed only.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import artifacts as art
+from quantpipe import memory
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate.metrics import windows
 from quantpipe.names import Metric, Tag
 
+log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+# bump when the worker's protocol or metrics change: cached evaluations are then recomputed
+EVAL_RECIPE = "eval-3"
+REFERENCE_RUNTIMES = ("llama.cpp", "transformers", "transformers-float32")
+SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
+              Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX, Metric.PEAK_RSS_MB,
+              Metric.PEAK_GPU_MB)
 
 
 def weights_size(path: Path) -> int:
@@ -53,22 +73,54 @@ def check_gguf(path: Path) -> None:
         raise ConfigError(str(path), f"is truncated: {size} bytes, its tensors need {end}", fix)
 
 
-def run_worker(spec: dict) -> None:
+def run_worker(spec: dict, need: int, limit_gb: float | None, what: str) -> None:
+    """Run one measurement in a fresh process; its own peak RSS goes to the stage's record.
+    A worker ended by a signal is explained: SIGKILL is almost always the kernel's OOM killer."""
+    memory.check(what, need, limit_gb, _memory_fix(spec))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        res = subprocess.run([sys.executable, "-m", "quantpipe.evaluate.worker", f.name], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "quantpipe.evaluate.worker", f.name],
+                                env=env)
+        status, peak_mb = _wait_sampling(proc)
     finally:
         os.unlink(f.name)
-    if res.returncode != 0:
-        raise RuntimeError(f"evaluation of {spec['artifact']} failed (worker exit "
-                           f"{res.returncode}; its error is printed above)")
+    memory.note_child_peak(peak_mb)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        sig = signal.Signals(-code).name
+        why = (" - SIGKILL with no message is almost always the kernel's out-of-memory killer"
+               if -code == signal.SIGKILL else "")
+        raise ConfigError("memory", f"{what} was killed by {sig}{why}; its peak was estimated at "
+                          f"{memory.fmt_gib(need)} ({memory.available_note(limit_gb)} when it "
+                          f"started, {peak_mb / 1024:.1f} GiB reached)", _memory_fix(spec))
+    if code != 0:
+        raise RuntimeError(f"{what} failed (worker exit {code}; its error is printed above)")
 
 
-def prepare_ids(cfg: DictConfig, merged: Path) -> tuple[str, str, np.ndarray, int | None]:
+def _wait_sampling(proc: subprocess.Popen) -> tuple[int, float]:
+    """Wait for the worker, sampling its own VmHWM (a signal-killed process leaves none)."""
+    peak = 0.0
+    while True:
+        peak = max(peak, memory.own_peak_mb(proc.pid))
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return status, peak
+        time.sleep(0.05)
+
+
+def _memory_fix(spec: dict) -> str:
+    return ("evaluate on a machine with more memory, lower eval.n_ctx, drop this variant from "
+            "the sweep, or score the reference with eval.reference_runtime=llama.cpp (memory-"
+            "mapped F16 GGUF)" if spec.get("mode") == "reference" else
+            "evaluate on a machine with more memory (or a GPU), lower eval.n_ctx, or drop this "
+            "variant from the sweep; GGUF variants run memory-mapped in far less")
+
+
+def prepare_ids(cfg: DictConfig, merged: Path, text: str) -> tuple[np.ndarray, int | None]:
     from transformers import AutoTokenizer
-    text, source = load_text(cfg.eval.text_file, "eval", "eval.text_file")
     tok = AutoTokenizer.from_pretrained(merged)
     ids = np.array(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
     if len(ids) < cfg.eval.n_ctx:
@@ -76,56 +128,154 @@ def prepare_ids(cfg: DictConfig, merged: Path) -> tuple[str, str, np.ndarray, in
                           f"one window (eval.n_ctx={cfg.eval.n_ctx})",
                           "use a longer text or a smaller eval.n_ctx")
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
-    return text, source, ids, bos
+    return ids, bos
+
+
+def _protocol(cfg: DictConfig) -> dict:
+    e = cfg.eval
+    return {"n_ctx": e.n_ctx, "n_windows": e.n_windows, "kld_top_k": e.kld_top_k,
+            "threads": cfg.threads, "max_minutes": e.max_minutes}
+
+
+def _budget_s(cfg: DictConfig) -> float | None:
+    return None if cfg.eval.max_minutes is None else 60.0 * cfg.eval.max_minutes
 
 
 def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
-    """Metrics for `variant` (a dict with path) against the FP16 `merged` model."""
+    """Metrics for `variant` (a dict with path and fingerprint) against the FP16 `merged` model,
+    reused from the evaluation cache when nothing that decides them changed."""
     import mlflow
     from quantpipe import tracking
-    e = cfg.eval
-    if Path(variant["path"]).is_file():  # GGUF: refuse a broken file before any worker runs
-        check_gguf(Path(variant["path"]))
-    text, source, ids, bos = prepare_ids(cfg, merged["path"])
+    text, source = load_text(cfg.eval.text_file, "eval", "eval.text_file")
     tracking.log_dataset("eval-text", text, source, context="evaluation")
-    protocol = {"n_ctx": e.n_ctx, "n_windows": e.n_windows, "kld_top_k": e.kld_top_k, "bos": bos,
-                "threads": cfg.threads}
-    fp = art.fingerprint("reference", merged["fingerprint"], protocol, art.fingerprint(text))
-    base_spec = {**protocol, "speed": OmegaConf.to_container(e.speed),
-                 "sample": OmegaConf.to_container(e.sample)}
+    text_fp = art.fingerprint(text)
+    key = art.fingerprint("evaluation", EVAL_RECIPE, variant["fingerprint"], merged["fingerprint"],
+                          _protocol(cfg), cfg.eval.reference_runtime, text_fp)
 
-    def build_reference(tmp: Path) -> dict:
-        np.save(tmp / "ids.npy", ids)
-        run_worker({**base_spec, "mode": "reference", "artifact": str(merged["path"]),
-                    "ids": str(tmp / "ids.npy"), "out": str(tmp / "reference.npz"), "text": None})
-        return {"n_windows": int(len(windows(ids, e.n_ctx, e.n_windows, bos)))}
+    def build(tmp: Path) -> dict:
+        return _measure(cfg, merged, variant, text, source, text_fp)
 
-    ref, _, _ = art.ensure_cached(Path(cfg.paths.artifacts), "reference", fp, build_reference,
-                                  {"merged": merged["fingerprint"], "text_source": source})
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "metrics.json"
-        is_gguf = Path(variant["path"]).is_file()
-        run_worker({**base_spec, "mode": "variant", "artifact": str(variant["path"]),
-                    "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
-                    "out": str(out), "text": text if is_gguf else None})
-        result = json.loads(out.read_text())
-    metrics = result["metrics"]
-    fp16_bytes = weights_size(merged["path"])
-    size = weights_size(variant["path"])
-    n_params = _n_params(merged["path"])
-    metrics.update({Metric.SIZE_MB: size / 2**20, Metric.FP16_SIZE_MB: fp16_bytes / 2**20,
-                    Metric.COMPRESSION: fp16_bytes / size,
-                    Metric.BITS_PER_WEIGHT: 8 * size / n_params})
-    mlflow.set_tag(Tag.EVAL_RUNTIME, result["runtime"])
+    folder, prov, reused = art.ensure_cached(Path(cfg.paths.artifacts), "evaluation", key, build,
+                                             {"variant": variant["fingerprint"],
+                                              "merged": merged["fingerprint"]})
+    result = prov["result"]
+    metrics = dict(result["metrics"])
+    if reused:
+        log.info("evaluate: reusing %s (quality%s)", folder,
+                 "" if cfg.eval.speed.remeasure else " and speed; eval.speed.remeasure=true "
+                 "measures the speed again")
+        if cfg.eval.speed.remeasure:
+            metrics.update(_remeasure_speed(cfg, merged, variant, folder))
+        elif (folder / "speed.json").is_file():  # the latest re-measurement
+            metrics.update(json.loads((folder / "speed.json").read_text()))
+    mlflow.set_tags({Tag.EVAL_RUNTIME: result["runtime"],
+                     "eval.reference_runtime": result["reference_runtime"],
+                     "eval.reused": str(reused).lower(), "eval.scored": result["scored"]})
     mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
     return metrics
 
 
-def _n_params(merged: Path) -> int:
-    """Parameter count of the FP16 model, from the safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
-    total = 0
-    for f in Path(merged).glob("*.safetensors"):
-        with safe_open(f, "np") as st:
-            total += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
-    return total
+def _measure(cfg, merged: dict, variant: dict, text: str, source: str, text_fp: str) -> dict:
+    e = cfg.eval
+    vpath = Path(variant["path"])
+    if vpath.is_file():  # GGUF: refuse a broken file before any worker runs
+        check_gguf(vpath)
+    shape = memory.shape_of(merged["path"])
+    ids, bos = prepare_ids(cfg, merged["path"], text)
+    ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
+    base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": _budget_s(cfg),
+                 "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "metrics.json"
+        run_worker({**base_spec, "mode": "variant", "artifact": str(vpath),
+                    "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
+                    "out": str(out), "text": text if vpath.is_file() else None},
+                   runtime_need(vpath, shape, e.n_ctx), cfg.memory.limit_gb,
+                   f"the evaluation of {vpath.name}")
+        result = json.loads(out.read_text())
+    metrics = result["metrics"]
+    fp16_bytes = weights_size(merged["path"])
+    size = weights_size(vpath)
+    metrics.update({Metric.SIZE_MB: size / 2**20, Metric.FP16_SIZE_MB: fp16_bytes / 2**20,
+                    Metric.COMPRESSION: fp16_bytes / size,
+                    Metric.BITS_PER_WEIGHT: 8 * size / shape.n_params})
+    ref_meta = json.loads((ref / "reference.json").read_text())
+    scored = (f"{int(metrics[Metric.EVAL_WINDOWS_SCORED])} of "
+              f"{int(metrics[Metric.EVAL_WINDOWS_PLANNED])} windows x {e.n_ctx} tokens "
+              f"({int(metrics[Metric.EVAL_TOKENS_SCORED])} scored tokens)")
+    return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
+            "reference_runtime": ref_meta["runtime"], "scored": scored}
+
+
+def runtime_need(path: Path, shape: memory.Shape, n_ctx: int, float32: bool = False) -> int:
+    """Estimated peak RSS of a worker evaluating `path` (a GGUF file or an HF folder)."""
+    path = Path(path)
+    if path.is_file():
+        return memory.estimate_gguf_file_runtime(path.stat().st_size, shape, n_ctx)
+    weights = weights_size(path) * (2 if float32 else 1)
+    return memory.estimate_hf_runtime(weights, shape, n_ctx)
+
+
+def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
+              shape: memory.Shape, source: str, text_fp: str) -> Path:
+    """The cached FP16 reference folder (ids.npy, reference.npz, reference.json)."""
+    e = cfg.eval
+    runtime = str(e.reference_runtime)
+    if runtime not in REFERENCE_RUNTIMES:
+        raise ConfigError("eval.reference_runtime", f"{runtime!r} is not a reference runtime",
+                          f"choose one of {', '.join(REFERENCE_RUNTIMES)}")
+    protocol = {**_protocol(cfg), "bos": bos}
+    fp = art.fingerprint("reference", EVAL_RECIPE, merged["fingerprint"], protocol, runtime,
+                         text_fp)
+
+    def build(tmp: Path) -> dict:
+        artifact = reference_artifact(cfg, merged, runtime)
+        np.save(tmp / "ids.npy", ids)
+        float32 = runtime == "transformers-float32"
+        run_worker({**protocol, "mode": "reference", "artifact": str(artifact), "float32": float32,
+                    "max_seconds": _budget_s(cfg), "ids": str(tmp / "ids.npy"),
+                    "out": str(tmp / "reference.npz"), "text": None},
+                   runtime_need(artifact, shape, e.n_ctx, float32), cfg.memory.limit_gb,
+                   f"the FP16 reference ({runtime})")
+        meta = {"runtime": runtime, "artifact": Path(artifact).name,
+                "n_windows_planned": int(len(windows(ids, e.n_ctx, e.n_windows, bos)))}
+        (tmp / "reference.json").write_text(json.dumps(meta))
+        return meta
+
+    folder, _, reused = art.ensure_cached(Path(cfg.paths.artifacts), "reference", fp, build,
+                                          {"merged": merged["fingerprint"], "text_source": source})
+    log.info("reference: %s %s", "reusing" if reused else "built", folder)
+    return folder
+
+
+def reference_artifact(cfg: DictConfig, merged: dict, runtime: str) -> Path:
+    """What the reference runs on: the merged model's F16 GGUF (converted once, shared with the
+    GGUF variants) for llama.cpp, the merged folder itself for transformers."""
+    if runtime != "llama.cpp":
+        return Path(merged["path"])
+    from quantpipe.quantize import QuantContext
+    from quantpipe.quantize.gguf import f16_gguf
+    ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
+                       src_fingerprint=merged["fingerprint"], threads=cfg.threads)
+    return f16_gguf(Path(merged["path"]), ctx)
+
+
+def _remeasure_speed(cfg, merged: dict, variant: dict, folder: Path) -> dict:
+    """Load time, speed and peak memory measured again; the quality figures stay cached."""
+    e = cfg.eval
+    vpath = Path(variant["path"])
+    shape = memory.shape_of(merged["path"])
+    with tempfile.TemporaryDirectory() as tmp:
+        ids = Path(tmp) / "ids.npy"
+        text, _ = load_text(e.text_file, "eval", "eval.text_file")
+        np.save(ids, prepare_ids(cfg, merged["path"], text)[0])
+        out = Path(tmp) / "metrics.json"
+        run_worker({**_protocol(cfg), "bos": None, "mode": "speed", "artifact": str(vpath),
+                    "ids": str(ids), "out": str(out), "text": None,
+                    "speed": OmegaConf.to_container(e.speed),
+                    "sample": OmegaConf.to_container(e.sample)},
+                   runtime_need(vpath, shape, e.n_ctx), cfg.memory.limit_gb,
+                   f"the speed measurement of {vpath.name}")
+        speed = {k: v for k, v in json.loads(out.read_text())["metrics"].items() if k in SPEED_KEYS}
+    art.write_json(folder / "speed.json", speed)
+    return speed

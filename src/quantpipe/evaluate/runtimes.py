@@ -23,8 +23,8 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # see quantize/bnb.py
 
 def open_runtime(path: Path, threads: int | None, n_ctx: int, reference: bool = False):
     """A GGUF file runs on llama.cpp, a folder on transformers. `reference`: compute in float32
-    (the FP16 reference's log-probs); otherwise in the dtype the model is stored in, as it
-    would be deployed."""
+    (eval.reference_runtime=transformers-float32: 4 bytes a weight, small models only);
+    otherwise in the dtype the model is stored in, as it would be deployed."""
     path = Path(path)
     if path.is_file():
         return LlamaCppRuntime(path, threads, n_ctx)
@@ -45,7 +45,7 @@ class HFRuntime:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # deployed: FP16 tensors stay FP16 (bitsandbytes folders keep their non-quantised
-            # tensors in it too); the reference computes the same FP16 weights in float32
+            # tensors in it too); a float32 reference computes the same weights in float32
             dtype = torch.float32 if reference else torch.float16
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                               device_map=self.device)

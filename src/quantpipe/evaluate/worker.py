@@ -6,7 +6,9 @@ The spec (written by quantpipe.evaluate.evaluate_variant) names the artefact, th
 the protocol settings and an output path. Mode "reference" scores the FP16 model and saves its
 top-k log-probs (reference.npz); mode "variant" measures load time, a chat sample, speed,
 peak RSS (after load + generation, before scoring buffers), perplexity, KLD and top-token
-agreement against the reference, and writes metrics JSON.
+agreement against the reference, and writes metrics JSON; mode "speed" only the first four.
+With `max_seconds` (eval.max_minutes) scoring stops after the window that reaches it: the
+reference keeps the windows it scored, a variant scores at most those.
 """
 from __future__ import annotations
 
@@ -25,11 +27,19 @@ from quantpipe.evaluate.runtimes import open_runtime
 from quantpipe.names import Metric
 
 
-def score(rt, wins: np.ndarray, desc: str):
-    """Yield (log-probs at scored positions, target tokens) per window."""
-    for w in tqdm(wins, desc=desc, unit="window"):
+def score(rt, wins: np.ndarray, desc: str, max_seconds: float | None = None):
+    """Yield (log-probs at scored positions, target tokens) per window, in order; with a budget,
+    stop once `max_seconds` have passed (after at least one window). The bar shows the ETA."""
+    t0 = time.perf_counter()
+    bar = tqdm(wins, desc=desc, unit="window")
+    for w in bar:
         # rows before the scored half are not needed (llama.cpp leaves them uncomputed)
         yield M.scored_logprobs(rt.window_logits(w, M.first_scored(len(w))), w)
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            bar.write(f"{desc}: eval.max_minutes={max_seconds / 60:g} reached after "
+                      f"{bar.n} of {len(wins)} windows; scoring those")
+            break
+    bar.close()
 
 
 def check_tokenizer(rt, text_ids: np.ndarray, text: str) -> None:
@@ -83,7 +93,7 @@ def peak_gpu_mb() -> float | None:
 
 def run_reference(spec: dict, rt, wins: np.ndarray) -> None:
     nll, top_lp, top_id = [], [], []
-    for logp, target in score(rt, wins, "FP16 reference"):
+    for logp, target in score(rt, wins, "FP16 reference", spec.get("max_seconds")):
         nll.append(-np.take_along_axis(logp, target[:, None], -1)[:, 0])
         lp, idx = M.topk(logp, spec["kld_top_k"])
         top_lp.append(lp)
@@ -92,7 +102,8 @@ def run_reference(spec: dict, rt, wins: np.ndarray) -> None:
              topk_idx=np.concatenate(top_id))
 
 
-def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
+def run_speed(spec: dict, rt, load_s: float) -> dict:
+    """Load time, a chat sample, speed and this process's peak memory so far."""
     out: dict = {"metrics": {Metric.LOAD_S: load_s}, "runtime": rt.name}
     text, eos = rt.chat(spec["sample"]["prompt"], spec["sample"]["max_new_tokens"])
     out["sample"] = {"prompt": spec["sample"]["prompt"], "output": text, "stopped_at_eos": eos}
@@ -102,9 +113,18 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
     out["metrics"][Metric.PEAK_RSS_MB] = peak_rss_mb()
     if (gpu := peak_gpu_mb()) is not None:
         out["metrics"][Metric.PEAK_GPU_MB] = gpu
+    return out
+
+
+def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
+    out = run_speed(spec, rt, load_s)
     ref = np.load(spec["reference"])
+    planned = len(wins)
+    per_window = len(wins[0]) - M.first_scored(len(wins[0])) - 1
+    wins = wins[: len(ref["nll"]) // per_window]  # the windows the reference scored
     nll, kld, agree, offset = [], [], [], 0
-    for logp, target in score(rt, wins, f"score {Path(spec['artifact']).name}"):
+    for logp, target in score(rt, wins, f"score {Path(spec['artifact']).name}",
+                              spec.get("max_seconds")):
         n = len(target)
         nll.append(-np.take_along_axis(logp, target[:, None], -1)[:, 0])
         kld.append(M.kld_topk(ref["topk_logp"][offset:offset + n],
@@ -113,7 +133,7 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
         offset += n
     nll_a, kld_a = np.concatenate(nll), np.concatenate(kld)
     ppl, err = M.perplexity(nll_a)
-    ppl_ref, _ = M.perplexity(ref["nll"])
+    ppl_ref, _ = M.perplexity(ref["nll"][: len(nll_a)])  # the same positions
     out["metrics"].update({
         Metric.PPL: ppl, Metric.PPL_ERR: err, Metric.PPL_FP16: ppl_ref,
         Metric.PPL_RATIO: ppl / ppl_ref,
@@ -122,7 +142,9 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
         Metric.KLD_MAX: float(kld_a.max()),
         Metric.TOP1_AGREE_PCT: 100 * float(np.concatenate(agree).mean()),
         Metric.KLD_REF_TAIL_MASS: float(M.tail_mass(ref["topk_logp"]).mean()),
-        Metric.EVAL_TOKENS_SCORED: float(len(nll_a))})
+        Metric.EVAL_TOKENS_SCORED: float(len(nll_a)),
+        Metric.EVAL_WINDOWS_SCORED: float(len(nll)),
+        Metric.EVAL_WINDOWS_PLANNED: float(planned)})
     Path(spec["out"]).write_text(json.dumps(out, indent=2))
 
 
@@ -132,11 +154,13 @@ def main(spec_path: str) -> None:
     wins = M.windows(ids, spec["n_ctx"], spec["n_windows"], spec["bos"])
     t0 = time.perf_counter()
     rt = open_runtime(Path(spec["artifact"]), spec["threads"], spec["n_ctx"],
-                      reference=spec["mode"] == "reference")
+                      reference=bool(spec.get("float32")))
     load_s = time.perf_counter() - t0
     check_tokenizer(rt, ids, spec["text"]) if spec.get("text") is not None else None
     if spec["mode"] == "reference":
         run_reference(spec, rt, wins)
+    elif spec["mode"] == "speed":
+        Path(spec["out"]).write_text(json.dumps(run_speed(spec, rt, load_s), indent=2))
     else:
         run_variant(spec, rt, wins, load_s)
 

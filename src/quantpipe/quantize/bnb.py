@@ -89,3 +89,16 @@ def quantize_int4(src: Path, dst: Path, ctx, quant_type: str = "nf4", double_qua
                             bnb_4bit_use_double_quant=double_quant,
                             bnb_4bit_compute_dtype=_dtype(compute_dtype))
     return save_and_verify(load_quantised(Path(src), qc), Path(src), dst)
+
+
+def memory_need(shape, n_ctx: int, **options) -> list[tuple[str, int, str]]:
+    """Peak RAM of this variant's stages (quantpipe.memory): quantising with bitsandbytes, then
+    evaluating the packed folder on transformers."""
+    from quantpipe import memory
+    bits = 8 if "threshold" in options else 4
+    packed = shape.fp16_bytes * bits // 16 + 2 * 2 * shape.largest  # embeddings stay FP16
+    fix = ("run this variant on a machine with more memory (or a GPU), or drop it from the "
+           "sweep; GGUF variants quantise and evaluate in far less")
+    return [(f"bitsandbytes {bits}-bit quantisation", memory.estimate_bnb_quantize(shape, bits), fix),
+            (f"the evaluation of the {bits}-bit variant (transformers)",
+             memory.estimate_hf_runtime(packed, shape, n_ctx), fix)]

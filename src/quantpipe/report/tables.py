@@ -182,9 +182,15 @@ def _adapter(params: dict) -> str:
 def _protocol(r: dict) -> str:
     p, m = r["params"], r["metrics"]
     tokens = m.get(Metric.EVAL_TOKENS_SCORED)
-    return (f"n_ctx {p.get('eval.n_ctx', '?')}, windows {p.get('eval.n_windows', '?')}, "
-            f"KLD over the FP16 top-{p.get('eval.kld_top_k', '?')} tokens, "
-            f"{num(tokens, 0)} tokens scored")
+    scored = (f"{num(m.get(Metric.EVAL_WINDOWS_SCORED), 0)} of "
+              f"{num(m.get(Metric.EVAL_WINDOWS_PLANNED), 0)} windows"
+              if Metric.EVAL_WINDOWS_PLANNED in m else f"windows {p.get('eval.n_windows', '?')}")
+    budget = p.get("eval.max_minutes", "None")
+    return (f"n_ctx {p.get('eval.n_ctx', '?')}, {scored}"
+            + ("" if budget == "None" else f" (budget {budget} min per pass)")
+            + f", KLD over the FP16 top-{p.get('eval.kld_top_k', '?')} tokens, "
+            f"{num(tokens, 0)} tokens scored, FP16 reference on "
+            f"{p.get('eval.reference_runtime', 'transformers-float32')}")
 
 
 def _when(ms: int | None) -> str:
