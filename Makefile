@@ -2,6 +2,8 @@
 #   make pipeline +quant=int4      one variant (any Hydra override may follow)
 #   make sweep                     every format (Hydra multirun), then: make report
 #   make test                      fast tests;  make test-slow: end-to-end on the real stack
+#   make cluster-up                SLURM + MLflow on PostgreSQL on this machine, then:
+#   make sweep hydra/launcher=slurm tracking=remote
 # Every target sets up .venv on first use (torch 2.13 CPU first, then requirements/base.txt).
 SHELL := /bin/bash
 VENV ?= .venv
@@ -16,9 +18,11 @@ SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# While `make cluster-up`'s cluster runs: SLURM_CONF and MLFLOW_TRACKING_URI (unless already set)
+-include .cluster/cluster.mk
 
 .PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
-        gpu-bench gpu-import serve modelfile smoke clean
+        gpu-bench gpu-import serve modelfile smoke cluster-up cluster-down ray-deps clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -48,15 +52,19 @@ adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when mi
 report: setup  ## QUANTISATION-REPORT.md from the MLflow runs
 	$(WITH_OVERRIDES) $(PY) -m pipelines.report $(ARGS)
 
-ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlruns/
+ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlruns/ (tracking=remote: the server's URL)
+ifneq ($(filter tracking=remote,$(MAKEOVERRIDES)),)
+	@echo "MLflow UI: $${MLFLOW_TRACKING_URI:-http://127.0.0.1:5000} (the tracking server serves it; open it in a browser)"
+else
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+endif
 
 test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: setup tools  ## end-to-end tests on the real default model and llama.cpp tools
+test-slow: setup tools ray-deps  ## end-to-end tests: default model, llama.cpp tools, SLURM + MLflow server (root), Ray
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 tools: $(VENV)/.tools  ## build llama.cpp's tools (quantize, imatrix, perplexity, bench; ~5 min)
@@ -92,6 +100,18 @@ modelfile: setup  ## Ollama Modelfile beside the GGUF (then: ollama create mymod
 
 smoke: setup  ## serve on loopback, smoke + load test (8 requests, 4 at once), log a deploy run
 	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy smoke $(ARGS)
+
+cluster-up: setup  ## one-machine SLURM + MLflow server on PostgreSQL, on 127.0.0.1 (root; apt-installs)
+	PY=$(abspath $(PY)) bash scripts/cluster/up.sh
+
+cluster-down:  ## stop what cluster-up started (by PID file); data stays in .cluster/
+	bash scripts/cluster/down.sh
+
+ray-deps: $(VENV)-ray/.installed  ## Ray + hydra-ray-launcher into .venv-ray (PYTHONPATH=.venv-ray for hydra/launcher=ray_cluster)
+
+$(VENV)-ray/.installed: requirements/ray.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(VENV)-ray -r requirements/ray.txt
+	touch $@
 
 clean:  ## delete outputs (quantized/, artifacts/, outputs/); keeps mlruns/ and .venv
 	rm -rf quantized artifacts outputs multirun

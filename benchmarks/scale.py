@@ -381,26 +381,35 @@ def log_mlflow(results: list[dict]) -> None:
 
 
 def log_pipeline_mlflow(results: list[dict]) -> None:
+    """One run per size and variant in the project's experiment (kind benchmark,
+    benchmark.name scale_pipeline): `make report` puts the newest of each in its scale table."""
     import mlflow
     from omegaconf import OmegaConf
 
     from quantpipe import tracking
     tracking.setup(OmegaConf.create({"uri": f"sqlite:///{ROOT}/mlruns/mlflow.db",
                                      "artifact_root": f"{ROOT}/mlruns/artifacts",
-                                     "experiment": "scale-benchmark"}))
+                                     "experiment": "day3-quantisation"}))
     for r in results:
-        with mlflow.start_run(run_name=f"pipeline {r['size']} {r['quant']}",
-                              tags={"quantpipe.kind": "benchmark", "benchmark.mode": "pipeline",
-                                    "status": r["status"], **tracking.hardware()}):
-            mlflow.log_params({"size": r["size"], "quant": r["quant"]})
+        tags = {"quantpipe.kind": "benchmark", "benchmark.name": "scale_pipeline",
+                "scale.size": r["size"], "quant.name": r["quant"], "scale.status": r["status"],
+                "benchmark.load_before": f"{r['process'].get('load_before', 0):.1f}",
+                **tracking.hardware()}
+        if r.get("error"):
+            tags["quantpipe.error"] = r["error"][:5000]
+        with mlflow.start_run(run_name=f"scale {r['size']} {r['quant']}", tags=tags):
             metrics = {"params_b": r["params_b"], "fp16_gb": r["fp16_gb"],
                        **{f"{st}_{k}": v for st, s in r["stages"].items()
                           for k, v in s.items() if isinstance(v, float)},
+                       **{f"{st}_reused": float(s["reused"] == "true")
+                          for st, s in r["stages"].items()},
                        **{f"run_{k}": v for k, v in r["process"].items() if isinstance(v, float)}}
             metrics.update({k: v for k, v in r["metrics"].items()
-                            if k in ("ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s",
-                                     "eval_windows_scored", "eval_windows_planned")})
+                            if k in ("ppl", "delta_ppl_pct", "kld_mean", "top1_agree_pct",
+                                     "decode_tok_s", "size_mb", "eval_windows_scored",
+                                     "eval_windows_planned", "eval_tokens_scored")})
             mlflow.log_metrics(metrics)
+            mlflow.log_dict(r, "result.json")
 
 
 def main() -> None:

@@ -116,8 +116,17 @@ def test_unchanged_evaluation_is_reused_without_a_worker(cfg_factory, monkeypatc
 
 
 def test_time_budget_scores_fewer_windows_and_says_so(cfg_factory):
-    cfg = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3", "eval.max_minutes=0.00001")
+    # 6 ms: above the estimate for loading and speed-testing the tiny model (~7 ms / 2), below
+    # one window's real time
+    cfg = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3", "eval.max_minutes=0.0001")
     m = run(cfg)
     assert m["eval_windows_scored"] == 1 and m["eval_windows_planned"] == 3
     [ev] = [r for r in runs(cfg) if r.data.tags.get("quantpipe.stage") == "evaluate"]
     assert ev.data.tags["eval.scored"].startswith("1 of 3 windows")
+
+
+def test_budget_too_small_for_one_window_is_refused_before_scoring(cfg_factory):
+    cfg = cfg_factory("+quant=gguf_q4_0", "eval.max_minutes=0.000001")
+    with pytest.raises(ConfigError, match=r"eval.max_minutes: .* needs about .* one window"):
+        run(cfg)
+    assert not Path(cfg.paths.artifacts, "reference").exists()  # refused before the reference

@@ -49,7 +49,7 @@ def test_launcher_configs_compose(launcher, monkeypatch):
     if launcher == "parallel":
         assert node.n_jobs == 2
     if launcher == "slurm":  # submitit's sbatch options survive the merge with its schema
-        assert node.timeout_min == 120 and node.mem_gb == 32
+        assert node.timeout_min == 120 and node.mem_gb == 8 and node.partition == "cpu"
 
 
 def test_remote_tracking_uri_comes_from_the_environment(monkeypatch, tmp_path):

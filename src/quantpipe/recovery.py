@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from quantpipe.names import Tag
 
 log = logging.getLogger(__name__)
 PID, START, HOST = Tag.PID, Tag.PID_START, Tag.HOST
+SLURM_JOB = "quantpipe.slurm_job"
+# squeue/sacct states of a job that may still close its run itself
+SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
+                "RESIZING", "SIGNALING", "STAGE_OUT", "REQUEUE_HOLD", "REQUEUE_FED"}
 
 
 def _start_time(pid: int) -> str:
@@ -34,8 +39,35 @@ def _start_time(pid: int) -> str:
 
 
 def process_tags() -> dict[str, str]:
-    """Tags that identify this process: set on every run at start."""
-    return {PID: str(os.getpid()), START: _start_time(os.getpid()), HOST: socket.gethostname()}
+    """Tags that identify this process (and its SLURM job, if any): set on every run at start."""
+    tags = {PID: str(os.getpid()), START: _start_time(os.getpid()), HOST: socket.gethostname()}
+    if job := slurm_job_id():
+        tags[SLURM_JOB] = job
+    return tags
+
+
+def slurm_job_id() -> str | None:
+    """This process's SLURM job, as squeue, sacct and submitit's folders name it: `123_4` for
+    task 4 of array job 123 (a sweep is one array), else `123`; None outside SLURM."""
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env and "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """SLURM's state of a job (RUNNING, COMPLETED, TIMEOUT, ...), or None when SLURM cannot say.
+    squeue knows a job until MinJobAge (300 s by default) after its end, sacct (accounting)
+    after that."""
+    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"],
+                ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]  # "CANCELLED by 0" -> CANCELLED
+    return None
 
 
 def process_alive(pid: int, start: str | None = None) -> bool:
@@ -49,17 +81,37 @@ def process_alive(pid: int, start: str | None = None) -> bool:
     return start is None or started == start
 
 
-def mark_dead_runs(experiment_id: str) -> list[str]:
-    """End KILLED every RUNNING run of `experiment_id` whose recording process on this host is
-    gone; return their ids."""
+def _end_slurm_run(client, run, job_id: str) -> bool:
+    """End FAILED a RUNNING run whose SLURM job has ended; True if it did."""
+    state = slurm_job_state(job_id)
+    if state is None or state in SLURM_ACTIVE:
+        return False
+    # the job ended, so its process can no longer close the run: what is RUNNING now stays so
+    if client.get_run(run.info.run_id).info.status != "RUNNING":
+        return False
+    note = (f"SLURM job {job_id} ended ({state}) without closing this run; its output: "
+            f"<sweep folder>/.submitit/{job_id}/")
+    client.set_tag(run.info.run_id, "quantpipe.recovered", note)
+    client.set_tag(run.info.run_id, "quantpipe.error", note)
+    client.set_terminated(run.info.run_id, "FAILED")
+    return True
+
+
+def mark_dead_runs(experiment_id: str, client=None) -> list[str]:
+    """End every RUNNING run of `experiment_id` whose process is known to be gone: KILLED when
+    its process on this host has died, FAILED when its SLURM job has ended. Return their ids."""
     import mlflow
-    client = mlflow.MlflowClient()
+    client = client or mlflow.MlflowClient()
     host = socket.gethostname()
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
                               max_results=10000)
     dead = []
     for r in runs:
         tags = r.data.tags
+        if job := tags.get(SLURM_JOB):
+            if _end_slurm_run(client, r, job):
+                dead.append(r.info.run_id)
+            continue
         if tags.get(HOST) != host or not tags.get(PID, "").isdigit():
             continue
         if process_alive(int(tags[PID]), tags.get(START)):
@@ -70,7 +122,8 @@ def mark_dead_runs(experiment_id: str) -> list[str]:
         client.set_terminated(r.info.run_id, "KILLED")
         dead.append(r.info.run_id)
     if dead:
-        log.warning("marked %d interrupted run(s) KILLED: %s", len(dead), ", ".join(dead))
+        log.warning("closed %d run(s) of dead processes or ended SLURM jobs: %s", len(dead),
+                    ", ".join(dead))
     return dead
 
 

@@ -25,7 +25,7 @@ from quantpipe.artifacts import check_writable, portable
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock
 from quantpipe.names import Kind, Tag
-from quantpipe.recovery import process_tags
+from quantpipe.recovery import mark_dead_runs, process_tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402  (after the telemetry switch)
@@ -194,7 +194,13 @@ class SweepCallback(Callback):
                                       **process_tags()})
         sweep_dir = Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PARENT_ID_FILE).write_text(run.info.run_id)
+        try:  # "x": two sweeps sharing one folder would hang their jobs under one sweep run
+            with open(sweep_dir / PARENT_ID_FILE, "x") as f:
+                f.write(run.info.run_id)
+        except FileExistsError:
+            client.set_terminated(run.info.run_id, "FAILED")
+            raise ConfigError("hydra.sweep.dir", f"{sweep_dir} already holds another sweep",
+                              "give each sweep its own folder (the default name is unique)")
         log.info("sweep run %s", run.info.run_id)
         # Hydra raises after the last job when any job failed, and then never calls
         # on_multirun_end: close the sweep run at exit in that case too
@@ -214,6 +220,8 @@ def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
         return
     if run.info.status != "RUNNING":
         return
+    # a job killed by its scheduler (or cut off from the server) could not close its runs
+    mark_dead_runs(run.info.experiment_id, client)
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.`{Tag.PARENT_RUN}` = '{run_id}'")
     failed = not children or any(c.info.status != "FINISHED" for c in children)

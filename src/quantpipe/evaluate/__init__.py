@@ -41,6 +41,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # bump when the worker's protocol or metrics change: cached evaluations are then recomputed
 EVAL_RECIPE = "eval-3"
 REFERENCE_RUNTIMES = ("llama.cpp", "transformers", "transformers-float32")
+TRANSFORMERS_FLOPS, TRANSFORMERS_BPS = 20e9, 3e9
 SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
               Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX, Metric.PEAK_RSS_MB,
               Metric.PEAK_GPU_MB)
@@ -182,6 +183,9 @@ def _measure(cfg, merged: dict, variant: dict, text: str, source: str, text_fp: 
         check_gguf(vpath)
     shape = memory.shape_of(merged["path"])
     ids, bos = prepare_ids(cfg, merged["path"], text)
+    # the variant's budget first: refused before the reference is scored for it
+    check_budget(vpath, shape, cfg, len(windows(ids, e.n_ctx, e.n_windows, bos)),
+                 f"the evaluation of {vpath.name}")
     ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
     base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": _budget_s(cfg),
                  "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample)}
@@ -205,6 +209,46 @@ def _measure(cfg, merged: dict, variant: dict, text: str, source: str, text_fp: 
               f"({int(metrics[Metric.EVAL_TOKENS_SCORED])} scored tokens)")
     return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
             "reference_runtime": ref_meta["runtime"], "scored": scored}
+
+
+# Effective speed on this project's reference machine (2 cores, AVX2): prompt processing in
+# FLOP/s (2 x parameters per token) and decoding in weight bytes read per second. llama.cpp:
+# llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads (545 tok/s x 0.27 GFLOP; 12-15 GB/s);
+# transformers: FP16/bitsandbytes matmuls on CPU (README "Evaluation at scale").
+THROUGHPUT = {"llama.cpp": (140e9, 12e9), "transformers": (TRANSFORMERS_FLOPS, TRANSFORMERS_BPS)}
+
+
+def estimate_seconds(path: Path, shape: memory.Shape, cfg: DictConfig, n_windows: int,
+                     speed: bool = True) -> float:
+    """Rough wall time of one worker: loading (disk at ~1 GB/s), the chat sample and the speed
+    runs, then `n_windows` windows. Used for the ETA and to refuse what cannot fit the budget."""
+    e = cfg.eval
+    flops, bps = THROUGHPUT["llama.cpp" if Path(path).is_file() else "transformers"]
+    weights = weights_size(path)
+    per_token = 2 * shape.n_params / flops
+    t = weights / 1e9 + n_windows * e.n_ctx * per_token
+    if speed:
+        runs = e.speed.warmup + e.speed.repeats
+        t += runs * (e.speed.prompt_tokens * per_token + e.speed.new_tokens * weights / bps)
+        t += e.sample.max_new_tokens * weights / bps
+    return t
+
+
+def check_budget(path: Path, shape: memory.Shape, cfg: DictConfig, n_windows: int,
+                 what: str, speed: bool = True) -> None:
+    """Log the ETA; refuse up front when even one window (and the speed runs) would overrun
+    eval.max_minutes."""
+    full = estimate_seconds(path, shape, cfg, n_windows, speed)
+    log.info("%s: about %.0f min estimated for %d windows (eval.max_minutes=%s)", what,
+             full / 60, n_windows, cfg.eval.max_minutes)
+    budget = _budget_s(cfg)
+    least = estimate_seconds(path, shape, cfg, 1, speed)
+    if budget is not None and least > 2 * budget:
+        raise ConfigError("eval.max_minutes", f"{what} needs about {least / 60:.0f} min for the "
+                          f"speed runs and one window alone (estimate), over twice the budget of "
+                          f"{cfg.eval.max_minutes} min",
+                          "raise eval.max_minutes, evaluate on a GPU or a faster machine, or "
+                          "drop this variant; GGUF variants run several times faster on CPU")
 
 
 def runtime_need(path: Path, shape: memory.Shape, n_ctx: int, float32: bool = False) -> int:
@@ -232,13 +276,15 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
         artifact = reference_artifact(cfg, merged, runtime)
         np.save(tmp / "ids.npy", ids)
         float32 = runtime == "transformers-float32"
+        n_planned = int(len(windows(ids, e.n_ctx, e.n_windows, bos)))
+        check_budget(artifact, shape, cfg, n_planned, f"the FP16 reference ({runtime})", False)
         run_worker({**protocol, "mode": "reference", "artifact": str(artifact), "float32": float32,
                     "max_seconds": _budget_s(cfg), "ids": str(tmp / "ids.npy"),
                     "out": str(tmp / "reference.npz"), "text": None},
                    runtime_need(artifact, shape, e.n_ctx, float32), cfg.memory.limit_gb,
                    f"the FP16 reference ({runtime})")
         meta = {"runtime": runtime, "artifact": Path(artifact).name,
-                "n_windows_planned": int(len(windows(ids, e.n_ctx, e.n_windows, bos)))}
+                "n_windows_planned": n_planned}
         (tmp / "reference.json").write_text(json.dumps(meta))
         return meta
 

@@ -53,6 +53,13 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
                   "vs the converter alone; same bytes = the converter's file with that key "
                   "added by gguf's own copy routine. Quantise: llama_model_quantize through "
                   "llama-cpp-python vs `llama-quantize`, same threads."]
+    if sel.scale:
+        parts += ["## Real-size models (`benchmarks/scale.py --pipeline`)", tables.scale(sel.scale),
+                  "Synthetic Llama shapes (random FP16 weights and a random rank-16 LoRA on "
+                  "q/k/v/o) through the real pipeline on this machine: time and peak RSS of each "
+                  "stage as its MLflow run logged them (the process's own high-water mark, or "
+                  "its largest child's: converter, evaluation worker). Quality figures of random "
+                  "weights say only that the evaluation ran; the real-weight figures are above."]
     front = ", ".join(r["name"] for r in recommend.pareto_front(cpu)) or "none"
     parts += ["## Plots", f"![size vs ΔPPL]({size_plot})",
               f"Pareto front (no other variant is both smaller and closer to FP16): {front}.",

@@ -30,6 +30,7 @@ class Selection:
     gpu: list[dict] = field(default_factory=list)
     deploy: list[dict] = field(default_factory=list)   # newest deploy (make smoke) run per format
     bench: dict | None = None   # newest `make bench` run (GGUF stage vs llama.cpp's tools)
+    scale: list[dict] = field(default_factory=list)  # benchmarks/scale.py --pipeline, per size
 
 
 def as_row(run: Run) -> dict[str, Any]:
@@ -117,8 +118,12 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
                                                      f"{kind} = '{Kind.DEPLOY}'")], Tag.QUANT_NAME)
     bench = _search(client, exp.experiment_id, f"{kind} = '{Kind.BENCHMARK}' and "
                     "tags.`benchmark.name` = 'gguf_stage' and attributes.status = 'FINISHED'")
+    scale = _newest_per([as_row(r) for r in _search(
+        client, exp.experiment_id, f"{kind} = 'benchmark' and "
+        "tags.`benchmark.name` = 'scale_pipeline'")], "scale.size", "quant.name")
+    scale.sort(key=lambda r: (r["metrics"].get("fp16_gb", 0.0), r["name"]))
     return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
-                     as_row(bench[0]) if bench else None)
+                     as_row(bench[0]) if bench else None, scale)
 
 
 def order(rows: list[dict]) -> list[dict]:

@@ -91,6 +91,29 @@ def gguf_stage(row: dict) -> str:
                   "pipeline peak RSS MiB", "tool peak RSS MiB", "same bytes"], body)
 
 
+SCALE_STAGES = ("merge", "quantise", "evaluate", "publish")
+
+
+def scale(rows: list[dict]) -> str:
+    """benchmarks/scale.py --pipeline: time and peak RSS of each stage on real model shapes."""
+    body = []
+    for r in rows:
+        m = r["metrics"]
+        cells = []
+        for st in SCALE_STAGES:
+            sec, gb = m.get(f"{st}_seconds"), m.get(f"{st}_peak_rss_gb")
+            cells.append("–" if sec is None else f"{sec:.0f} s, {gb:.2f} GB"
+                         + (" (reused)" if m.get(f"{st}_reused") else ""))
+        quality = (f"{num(m.get('delta_ppl_pct'), 2, sign=True)} % / {num(m.get('kld_mean'), 4)} / "
+                   f"{num(m.get('decode_tok_s'), 2)} ({num(m.get('eval_windows_scored'), 0)} of "
+                   f"{num(m.get('eval_windows_planned'), 0)} windows)" if "ppl" in m
+                   else r["tags"].get("quantpipe.error", r["tags"].get("scale.status", "?"))[:200])
+        body.append([r["tags"].get("scale.size", "?"), num(m.get("fp16_gb"), 2), r["name"],
+                     *cells, quality])
+    return table(["size", "FP16 GB", "variant", *SCALE_STAGES,
+                  "ΔPPL % / KLD / decode tok/s (scored)"], body)
+
+
 def _values(rows: list[dict], get) -> dict[str, list[str]]:
     """Distinct values of `get(row)` -> the variants that have each (one line if all agree)."""
     seen: dict[str, list[str]] = defaultdict(list)
