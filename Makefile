@@ -14,6 +14,7 @@ ARGS ?=
 # Hydra overrides typed after the target (make pipeline +quant=int4 a.b=c) reach Python here.
 export QP_MAKEOVERRIDES = $(MAKEOVERRIDES)
 WITH_OVERRIDES := $(PY) scripts/with_overrides.py
+UI_PORT ?= 5000
 SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
@@ -22,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 -include .cluster/cluster.mk
 
 .PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
-        gpu-bench gpu-import serve modelfile smoke cluster-up cluster-down ray-deps clean
+        gpu-bench gpu-import serve modelfile smoke cluster-up cluster-down ray-deps clean chromium
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -41,31 +42,34 @@ $(STAMP): requirements/base.txt pyproject.toml
 	touch $@
 
 pipeline: setup  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
-	$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)
 
 sweep: setup  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
-	$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
 
 adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when missing)
-	$(WITH_OVERRIDES) $(PY) -m pipelines.adapter $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.adapter $(ARGS)
 
 report: setup  ## QUANTISATION-REPORT.md from the MLflow runs
-	$(WITH_OVERRIDES) $(PY) -m pipelines.report $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.report $(ARGS)
 
-ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlruns/ (tracking=remote: the server's URL)
+ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlruns/; prints the newest sweep's compare URL
 ifneq ($(filter tracking=remote,$(MAKEOVERRIDES)),)
 	@echo "MLflow UI: $${MLFLOW_TRACKING_URI:-http://127.0.0.1:5000} (the tracking server serves it; open it in a browser)"
 else
-	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.ui --host 127.0.0.1 --port $(UI_PORT) $(ARGS)
 endif
 
 test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: setup tools ray-deps  ## end-to-end tests: default model, llama.cpp tools, SLURM + MLflow server (root), Ray
+test-slow: setup tools ray-deps chromium  ## end-to-end tests: default model, llama.cpp tools, SLURM + MLflow server (root), Ray, a browser
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+# the MLflow UI test loads the compare page in headless Chromium (Debian's package, ~100 MB)
+chromium:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && \
+	  apt-get install -y -qq chromium >/dev/null; } || echo "chromium missing (not root): the browser test will skip"
 
 tools: $(VENV)/.tools  ## build llama.cpp's tools (quantize, imatrix, perplexity, bench; ~5 min)
 
@@ -74,10 +78,10 @@ $(VENV)/.tools: $(STAMP) scripts/build_llama_tools.sh
 	touch $@
 
 crosscheck: setup tools  ## our PPL + decode tok/s vs llama-perplexity + llama-bench (FILE=x.gguf, ARGS=--latest)
-	$(WITH_OVERRIDES) $(PY) -m pipelines.crosscheck $(if $(FILE),--gguf $(FILE)) $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.crosscheck $(if $(FILE),--gguf $(FILE)) $(ARGS)
 
 bench: setup tools  ## GGUF stage (convert, quantise) time + peak RSS vs llama.cpp's tools
-	$(WITH_OVERRIDES) $(PY) -m benchmarks.gguf_stage $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m benchmarks.gguf_stage $(ARGS)
 
 # The GPU bench needs a CUDA torch (the venv's, if `make setup` ran on the GPU box; else
 # GPU_PYTHON=python3) and no setup step: without CUDA it prints what to run on a GPU machine.
@@ -90,16 +94,16 @@ gpu-bench:  ## fp16/int8/int4 speed + GPU memory on random-weight shapes (no CUD
 
 gpu-import: setup  ## GPU bench records -> MLflow runs (FILE=benchmarks/results/gpu-*.json; idempotent)
 	@test -n "$(FILE)" || { echo "usage: make gpu-import FILE=benchmarks/results/gpu-<machine>-<date>.json"; exit 2; }
-	$(WITH_OVERRIDES) $(PY) -m pipelines.gpu_import $(FILE) $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.gpu_import $(FILE) $(ARGS)
 
 serve: setup  ## OpenAI-compatible server on 127.0.0.1:8000 for the champion / quantized/model.gguf
-	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy serve $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy serve $(ARGS)
 
 modelfile: setup  ## Ollama Modelfile beside the GGUF (then: ollama create mymodel -f quantized/Modelfile)
-	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy modelfile $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy modelfile $(ARGS)
 
 smoke: setup  ## serve on loopback, smoke + load test (8 requests, 4 at once), log a deploy run
-	$(WITH_OVERRIDES) $(PY) -m pipelines.deploy smoke $(ARGS)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy smoke $(ARGS)
 
 cluster-up: setup  ## one-machine SLURM + MLflow server on PostgreSQL, on 127.0.0.1 (root; apt-installs)
 	PY=$(abspath $(PY)) bash scripts/cluster/up.sh

@@ -10,13 +10,16 @@ import hydra
 from omegaconf import DictConfig
 
 import quantpipe  # noqa: F401  (registers the ${quantpipe.root:} resolver)
+from quantpipe import schema
+from quantpipe.cli import one_line_errors
 from quantpipe.pipeline import run_adapter
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    schema.check(cfg, with_quant=False)
     run_adapter(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

@@ -194,10 +194,12 @@ def test_adapter_targeting_modules_the_base_lacks(world, tiny_adapter, tmp_path)
     (["+quant=int4", "quant.typo=1"], ["Could not override 'quant.typo'", "+quant.typo=1"]),
 ])
 def test_command_line_errors_name_the_word(tmp_path, words, expect):
-    """Unknown quant name, malformed override, misspelt key: Hydra refuses before any work."""
+    """Unknown quant name, malformed override, misspelt key: Hydra refuses before any work, in
+    one line (quantpipe.cli) and exit code 2."""
     res = subprocess.run([sys.executable, "-m", "pipelines.run", f"paths.root={tmp_path}", *words],
                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
     for text in expect:
         assert text in res.stderr, res.stderr
     assert not list(tmp_path.iterdir())  # no mlruns/, artifacts/ or outputs/ created
@@ -205,15 +207,18 @@ def test_command_line_errors_name_the_word(tmp_path, words, expect):
 
 # --- quantisation and evaluation --------------------------------------------------------------
 
-def test_unknown_gguf_type_is_refused_before_any_stage(world):
-    err = refused(world, "quant.type=q9_z", quant="gguf", key="quant.type",
-                  match="'q9_z' is not a llama.cpp quantisation type")
-    assert "q4_k_m" in err.fix and "q8_0" in err.fix
+def test_unknown_gguf_type_is_refused_before_any_run(world):
+    """The backend checks its options right after composition (quantpipe.schema): no MLflow
+    run, no stage."""
+    cfg = world["cfg"]("quant.type=q9_z", quant="gguf")
+    n_before = len(variant_runs(cfg))
+    with pytest.raises(ConfigError) as e:
+        run(cfg)
+    assert e.value.key == "quant.type" and "'q9_z' is not a llama.cpp quantisation type" in str(e.value)
+    assert "q4_k_m" in e.value.fix and "q8_0" in e.value.fix
     assert not (world["root"] / "artifacts" / "gguf-f16").exists()
-    failed = variant_runs(world["cfg"]())[0]
-    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"tags.mlflow.parentRunId = '{failed.info.run_id}'")
-    assert children == []  # refused before the first stage
+    assert len(variant_runs(cfg)) == n_before
+    assert snapshot(world["published"]) == world["before"]
 
 
 def test_eval_text_missing(world):

@@ -45,3 +45,10 @@ def test_targets_exist(target):
     res = subprocess.run(["make", "-n", target, "+quant=int4"], cwd=PROJECT_ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_repeated_variable_reaches_the_pipeline_twice():
+    """make keeps only the last of `+quant=int4 +quant=int8`; the words typed are handed on, so
+    that the pipeline can refuse the pair instead of silently running int8."""
+    assert forwarded("+quant=int4", "eval.n_ctx=64", "+quant=int8") == [
+        "+quant=int4", "eval.n_ctx=64", "+quant=int8"]

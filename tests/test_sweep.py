@@ -38,7 +38,7 @@ def test_launcher_configs_compose(launcher, monkeypatch):
     node = cfg.hydra.launcher
     module, cls = LAUNCHERS[launcher]
     assert node._target_.endswith(cls)
-    assert cfg.hydra.callbacks.sweep_run._target_ == "quantpipe.tracking.SweepCallback"
+    assert cfg.hydra.callbacks.sweep_run._target_ == "quantpipe.sweep.SweepCallback"
     if importlib.util.find_spec(module) is None:  # the ray plugin is not installed by default
         assert OmegaConf.to_container(node, resolve=True)["ray"]["init"]["address"] == \
             "ray://head:10001"

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import artifacts as art
-from quantpipe import recovery, tracking
+from quantpipe import recovery, schema, tracking
+from quantpipe.console import print_summary
 from quantpipe.errors import ConfigError
 from quantpipe.names import Gate, Kind, Metric, Stage, Tag
 
@@ -29,6 +30,7 @@ import mlflow  # noqa: E402
 
 def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     """Run every stage for `cfg.quant`; return the variant's metrics."""
+    schema.check(cfg)  # types, ranges and backend options: before any run or stage
     quant = require_quant(cfg)
     set_threads(cfg.threads)
     tracking.setup(cfg.tracking)
@@ -46,9 +48,10 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
         merged = stage_merge(cfg, base, adapter)
         variant = stage_quantise(cfg, merged)
         metrics = stage_evaluate(cfg, merged, variant)
-        stage_publish(cfg, variant, metrics)
+        published = stage_publish(cfg, variant, metrics)
         mlflow.log_metrics(metrics)
         log.info("done: run %s, %s", variant_run.info.run_id, _summary(metrics))
+    print_summary(str(quant.name), metrics, published, variant_run.info.run_id)
     return metrics
 
 
@@ -265,8 +268,9 @@ def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, fl
     return metrics
 
 
-def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> None:
-    """Expose the variant under quantized/ and record whether it passes the quality gate."""
+def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> dict[str, str]:
+    """Expose the variant under quantized/ and record whether it passes the quality gate;
+    return the gate tags and where it was published."""
     from quantpipe.gate import check_gate
     from quantpipe.registry import publish_to_registry
     with tracking.stage_run(Stage.PUBLISH) as publish_run:
@@ -288,6 +292,7 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
                             metrics)
     mlflow.set_tags({**gate_tags, Tag.PUBLISHED: published})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
+    return {**gate_tags, "published": str(final)}
 
 
 def run_adapter(cfg: DictConfig) -> Path | None:

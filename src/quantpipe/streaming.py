@@ -28,6 +28,8 @@ import re
 import shutil
 from pathlib import Path
 
+from tqdm import tqdm
+
 from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,8 @@ def merge_lora_streaming(base: Path, adapter: Path | None, out: Path) -> dict:
         deltas = LoraDeltas(adapter, base_keys)
     out.mkdir(parents=True, exist_ok=True)
     total = n_merged = 0
+    # a 7B streams for ~85 s on 2 cores: one bar over every tensor of every shard
+    bar = tqdm(total=len(base_keys), desc="merge (streamed)", unit="tensor")
     for shard in shards:
         header = headers[shard]
         names = sorted((k for k in header if k != "__metadata__"),
@@ -218,6 +222,7 @@ def merge_lora_streaming(base: Path, adapter: Path | None, out: Path) -> dict:
             def tensors():  # one at a time: read, merge, write, forget
                 for k in names:
                     t = read_tensor(f, header[k])
+                    bar.update()
                     if deltas is not None:
                         yield deltas.apply(k, t)
                     else:
@@ -225,7 +230,8 @@ def merge_lora_streaming(base: Path, adapter: Path | None, out: Path) -> dict:
             total += write_safetensors(out / shard.name, specs, tensors())
         if deltas:
             n_merged += sum(k in deltas.pairs or k in deltas.replace for k in names)
-        log.info("streamed %s (%d tensors)", shard.name, len(names))
+        log.debug("streamed %s (%d tensors)", shard.name, len(names))
+    bar.close()
     _copy_side_files(base, out, total)
     return {"metrics": {"n_params": float(sum(math.prod(h[k]["shape"]) for h in headers.values()
                                               for k in h if k != "__metadata__")),

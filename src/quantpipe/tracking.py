@@ -2,8 +2,8 @@
 
 Layout of runs: one run per pipeline invocation (tag quantpipe.kind=variant, named after the
 quant variant) with a nested run per stage (tag quantpipe.stage). A Hydra multirun adds one
-sweep run above them (SweepCallback), so the MLflow UI groups a sweep's variants. A run whose
-code raises is ended FAILED by `mlflow.start_run`'s context manager.
+sweep run above them (quantpipe.sweep.SweepCallback), so the MLflow UI groups a sweep's
+variants. A run whose code raises is ended FAILED by `mlflow.start_run`'s context manager.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from quantpipe.recovery import mark_dead_runs, process_tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402  (after the telemetry switch)
-from hydra.experimental.callback import Callback  # noqa: E402
+
+from quantpipe.ui import log_sweep_comparison, mark_model_training  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def setup(tracking: DictConfig) -> str:
             exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=root.as_uri())
         else:
             exp_id = exp.experiment_id
+        mark_model_training(mlflow.MlflowClient(), exp_id)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -179,36 +181,31 @@ def log_file_or_reference(path: Path, max_mb: float, artifact_path: str) -> None
                     f"{artifact_path}/files.json")
 
 
-class SweepCallback(Callback):
-    """Hydra callback: one MLflow run above all jobs of a multirun (the sweep), so the UI and the
-    report group a sweep's variants. Its id is handed to the jobs through a file in the sweep
-    folder, which works for the local launcher and for ones that run jobs elsewhere (joblib,
-    submitit) as long as they share that folder."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        setup(config.tracking)
-        client = mlflow.MlflowClient()
-        exp = mlflow.get_experiment_by_name(config.tracking.experiment)
-        run = client.create_run(exp.experiment_id, run_name=f"sweep {Path(config.hydra.sweep.dir).name}",
-                                tags={Tag.KIND: Kind.SWEEP, **provenance_tags(),
-                                      **process_tags()})
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        try:  # "x": two sweeps sharing one folder would hang their jobs under one sweep run
-            with open(sweep_dir / PARENT_ID_FILE, "x") as f:
-                f.write(run.info.run_id)
-        except FileExistsError:
-            client.set_terminated(run.info.run_id, "FAILED")
-            raise ConfigError("hydra.sweep.dir", f"{sweep_dir} already holds another sweep",
-                              "give each sweep its own folder (the default name is unique)")
-        log.info("sweep run %s", run.info.run_id)
-        # Hydra raises after the last job when any job failed, and then never calls
-        # on_multirun_end: close the sweep run at exit in that case too
-        atexit.register(close_sweep_run, run.info.run_id, mlflow.get_tracking_uri())
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if (run_id := sweep_parent_id(config.hydra.sweep.dir)) is not None:
-            close_sweep_run(run_id)
+def start_sweep_run(config: DictConfig) -> str:
+    """The MLflow run above all jobs of a multirun (quantpipe.sweep.SweepCallback). Its id is
+    handed to the jobs through a file in the sweep folder, which works for the local launcher
+    and for ones that run jobs elsewhere (joblib, submitit) as long as they share that folder."""
+    setup(config.tracking)
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(config.tracking.experiment)
+    name = f"sweep {Path(config.hydra.sweep.dir).name}"
+    run = client.create_run(exp.experiment_id, run_name=name,
+                            tags={Tag.KIND: Kind.SWEEP, **provenance_tags(),
+                                  **process_tags()})
+    sweep_dir = Path(config.hydra.sweep.dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:  # "x": two sweeps sharing one folder would hang their jobs under one sweep run
+        with open(sweep_dir / PARENT_ID_FILE, "x") as f:
+            f.write(run.info.run_id)
+    except FileExistsError:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise ConfigError("hydra.sweep.dir", f"{sweep_dir} already holds another sweep",
+                          "give each sweep its own folder (the default name is unique)")
+    log.info("sweep run %s", run.info.run_id)
+    # Hydra raises after the last job when any job failed, and then never calls
+    # on_multirun_end: close the sweep run at exit in that case too
+    atexit.register(close_sweep_run, run.info.run_id, mlflow.get_tracking_uri())
+    return run.info.run_id
 
 
 def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
@@ -225,6 +222,10 @@ def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
     children = client.search_runs([run.info.experiment_id],
                                   filter_string=f"tags.`{Tag.PARENT_RUN}` = '{run_id}'")
     failed = not children or any(c.info.status != "FINISHED" for c in children)
+    try:  # the comparison is a view: a failure to draw it must not leave the sweep RUNNING
+        log_sweep_comparison(client, run_id)
+    except Exception:
+        log.exception("could not log the comparison table on sweep run %s", run_id)
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 

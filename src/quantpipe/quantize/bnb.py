@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
+from quantpipe.errors import ConfigError
 from quantpipe.merge import TOKENIZER_FILES
+from quantpipe.quantize import options_checked_by
 
 log = logging.getLogger(__name__)
 # bitsandbytes warns on every CPU load that it cannot fetch optimised kernels from the hub
@@ -22,26 +23,22 @@ RECIPE = 1  # bump when the saved folder changes for the same merged model and s
 LIBRARIES = ("transformers", "bitsandbytes", "torch")  # their versions are in the cache key
 VERIFY_TOKENS = 32
 VERIFY_TOLERANCE = 1e-3  # max |logit diff| between the live model and its saved folder
+INT4_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _dtype(name: str):
     import torch
-    try:
-        return getattr(torch, name)
-    except AttributeError:
-        from quantpipe.errors import ConfigError
-        raise ConfigError("quant.backend.compute_dtype", f"{name} is not a torch dtype",
-                          "use float32, float16 or bfloat16") from None
+    return getattr(torch, name)
 
 
 def load_quantised(src: Path, qconfig):
     import torch
     from transformers import AutoModelForCausalLM
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # non-quantised tensors (embeddings, norms) stay FP16, as in the FP16 baseline
-        return AutoModelForCausalLM.from_pretrained(src, quantization_config=qconfig,
-                                                    dtype=torch.float16, device_map=_device())
+    # non-quantised tensors (embeddings, norms) stay FP16, as in the FP16 baseline; the
+    # warnings bitsandbytes logs on CPU are silenced above, nothing else is
+    return AutoModelForCausalLM.from_pretrained(src, quantization_config=qconfig,
+                                                dtype=torch.float16, device_map=_device())
 
 
 def _device() -> str:
@@ -60,8 +57,7 @@ def save_and_verify(model, src: Path, dst: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(src)
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
                         [:VERIFY_TOKENS]], device=model.device)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with torch.no_grad():
         live = model(input_ids=ids).logits.float()
         reloaded = AutoModelForCausalLM.from_pretrained(dst, device_map=_device())
         again = reloaded(input_ids=ids).logits.float()
@@ -72,19 +68,38 @@ def save_and_verify(model, src: Path, dst: Path) -> dict:
     return {"artifact": ".", "metrics": {"save_reload_max_abs_logit_diff": diff}}
 
 
+def _check_int8(options: dict) -> None:
+    t = options["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
+        raise ConfigError("quant.backend.threshold", f"{t!r} is not a number >= 0",
+                          "set the LLM.int8 outlier threshold, e.g. 6.0 (bitsandbytes' default)")
+
+
+def _check_int4(options: dict) -> None:
+    if options["quant_type"] not in INT4_TYPES:
+        raise ConfigError("quant.backend.quant_type", f"{options['quant_type']!r} is not a "
+                          "4-bit type", f"use one of: {', '.join(INT4_TYPES)}")
+    if options["compute_dtype"] not in COMPUTE_DTYPES:
+        raise ConfigError("quant.backend.compute_dtype", f"{options['compute_dtype']!r} is not "
+                          "a compute dtype", f"use one of: {', '.join(COMPUTE_DTYPES)}")
+    if not isinstance(options["double_quant"], bool):
+        raise ConfigError("quant.backend.double_quant", f"{options['double_quant']!r} is not "
+                          "true or false", "set quant.backend.double_quant=true or false")
+
+
+@options_checked_by(_check_int8)
 def quantize_int8(src: Path, dst: Path, ctx, threshold: float = 6.0) -> dict:
     from transformers import BitsAndBytesConfig
     qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
     return save_and_verify(load_quantised(Path(src), qc), Path(src), dst)
 
 
+@options_checked_by(_check_int4)
 def quantize_int4(src: Path, dst: Path, ctx, quant_type: str = "nf4", double_quant: bool = True,
                   compute_dtype: str = "float32") -> dict:
     from transformers import BitsAndBytesConfig
-    if quant_type not in ("nf4", "fp4"):
-        from quantpipe.errors import ConfigError
-        raise ConfigError("quant.backend.quant_type", f"{quant_type!r} is not a 4-bit type",
-                          "use nf4 or fp4")
+    _check_int4({"quant_type": quant_type, "double_quant": double_quant,
+                 "compute_dtype": compute_dtype})
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                             bnb_4bit_use_double_quant=double_quant,
                             bnb_4bit_compute_dtype=_dtype(compute_dtype))

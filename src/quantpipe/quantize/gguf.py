@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 from quantpipe import artifacts as art
+from quantpipe.console import output_to
 from quantpipe.errors import ConfigError
+from quantpipe.quantize import options_checked_by
 from quantpipe.names import Metric
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,15 @@ def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
     args = ["-m", "quantpipe.quantize.convert",
             "--kv", PROVENANCE_KEY, json.dumps(provenance, sort_keys=True),
             "--outtype", "f16", "--outfile", str(out), str(src)]
+    log_file = out.with_suffix(".log")  # a line per tensor: kept out of the terminal
     try:  # run_tool measures the converter's own peak memory (VmHWM after exec)
         res = run_tool(Path(sys.executable), args)
     except RuntimeError as e:
+        log_file.write_text(str(e))
+        _log_artifact(log_file)
         raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{str(e)[-3000:]}") from None
+    log_file.write_text(res.stdout + res.stderr)
+    _log_artifact(log_file)
     return {"metrics": {Metric.CONVERT_S: res.seconds, "convert_peak_rss_mb": res.peak_rss_mb}}
 
 
@@ -81,11 +88,35 @@ def llama_quantize(src: Path, dst: Path, type_name: str, threads: int | None) ->
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(type_name)
     params.nthread = threads or 0
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama.cpp prints a line per tensor (272 for SmolLM2): to a log beside the file, not the
+    # terminal; the quantise stage's MLflow run gets it as an artefact
+    with output_to(dst.with_suffix(".log")) as log_file:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                            ctypes.byref(params))
+    _log_artifact(log_file)
     if rc != 0:
-        raise RuntimeError(f"llama_model_quantize({src} -> {type_name}) returned {rc}")
+        raise RuntimeError(f"llama_model_quantize({src} -> {type_name}) returned {rc}; its log: "
+                           f"{log_file}")
 
 
+def _log_artifact(path: Path) -> None:
+    import mlflow
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(path), "logs")
+
+
+def _check_options(options: dict) -> None:
+    """Before any stage: a type llama.cpp knows, and imatrix settings it can use."""
+    ftype_of(str(options["type"]))
+    if options["imatrix"] is not None:
+        from quantpipe.data import load_text
+        from quantpipe.quantize.imatrix import imatrix_settings
+        settings = imatrix_settings(dict(options["imatrix"]))
+        if settings["text_file"] is not None:  # a missing file: refused now, not after convert
+            load_text(settings["text_file"], "calib", "quant.backend.imatrix.text_file")
+
+
+@options_checked_by(_check_options)
 def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict | None = None
                   ) -> dict:
     ftype_of(type)  # fail on an unknown type before converting anything
