@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from quantpipe import PROJECT_ROOT, tracking
 from quantpipe.artifacts import file_sha256
 from quantpipe.errors import ConfigError
+from quantpipe.names import Kind, Stage, Tag
 from quantpipe.tools import run_tool, tool_path
 
 TARGET = 1.1
@@ -75,12 +76,14 @@ def newest_f16(artifacts: Path) -> Path:
 
 
 def merged_folder_of(f16: Path) -> Path | None:
-    """The merged HF folder the F16 was converted from (its quantpipe.provenance key)."""
+    """The merged HF folder the F16 was converted from: artifacts/merge/<fingerprint>, named by
+    the F16's quantpipe.provenance key (f16 is artifacts/gguf-f16/<fingerprint>/model-f16.gguf)."""
     import gguf
     from quantpipe.quantize.gguf import PROVENANCE_KEY
     field = gguf.GGUFReader(str(f16), "r").get_field(PROVENANCE_KEY)
-    source = json.loads(field.contents()).get("source") if field else None
-    return Path(source) if source and Path(source).is_dir() else None
+    merged = json.loads(field.contents()).get("merged") if field else None
+    folder = f16.parents[2] / Stage.MERGE / merged if merged else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def ours(script: str, args: list) -> dict:
@@ -166,7 +169,7 @@ def table(rows: dict[str, dict]) -> str:
 def log_run(cfg: DictConfig, f16: Path, rows: dict[str, dict], params: dict, load: str) -> None:
     import mlflow
     tracking.setup(cfg.tracking)
-    tags = {"quantpipe.kind": "benchmark", "benchmark.name": "gguf_stage",
+    tags = {Tag.KIND: Kind.BENCHMARK, "benchmark.name": "gguf_stage",
             "benchmark.load_before": load, **tracking.provenance_tags()}
     with mlflow.start_run(run_name="bench gguf_stage", tags=tags):
         mlflow.log_params({"f16": str(f16), **params})
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--f16", type=Path, help="F16 GGUF (default: newest in the stage cache)")
     p.add_argument("--hf", type=Path, help="merged HF folder for the convert row "
-                   "(default: the F16's provenance source; 'none' skips it)")
+                   "(default: the merged folder its provenance key names; 'none' skips it)")
     p.add_argument("--types", default="q8_0,q4_0,q4_k_m")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("overrides", nargs="*", help="Hydra overrides (threads=2, paths.root=...)")

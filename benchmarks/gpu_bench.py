@@ -45,6 +45,8 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
+from quantpipe.names import Metric
+
 # LlamaConfig fields of each shape (from the published config.json files; rope settings and
 # context length do not change the cost of a 256-token run, so they are left at defaults)
 SHAPES = {
@@ -182,14 +184,14 @@ def measure_variant(torch, folder: Path, variant: str, dtype, device: str, promp
             quantization_config=quant_config(torch, variant, dtype))
     if cuda:
         torch.cuda.synchronize()
-    metrics = {"load_s": time.perf_counter() - t0,
-               "size_mb": model.get_memory_footprint() / 2**20}
+    metrics = {Metric.LOAD_S: time.perf_counter() - t0,
+               Metric.SIZE_MB: model.get_memory_footprint() / 2**20}
     if cuda:  # weights plus quantisation state (absmax blocks etc.) as actually allocated
         metrics["gpu_alloc_after_load_mb"] = torch.cuda.memory_allocated() / 2**20
     metrics.update(measure_speed(make_runtime(model), prompt, args.new_tokens, args.warmup,
                                  args.repeats))
     if cuda:
-        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        metrics[Metric.PEAK_GPU_MB] = torch.cuda.max_memory_allocated() / 2**20
     del model
     free(torch)
     return metrics
@@ -279,9 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(f"{shape}/{variant}")
                     free(torch)
                     continue
-                m.update({"fp16_size_mb": info["fp16_size_mb"],
-                          "compression": info["fp16_size_mb"] / m["size_mb"],
-                          "bits_per_weight": 8 * m["size_mb"] * 2**20 / info["n_params"]})
+                m.update({Metric.FP16_SIZE_MB: info["fp16_size_mb"],
+                          Metric.COMPRESSION: info["fp16_size_mb"] / m[Metric.SIZE_MB],
+                          Metric.BITS_PER_WEIGHT: 8 * m[Metric.SIZE_MB] * 2**20 / info["n_params"]})
                 quant = dict(QUANT[variant])
                 if variant == "int4":
                     quant["compute_dtype"] = protocol["dtype"]
@@ -292,11 +294,13 @@ def main(argv: list[str] | None = None) -> int:
                                     timespec="seconds"),
                                 "metrics": m})
                 write_json(args.out, records)
-                print(f"{shape:>13} {variant:>4}: load {m['load_s']:6.2f} s | weights "
-                      f"{m['size_mb']:8.1f} MiB | peak {m.get('peak_gpu_mb', float('nan')):8.1f} "
-                      f"MiB | TTFT {m['ttft_ms']:7.1f} ms | prefill {m['prefill_tok_s']:8.0f} "
-                      f"tok/s | decode {m['decode_tok_s']:6.1f} tok/s "
-                      f"[{m['decode_tok_s_min']:.1f}-{m['decode_tok_s_max']:.1f}]", flush=True)
+                print(f"{shape:>13} {variant:>4}: load {m[Metric.LOAD_S]:6.2f} s | weights "
+                      f"{m[Metric.SIZE_MB]:8.1f} MiB | peak "
+                      f"{m.get(Metric.PEAK_GPU_MB, float('nan')):8.1f} MiB | TTFT "
+                      f"{m[Metric.TTFT_MS]:7.1f} ms | prefill {m[Metric.PREFILL_TOK_S]:8.0f} "
+                      f"tok/s | decode {m[Metric.DECODE_TOK_S]:6.1f} tok/s "
+                      f"[{m[Metric.DECODE_TOK_S_MIN]:.1f}-{m[Metric.DECODE_TOK_S_MAX]:.1f}]",
+                      flush=True)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"{len(records)} records -> {args.out} in {time.perf_counter() - t_start:.0f} s"

@@ -370,12 +370,13 @@ def log_mlflow(results: list[dict]) -> None:
     from omegaconf import OmegaConf
 
     from quantpipe import tracking
+    from quantpipe.names import Kind, Tag
     tracking.setup(OmegaConf.create({"uri": f"sqlite:///{ROOT}/mlruns/mlflow.db",
                                      "artifact_root": f"{ROOT}/mlruns/artifacts",
                                      "experiment": "scale-benchmark"}))
     for r in results:
         with mlflow.start_run(run_name=f"scale {r['size']}",
-                              tags={"quantpipe.kind": "benchmark", **tracking.hardware()}):
+                              tags={Tag.KIND: Kind.BENCHMARK, **tracking.hardware()}):
             mlflow.log_params({"size": r["size"], "shards": r["shards"]})
             mlflow.log_metrics({"params_b": r["params_b"], "fp16_gb": r["fp16_gb"],
                                 **{f"{s}_{k}": v for s in STEPS if s in r

@@ -37,6 +37,7 @@ from quantpipe.errors import ConfigError
 from quantpipe.evaluate import metrics as M
 from quantpipe.evaluate.runtimes import LlamaCppRuntime
 from quantpipe.evaluate.worker import measure_speed, score
+from quantpipe.names import Kind, Metric, Tag
 from quantpipe.tools import run_tool, tool_path
 
 log = logging.getLogger("crosscheck")
@@ -146,7 +147,7 @@ def crosscheck(cfg: DictConfig, gguf: Path, rounds: int = ROUNDS) -> dict[str, f
                 if side:
                     tg.append(their_decode(tools, gguf, threads))
                 else:
-                    speed.append(our_decode(rt, ours[-1]["first_token"])["decode_tok_s"])
+                    speed.append(our_decode(rt, ours[-1]["first_token"])[Metric.DECODE_TOK_S])
             del rt
     o, t = ours[0], theirs[0]  # perplexities are deterministic: any round
     if o["n_chunks"] != t["n_chunks"]:
@@ -204,7 +205,7 @@ def table(name: str, m: dict[str, float]) -> str:
 def _log_run(cfg: DictConfig, gguf: Path, m: dict, text: str, source: str, load: str) -> None:
     import mlflow
     tracking.setup(cfg.tracking)
-    tags = {"quantpipe.kind": "crosscheck", "crosscheck.file": str(gguf),
+    tags = {Tag.KIND: Kind.CROSSCHECK, "crosscheck.file": str(gguf),
             "crosscheck.load_before": load,
             **{f"crosscheck.{k}": "ok" if v else "missed" for k, v in verdicts(m).items()},
             **tracking.provenance_tags()}
@@ -223,15 +224,17 @@ def latest_gguf_files(cfg: DictConfig) -> list[Path]:
     import mlflow
     tracking.setup(cfg.tracking)
     runs = mlflow.search_runs(
-        filter_string="tags.`quantpipe.kind` = 'variant' and tags.`quant.family` = 'gguf' "
+        filter_string=f"tags.`{Tag.KIND}` = '{Kind.VARIANT}' and "
+                      f"tags.`{Tag.QUANT_FAMILY}` = 'gguf' "
                       "and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], output_format="list")
     seen, files = set(), []
     for r in runs:
-        name, path = r.data.tags.get("quant.name"), r.data.tags.get("quantpipe.published")
-        if name not in seen and path and Path(path).is_file():
+        name, path = r.data.tags.get(Tag.QUANT_NAME), r.data.tags.get(Tag.PUBLISHED)
+        path = Path(cfg.paths.root) / path if path else None  # tag relative to paths.root
+        if name not in seen and path and path.is_file():
             seen.add(name)
-            files.append(Path(path))
+            files.append(path)
     return files
 
 

@@ -27,13 +27,14 @@ from omegaconf import DictConfig
 
 from quantpipe import PROJECT_ROOT
 from quantpipe.errors import ConfigError
+from quantpipe.names import Kind, Metric, Tag
 
-KIND = "gpu_bench"
-KEY_TAG = "quantpipe.import_key"
+KIND = Kind.GPU_BENCH
+KEY_TAG = Tag.IMPORT_KEY
 LIBRARY_KEYS = ("torch", "transformers", "bitsandbytes", "accelerate", "python")
 # every record must have these (names fixed by the pipeline's variant runs)
-REQUIRED_METRICS = ("load_s", "size_mb", "ttft_ms", "prefill_tok_s", "decode_tok_s",
-                    "decode_tok_s_min", "decode_tok_s_max")
+REQUIRED_METRICS = (Metric.LOAD_S, Metric.SIZE_MB, Metric.TTFT_MS, Metric.PREFILL_TOK_S,
+                    Metric.DECODE_TOK_S, Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX)
 SPEED_KEYS = ("prompt_tokens", "new_tokens", "warmup", "repeats")  # = conf/eval speed.*
 FIX = "pass a JSON file written by benchmarks/gpu_bench.py"
 
@@ -63,7 +64,7 @@ def load_records(path: Path) -> tuple[list[dict], str]:
         missing = [k for k in ("shape", "variant", "hardware", "metrics") if k not in r]
         if missing or "gpu" not in r["hardware"]:
             raise ConfigError("FILE", f"{where} lacks {missing or ['hardware.gpu']}", FIX)
-        need = REQUIRED_METRICS + (("peak_gpu_mb",) if r["hardware"]["gpu"] != "none" else ())
+        need = REQUIRED_METRICS + ((Metric.PEAK_GPU_MB,) if r["hardware"]["gpu"] != "none" else ())
         if lacking := [m for m in need if m not in r["metrics"]]:
             raise ConfigError("FILE", f"{where} lacks metrics {lacking}", FIX)
         bad = {k: v for k, v in r["metrics"].items()
@@ -75,13 +76,14 @@ def load_records(path: Path) -> tuple[list[dict], str]:
 
 def run_tags(r: dict, source: str, sha: str, key: str) -> dict[str, str]:
     q = r.get("quant", {"name": r["variant"]})
-    tags = {"quantpipe.kind": KIND, KEY_TAG: key, "quant.name": r["variant"],
-            "quant.family": q.get("family", "hf"), "quant.method": q.get("method", ""),
-            "shape": r["shape"], "source.file": source, "source.sha256": sha,
+    tags = {Tag.KIND: KIND, KEY_TAG: key, Tag.QUANT_NAME: r["variant"],
+            Tag.QUANT_FAMILY: q.get("family", "hf"), Tag.QUANT_METHOD: q.get("method", ""),
+            Tag.SHAPE: r["shape"], "source.file": source, "source.sha256": sha,
             "bench.label": r.get("label", ""), "bench.git_sha": r.get("git_sha", "unknown"),
             "bench.measured_at": r.get("measured_at", "")}
     for k, v in r["hardware"].items():
-        tags[f"version.{k}" if k in LIBRARY_KEYS else f"hardware.{k}"] = str(v)
+        prefix = Tag.VERSION_PREFIX if k in LIBRARY_KEYS else Tag.HARDWARE_PREFIX
+        tags[f"{prefix}{k}"] = str(v)
     return tags
 
 

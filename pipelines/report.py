@@ -20,7 +20,9 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from quantpipe import PROJECT_ROOT  # noqa: E402
+from quantpipe.artifacts import portable_uri  # noqa: E402
 from quantpipe.errors import ConfigError  # noqa: E402
+from quantpipe.names import Tag  # noqa: E402
 from quantpipe.registry import CHAMPION  # noqa: E402
 from quantpipe.report import write_report  # noqa: E402
 from quantpipe.report.query import select  # noqa: E402
@@ -32,7 +34,7 @@ def champion_note(client: mlflow.MlflowClient, name: str) -> str | None:
     except MlflowException:
         return None
     return (f"alias `{CHAMPION}` of registered model `{name}` is version {v.version} "
-            f"({v.tags.get('quant.name', '?')}, gate {v.tags.get('gate', '?')}, source "
+            f"({v.tags.get(Tag.QUANT_NAME, '?')}, gate {v.tags.get(Tag.GATE, '?')}, source "
             f"`{v.source}`): `models:/{name}@{CHAMPION}`")
 
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
     mlflow.set_tracking_uri(str(cfg.tracking.uri))
     client = mlflow.MlflowClient()
     sel = select(client, args.experiment or str(cfg.tracking.experiment), args.sweep)
+    sel.tracking_uri = portable_uri(sel.tracking_uri, cfg.paths.root)  # no folder of this host
     if not sel.variants:
         raise ConfigError("--sweep", f"no finished variant run in {sel.experiment!r}"
                           + (f" under sweep {sel.sweep['run_id']}" if sel.sweep else ""),

@@ -133,7 +133,7 @@ def test_two_pipelines_at_once(tmp_path, tiny_base, tiny_adapter):
     assert len([p for p in (tmp_path / "artifacts" / "merge").iterdir()
                 if not p.name.startswith(".")]) == 1
     published = tmp_path / "quantized" / "model-int8"
-    cached = Path(variants[0].data.tags["quantpipe.published"])
+    cached = tmp_path / variants[0].data.tags["quantpipe.published"]  # relative to paths.root
     assert cached == published and (published / "provenance.json").is_file()
     for f in published.iterdir():  # hard links to the one cached quantisation
         assert f.stat().st_nlink >= 2, f

@@ -116,12 +116,19 @@ def test_unchanged_evaluation_is_reused_without_a_worker(cfg_factory, monkeypatc
 
 
 def test_time_budget_scores_fewer_windows_and_says_so(cfg_factory):
-    # 6 ms: above the estimate for loading and speed-testing the tiny model (~7 ms / 2), below
-    # one window's real time
-    cfg = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3", "eval.max_minutes=0.0001")
+    from quantpipe.evaluate import estimate_seconds
+    run(cfg_factory("+quant=gguf_q4_0"))  # builds the variant, so its estimate can be read
+    [gguf] = Path(cfg_factory().paths.artifacts, "quantise").glob("*/model-q4_0.gguf")
+    [merged] = Path(cfg_factory().paths.artifacts, "merge").glob("*/config.json")
+    probe = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3")
+    least = estimate_seconds(gguf, memory.shape_of(merged.parent), probe, 1)
+    # a budget the up-front estimate accepts (least <= 2 x budget) but that one real window
+    # (tens of ms: 32 rows of 49k-token log-softmax) already uses up
+    cfg = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3", f"eval.max_minutes={least / 60:.3g}")
     m = run(cfg)
     assert m["eval_windows_scored"] == 1 and m["eval_windows_planned"] == 3
-    [ev] = [r for r in runs(cfg) if r.data.tags.get("quantpipe.stage") == "evaluate"]
+    [ev] = [r for r in runs(cfg) if r.data.tags.get("quantpipe.stage") == "evaluate"
+            and r.data.tags.get("eval.reused") == "false" and "3 windows" in r.data.tags["eval.scored"]]
     assert ev.data.tags["eval.scored"].startswith("1 of 3 windows")
 
 

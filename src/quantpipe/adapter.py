@@ -14,6 +14,8 @@ from pathlib import Path
 from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
+RECIPE = 1  # bump when the demo adapter trains differently from the same inputs
+LIBRARIES = ("peft", "transformers", "torch")  # their versions are in the cache key
 
 
 def validate_adapter_folder(path: Path, allow_pickle: bool = False) -> Path:

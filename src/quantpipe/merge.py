@@ -15,6 +15,8 @@ from pathlib import Path
 from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
+RECIPE = 1  # bump when the merged weights change for the same base and adapter
+LIBRARIES = ("peft", "transformers", "torch")  # their versions are in the cache key
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
                    "tokenizer.model")

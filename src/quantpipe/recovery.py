@@ -24,9 +24,10 @@ from pathlib import Path
 import psutil
 
 from quantpipe import artifacts as art
+from quantpipe.names import Tag
 
 log = logging.getLogger(__name__)
-PID, START, HOST = "quantpipe.pid", "quantpipe.pid_start", "quantpipe.host"
+PID, START, HOST = Tag.PID, Tag.PID_START, Tag.HOST
 SLURM_JOB = "quantpipe.slurm_job"
 # squeue/sacct states of a job that may still close its run itself
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
@@ -117,7 +118,7 @@ def mark_dead_runs(experiment_id: str, client=None) -> list[str]:
             continue
         note = (f"process {tags[PID]} on {host} ended without closing this run (killed or "
                 f"crashed); marked KILLED by pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        client.set_tag(r.info.run_id, "quantpipe.recovered", note)
+        client.set_tag(r.info.run_id, Tag.RECOVERED, note)
         client.set_terminated(r.info.run_id, "KILLED")
         dead.append(r.info.run_id)
     if dead:

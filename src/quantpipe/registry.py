@@ -22,6 +22,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from quantpipe.errors import ConfigError
+from quantpipe.names import Gate, Tag
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
@@ -39,12 +40,12 @@ def register_variant(name: str, publish_run_id: str, variant_run_id: str, quant_
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    tags = {"quant.name": quant_name, "gate": "passed" if passed else "failed",
-            "merged.fingerprint": merged_fingerprint, "variant_run_id": variant_run_id,
-            **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()}}
+    tags = {Tag.QUANT_NAME: quant_name, Tag.GATE: Gate.PASSED if passed else Gate.FAILED,
+            Tag.MERGED_FINGERPRINT: merged_fingerprint, Tag.VARIANT_RUN_ID: variant_run_id,
+            **{f"{Tag.METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}}
     version = client.create_model_version(name, f"runs:/{publish_run_id}/model",
                                           run_id=publish_run_id, tags=tags)
-    client.set_tag(variant_run_id, "registry.version", f"{name}/{version.version}")
+    client.set_tag(variant_run_id, Tag.REGISTRY_VERSION, f"{name}/{version.version}")
     return version
 
 
@@ -52,9 +53,9 @@ def contenders(versions: Iterable[ModelVersion], merged_fingerprint: str) -> lis
     """The newest version of each quant.name built from the given merged model."""
     newest: dict[str, ModelVersion] = {}
     for v in versions:
-        if v.tags.get("merged.fingerprint") != merged_fingerprint:
+        if v.tags.get(Tag.MERGED_FINGERPRINT) != merged_fingerprint:
             continue
-        name = v.tags.get("quant.name", "")
+        name = v.tags.get(Tag.QUANT_NAME, "")
         if name not in newest or int(v.version) > int(newest[name].version):
             newest[name] = v
     return list(newest.values())
@@ -64,8 +65,10 @@ def best_passing(versions: Iterable[ModelVersion], by: str, mode: str) -> ModelV
     """The gate-passing version with the lowest (mode=min) or highest (max) metric `by`;
     ties go to the newer version. Failed-gate versions are never chosen."""
     sign = _sign(mode)
-    ok = [v for v in versions if v.tags.get("gate") == "passed" and f"metric.{by}" in v.tags]
-    return min(ok, key=lambda v: (sign * float(v.tags[f"metric.{by}"]), -int(v.version)),
+    ok = [v for v in versions
+          if v.tags.get(Tag.GATE) == Gate.PASSED and f"{Tag.METRIC_PREFIX}{by}" in v.tags]
+    return min(ok, key=lambda v: (sign * float(v.tags[f"{Tag.METRIC_PREFIX}{by}"]),
+                                  -int(v.version)),
                default=None)
 
 
@@ -91,7 +94,7 @@ def update_champion(name: str, merged_fingerprint: str, by: str, mode: str
         return None
     client.set_registered_model_alias(name, CHAMPION, best.version)
     log.info("registry %s: champion = version %s (%s, %s=%s)", name, best.version,
-             best.tags.get("quant.name"), by, best.tags[f"metric.{by}"])
+             best.tags.get(Tag.QUANT_NAME), by, best.tags[f"{Tag.METRIC_PREFIX}{by}"])
     return best
 
 

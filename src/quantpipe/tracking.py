@@ -16,14 +16,15 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
 from quantpipe import PROJECT_ROOT
-from quantpipe.artifacts import check_writable
+from quantpipe.artifacts import check_writable, portable
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock
+from quantpipe.names import Kind, Tag
 from quantpipe.recovery import mark_dead_runs, process_tags
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -72,14 +73,21 @@ def setup(tracking: DictConfig) -> str:
     return exp_id
 
 
+def package_version(name: str) -> str:
+    """The installed version of distribution `name`, or "absent"."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def versions_of(names: Iterable[str]) -> dict[str, str]:
+    """{distribution: version} of `names` (looked up through package_version, each call)."""
+    return {name: package_version(name) for name in names}
+
+
 def library_versions() -> dict[str, str]:
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
+    return versions_of(LIBRARIES)
 
 
 def git_sha() -> str:
@@ -100,14 +108,16 @@ def hardware() -> dict[str, str]:
 
 
 def provenance_tags() -> dict[str, str]:
-    tags = {f"version.{k}": v for k, v in library_versions().items()}
+    tags = {f"{Tag.VERSION_PREFIX}{k}": v for k, v in library_versions().items()}
     tags.update(hardware())
-    tags["git.sha"] = git_sha()
+    tags[Tag.GIT_SHA] = git_sha()
     return tags
 
 
 def flat_params(cfg: DictConfig) -> dict[str, str]:
-    """The resolved config as flat `a.b.c` params (MLflow caps a value at 6000 characters)."""
+    """The resolved config as flat `a.b.c` params (MLflow caps a value at 6000 characters),
+    paths relative to paths.root (the report prints some: it must not print this host's folders;
+    the run's config.json keeps them as resolved)."""
     def walk(node: Any, prefix: str) -> Iterator[tuple[str, str]]:
         if isinstance(node, dict):
             for k, v in node.items():
@@ -115,7 +125,8 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
         else:
             yield prefix[:-1], str(node)[:6000]
     container = OmegaConf.to_container(cfg, resolve=True)
-    return dict(walk(container, ""))
+    root = OmegaConf.select(cfg, "paths.root")
+    return dict(walk(portable(container, root) if root else container, ""))
 
 
 @contextlib.contextmanager
@@ -127,7 +138,7 @@ def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
     memory.reset_peak()
     t0 = time.perf_counter()
     with mlflow.start_run(run_name=name, nested=True,
-                          tags={"quantpipe.kind": "stage", "quantpipe.stage": name,
+                          tags={Tag.KIND: Kind.STAGE, Tag.STAGE: name,
                                 **process_tags(), **tags}) as r:
         try:
             yield r
@@ -143,7 +154,7 @@ def error_tag() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        mlflow.set_tag("quantpipe.error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.set_tag(Tag.ERROR, f"{type(e).__name__}: {e}"[:5000])
         raise
 
 
@@ -179,7 +190,7 @@ def start_sweep_run(config: DictConfig) -> str:
     exp = mlflow.get_experiment_by_name(config.tracking.experiment)
     name = f"sweep {Path(config.hydra.sweep.dir).name}"
     run = client.create_run(exp.experiment_id, run_name=name,
-                            tags={"quantpipe.kind": "sweep", **provenance_tags(),
+                            tags={Tag.KIND: Kind.SWEEP, **provenance_tags(),
                                   **process_tags()})
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +220,7 @@ def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
     # a job killed by its scheduler (or cut off from the server) could not close its runs
     mark_dead_runs(run.info.experiment_id, client)
     children = client.search_runs([run.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+                                  filter_string=f"tags.`{Tag.PARENT_RUN}` = '{run_id}'")
     failed = not children or any(c.info.status != "FINISHED" for c in children)
     try:  # the comparison is a view: a failure to draw it must not leave the sweep RUNNING
         log_sweep_comparison(client, run_id)

@@ -25,6 +25,7 @@ import numpy as np
 
 from quantpipe.deploy import serve
 from quantpipe.deploy.modelfile import write_modelfile
+from quantpipe.names import Kind, Metric, Stage, Tag
 
 log = logging.getLogger(__name__)
 import mlflow  # noqa: E402  (serve sets MLFLOW_DISABLE_TELEMETRY first)
@@ -102,21 +103,23 @@ def summarise(smoke: Result, results: list[Result], wall_s: float, ready_s: floa
               ) -> dict[str, float]:
     """MLflow metrics of the deploy run (milliseconds for latencies, like ttft_ms)."""
     ok = [r for r in results if r.ok]
-    m = {"deploy_ready_s": ready_s, "deploy_requests": len(results),
-         "deploy_errors": len(results) - len(ok), "deploy_wall_s": wall_s,
-         "deploy_smoke_ok": float(smoke.ok and smoke.finish_reason == "stop"
-                                  and bool(smoke.text.strip())),
-         "deploy_smoke_latency_ms": smoke.latency_s * 1e3,
-         "deploy_smoke_completion_tokens": smoke.completion_tokens}
+    m = {Metric.DEPLOY_READY_S: ready_s, Metric.DEPLOY_REQUESTS: len(results),
+         Metric.DEPLOY_ERRORS: len(results) - len(ok), Metric.DEPLOY_WALL_S: wall_s,
+         Metric.DEPLOY_SMOKE_OK: float(smoke.ok and smoke.finish_reason == "stop"
+                                       and bool(smoke.text.strip())),
+         Metric.DEPLOY_SMOKE_LATENCY_MS: smoke.latency_s * 1e3,
+         Metric.DEPLOY_SMOKE_COMPLETION_TOKENS: smoke.completion_tokens}
     if ok:
         lat = np.array([r.latency_s for r in ok]) * 1e3
-        for q in (50, 90, 99):
-            m[f"deploy_latency_p{q}_ms"] = float(np.percentile(lat, q))
-        m["deploy_latency_max_ms"] = float(lat.max())
+        for q, name in ((50, Metric.DEPLOY_LATENCY_P50_MS), (90, Metric.DEPLOY_LATENCY_P90_MS),
+                        (99, Metric.DEPLOY_LATENCY_P99_MS)):
+            m[name] = float(np.percentile(lat, q))
+        m[Metric.DEPLOY_LATENCY_MAX_MS] = float(lat.max())
         tokens = sum(r.completion_tokens for r in ok)
-        m["deploy_completion_tokens"] = tokens
-        m["deploy_tok_s"] = tokens / wall_s           # throughput of the server under load
-        m["deploy_request_tok_s_mean"] = float(np.mean(   # what one client sees, queue included
+        m[Metric.DEPLOY_COMPLETION_TOKENS] = tokens
+        m[Metric.DEPLOY_TOK_S] = tokens / wall_s           # throughput of the server under load
+        # what one client sees, queue included
+        m[Metric.DEPLOY_REQUEST_TOK_S_MEAN] = float(np.mean(
             [r.completion_tokens / r.latency_s for r in ok]))
     return m
 
@@ -140,12 +143,12 @@ def smoke_test(variant: serve.Variant, threads: int | None, s: LoadSettings,
     (run id, metrics). Raise SmokeFailed (after logging, run FAILED) if a check fails."""
     t_start = time.perf_counter()
     deadline = t_start + s.deadline_s
-    tags = {"quantpipe.kind": "deploy", "quantpipe.stage": "deploy",
+    tags = {Tag.KIND: Kind.DEPLOY, Tag.STAGE: Stage.DEPLOY,
             "deploy.model": str(variant.path), "deploy.source": variant.source,
-            **{k: variant.tags[k] for k in ("quant.name", "quant.family", "gate")
+            **{k: variant.tags[k] for k in (Tag.QUANT_NAME, Tag.QUANT_FAMILY, Tag.GATE)
                if k in variant.tags}}
     if variant.run_id:
-        tags["quantpipe.variant_run"] = variant.run_id
+        tags[Tag.VARIANT_RUN] = variant.run_id
     with tempfile.TemporaryDirectory(prefix="quantpipe-serve-") as tmp, \
             mlflow.start_run(run_name=f"deploy {variant.quant_name or variant.path.stem}",
                              parent_run_id=variant.run_id, tags=tags) as run:
@@ -174,9 +177,9 @@ def smoke_test(variant: serve.Variant, threads: int | None, s: LoadSettings,
         mlflow.log_dict({"smoke": asdict(smoke), "load": [asdict(r) for r in results]},
                         "loadtest.json")
         problems = smoke_problems(smoke)
-        if metrics["deploy_errors"]:
+        if metrics[Metric.DEPLOY_ERRORS]:
             first = next(r.error for r in results if not r.ok)
-            problems.append(f"{metrics['deploy_errors']:.0f} of {s.requests} requests failed "
+            problems.append(f"{metrics[Metric.DEPLOY_ERRORS]:.0f} of {s.requests} requests failed "
                             f"(first: {first})")
         if problems:  # raising inside the run ends it FAILED, with the metrics kept
             raise SmokeFailed(f"{variant.path}: " + "; ".join(problems))

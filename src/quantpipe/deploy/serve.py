@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from quantpipe import artifacts as art
 from quantpipe import tracking
 from quantpipe.errors import ConfigError
+from quantpipe.names import Gate, Kind, Tag
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -48,11 +49,11 @@ class Variant:
 
     @property
     def gate(self) -> str | None:
-        return self.tags.get("gate")
+        return self.tags.get(Tag.GATE)
 
     @property
     def quant_name(self) -> str | None:
-        return self.tags.get("quant.name")
+        return self.tags.get(Tag.QUANT_NAME)
 
 
 def registered_model_name(cfg: DictConfig, name: str | None = None) -> str:
@@ -68,7 +69,7 @@ def resolve_variant(cfg: DictConfig, model: Path | None = None,
     if model is not None:
         path = Path(model).expanduser().resolve()
         return Variant(path, f"--model {path}", *_publishing_run(cfg, path))
-    champion = _champion(registered_model_name(cfg, registered_model))
+    champion = _champion(registered_model_name(cfg, registered_model), Path(cfg.paths.root))
     if champion is not None:
         return champion
     path = Path(cfg.paths.quantized) / "model.gguf"
@@ -78,7 +79,7 @@ def resolve_variant(cfg: DictConfig, model: Path | None = None,
     return Variant(path, str(path), *_publishing_run(cfg, path))
 
 
-def _champion(name: str) -> Variant | None:
+def _champion(name: str, root: Path) -> Variant | None:
     """The model version with alias `champion`, when it exists and is a GGUF file on disk. The
     version's run is the publish stage run (quantpipe.registry); its parent is the variant run."""
     client = mlflow.MlflowClient()
@@ -87,18 +88,18 @@ def _champion(name: str) -> Variant | None:
     except mlflow.exceptions.MlflowException:  # no such registered model, or no alias yet
         log.info("registry: no %s@%s; falling back to quantized/model.gguf", name, CHAMPION)
         return None
-    run_id = mv.tags.get("variant_run_id") or mv.run_id
+    run_id = mv.tags.get(Tag.VARIANT_RUN_ID) or mv.run_id
     tags = dict(client.get_run(run_id).data.tags)
-    if tags.get("quantpipe.kind") != "variant" and "mlflow.parentRunId" in tags:
-        run_id = tags["mlflow.parentRunId"]
+    if tags.get(Tag.KIND) != Kind.VARIANT and Tag.PARENT_RUN in tags:
+        run_id = tags[Tag.PARENT_RUN]
         tags = dict(client.get_run(run_id).data.tags)
-    published = Path(tags.get("quantpipe.published", ""))
+    published = root / tags.get(Tag.PUBLISHED, "")  # relative to paths.root (older runs: absolute)
     if published.suffix == ".gguf" and published.is_file():
         return Variant(published.resolve(), f"registry {name}@{CHAMPION} (version {mv.version})",
                        run_id, tags)
     log.warning("registry: %s@%s is version %s (%s), not a GGUF on disk (%s): llama.cpp cannot "
                 "serve it; falling back to quantized/model.gguf", name, CHAMPION, mv.version,
-                tags.get("quant.name", "?"), published)
+                tags.get(Tag.QUANT_NAME, "?"), published)
     return None
 
 
@@ -116,29 +117,29 @@ def _publishing_run(cfg: DictConfig, path: Path) -> tuple[str | None, dict[str, 
     (quantized/model.gguf is a hard link to, or copy of, quantized/model-<type>.gguf)."""
     if not path.is_file():
         raise ConfigError(str(path), "is not a file", "pass --model a .gguf file")
-    runs = mlflow.search_runs(filter_string="tags.`quantpipe.kind` = 'variant' and "
-                                            "tags.`quant.family` = 'gguf'",
+    runs = mlflow.search_runs(filter_string=f"tags.`{Tag.KIND}` = '{Kind.VARIANT}' and "
+                                            f"tags.`{Tag.QUANT_FAMILY}` = 'gguf'",
                               order_by=["attributes.start_time DESC"], max_results=500,
                               output_format="list")
     for r in runs:
-        published = r.data.tags.get("quantpipe.published")
-        if published and _same_file(Path(published), path):
+        published = r.data.tags.get(Tag.PUBLISHED)
+        if published and _same_file(Path(cfg.paths.root) / published, path):
             return r.info.run_id, dict(r.data.tags)
     return None, {}
 
 
 def check_gate(variant: Variant, allow_failed: bool) -> None:
     """Refuse a variant whose run failed the quality gate, unless the user overrides."""
-    if variant.gate == "failed" and not allow_failed:
+    if variant.gate == Gate.FAILED and not allow_failed:
         raise ConfigError(
             str(variant.path),
             f"{variant.quant_name or 'this variant'} failed the quality gate "
-            f"({variant.tags.get('gate.reason', '?')}; MLflow run {variant.run_id})",
+            f"({variant.tags.get(Tag.GATE_REASON, '?')}; MLflow run {variant.run_id})",
             "serve a variant that passes (make pipeline +quant=...), or pass "
             "--allow-failed-gate to serve it anyway")
-    if variant.gate == "failed":
+    if variant.gate == Gate.FAILED:
         log.warning("serving %s although it FAILED the quality gate (%s)", variant.path,
-                    variant.tags.get("gate.reason", "?"))
+                    variant.tags.get(Tag.GATE_REASON, "?"))
     elif variant.run_id is None:
         log.warning("no MLflow run published %s: its quality gate is unknown", variant.path)
 

@@ -36,6 +36,7 @@ from quantpipe.errors import ConfigError
 from quantpipe.evaluate.finetune import score_base
 from quantpipe.evaluate.metrics import windows
 from quantpipe.evaluate.tasks import load_tasks
+from quantpipe.names import Metric, Tag
 
 log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -43,8 +44,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 EVAL_RECIPE = "eval-3"
 REFERENCE_RUNTIMES = ("llama.cpp", "transformers", "transformers-float32")
 TRANSFORMERS_FLOPS, TRANSFORMERS_BPS = 20e9, 3e9
-SPEED_KEYS = ("load_s", "ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min",
-              "decode_tok_s_max", "peak_rss_mb", "peak_gpu_mb")
+SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
+              Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX, Metric.PEAK_RSS_MB,
+              Metric.PEAK_GPU_MB)
 
 
 def weights_size(path: Path) -> int:
@@ -176,7 +178,7 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
             metrics.update(_remeasure_speed(cfg, merged, variant, folder))
         elif (folder / "speed.json").is_file():  # the latest re-measurement
             metrics.update(json.loads((folder / "speed.json").read_text()))
-    mlflow.set_tags({"eval.runtime": result["runtime"],
+    mlflow.set_tags({Tag.EVAL_RUNTIME: result["runtime"],
                      "eval.reference_runtime": result["reference_runtime"],
                      "eval.reused": str(reused).lower(), "eval.scored": result["scored"]})
     mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
@@ -214,12 +216,13 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     metrics = result["metrics"]
     fp16_bytes = weights_size(merged["path"])
     size = weights_size(vpath)
-    metrics.update({"size_mb": size / 2**20, "fp16_size_mb": fp16_bytes / 2**20,
-                    "compression": fp16_bytes / size,
-                    "bits_per_weight": 8 * size / shape.n_params})
+    metrics.update({Metric.SIZE_MB: size / 2**20, Metric.FP16_SIZE_MB: fp16_bytes / 2**20,
+                    Metric.COMPRESSION: fp16_bytes / size,
+                    Metric.BITS_PER_WEIGHT: 8 * size / shape.n_params})
     ref_meta = json.loads((ref / "reference.json").read_text())
-    scored = (f"{int(metrics['eval_windows_scored'])} of {int(metrics['eval_windows_planned'])} "
-              f"windows x {e.n_ctx} tokens ({int(metrics['eval_tokens_scored'])} scored tokens)")
+    scored = (f"{int(metrics[Metric.EVAL_WINDOWS_SCORED])} of "
+              f"{int(metrics[Metric.EVAL_WINDOWS_PLANNED])} windows x {e.n_ctx} tokens "
+              f"({int(metrics[Metric.EVAL_TOKENS_SCORED])} scored tokens)")
     return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
             "reference_runtime": ref_meta["runtime"], "scored": scored,
             "task_answers": result.get("task_answers")}

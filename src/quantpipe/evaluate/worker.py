@@ -28,6 +28,7 @@ from tqdm import tqdm
 from quantpipe.evaluate import metrics as M
 from quantpipe.evaluate.runtimes import open_runtime
 from quantpipe.tools import vm_hwm_mb
+from quantpipe.names import Metric
 
 
 def score(rt, wins: np.ndarray, desc: str, max_seconds: float | None = None):
@@ -74,10 +75,10 @@ def measure_speed(rt, prompt: list[int], new_tokens: int, warmup: int, repeats: 
             runs.append((t1 - t0, (new_tokens - 1) / (t2 - t1)))
     ttft = [r[0] for r in runs]
     decode = [r[1] for r in runs]
-    return {"ttft_ms": 1000 * statistics.median(ttft),
-            "prefill_tok_s": len(prompt) / statistics.median(ttft),
-            "decode_tok_s": statistics.median(decode),
-            "decode_tok_s_min": min(decode), "decode_tok_s_max": max(decode)}
+    return {Metric.TTFT_MS: 1000 * statistics.median(ttft),
+            Metric.PREFILL_TOK_S: len(prompt) / statistics.median(ttft),
+            Metric.DECODE_TOK_S: statistics.median(decode),
+            Metric.DECODE_TOK_S_MIN: min(decode), Metric.DECODE_TOK_S_MAX: max(decode)}
 
 
 def peak_rss_mb() -> float:
@@ -157,15 +158,15 @@ def quality(spec: dict, nll: np.ndarray, kld: np.ndarray, ref) -> dict[str, floa
 
 def run_speed(spec: dict, rt, load_s: float) -> dict:
     """Load time, a chat sample, speed and this process's peak memory so far."""
-    out: dict = {"metrics": {"load_s": load_s}, "runtime": rt.name}
+    out: dict = {"metrics": {Metric.LOAD_S: load_s}, "runtime": rt.name}
     text, eos = rt.chat(spec["sample"]["prompt"], spec["sample"]["max_new_tokens"])
     out["sample"] = {"prompt": spec["sample"]["prompt"], "output": text, "stopped_at_eos": eos}
     sp = spec["speed"]
     prompt = np.load(spec["ids"])[: sp["prompt_tokens"]].tolist()
     out["metrics"].update(measure_speed(rt, prompt, sp["new_tokens"], sp["warmup"], sp["repeats"]))
-    out["metrics"]["peak_rss_mb"] = peak_rss_mb()
+    out["metrics"][Metric.PEAK_RSS_MB] = peak_rss_mb()
     if (gpu := peak_gpu_mb()) is not None:
-        out["metrics"]["peak_gpu_mb"] = gpu
+        out["metrics"][Metric.PEAK_GPU_MB] = gpu
     return out
 
 

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # bitsandbytes warns on every CPU load that it cannot fetch optimised kernels from the hub
 # ("kernels-community"); we are offline on purpose, the built-in CPU kernels are used instead.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+RECIPE = 1  # bump when the saved folder changes for the same merged model and settings
+LIBRARIES = ("transformers", "bitsandbytes", "torch")  # their versions are in the cache key
 VERIFY_TOKENS = 32
 VERIFY_TOLERANCE = 1e-3  # max |logit diff| between the live model and its saved folder
 INT4_TYPES = ("nf4", "fp4")

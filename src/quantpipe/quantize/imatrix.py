@@ -82,7 +82,8 @@ def quantize_with_imatrix(f16: Path, out: Path, type: str, imatrix: dict, ctx) -
         ctx.artifacts, "imatrix", fp,
         lambda tmp: compute_imatrix(ctx.tools, f16, text, tmp, s["chunks"], s["n_ctx"],
                                     ctx.threads),
-        {"f16": str(f16), "calibration_source": source, "settings": s})
+        {"f16": art.portable_path(f16, ctx.artifacts), "calibration_source": source,
+         "settings": s})
     log.info("imatrix: %s %s", "reusing" if reused else "computed", folder)
     args = ["--imatrix", folder / IMATRIX_FILE, f16, out, type.upper()]
     if ctx.threads:

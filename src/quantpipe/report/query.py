@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from quantpipe.errors import ConfigError
+from quantpipe.names import Kind, Metric, Tag
 
 
 @dataclass
@@ -34,11 +35,11 @@ class Selection:
 
 def as_row(run: Run) -> dict[str, Any]:
     tags = dict(run.data.tags)
-    name = tags.get("quant.name", run.info.run_name)
+    name = tags.get(Tag.QUANT_NAME, run.info.run_name)
     return {"run_id": run.info.run_id, "name": name,
-            "label": f"{name} ({tags['shape']})" if "shape" in tags else name,
-            "family": tags.get("quant.family", ""), "method": tags.get("quant.method", ""),
-            "gate": tags.get("gate", ""), "status": run.info.status,
+            "label": f"{name} ({tags[Tag.SHAPE]})" if Tag.SHAPE in tags else name,
+            "family": tags.get(Tag.QUANT_FAMILY, ""), "method": tags.get(Tag.QUANT_METHOD, ""),
+            "gate": tags.get(Tag.GATE, ""), "status": run.info.status,
             "start_ms": run.info.start_time, "end_ms": run.info.end_time,
             "tags": tags, "params": dict(run.data.params), "metrics": dict(run.data.metrics),
             "datasets": datasets(run), "stages": []}
@@ -84,36 +85,38 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
         raise ConfigError("--experiment", f"no MLflow experiment {experiment!r} at "
                           f"{client.tracking_uri}", "run `make sweep` first, or name the "
                           "experiment and store (tracking=remote) the runs went to")
-    kind = "tags.`quantpipe.kind`"
+    kind = f"tags.`{Tag.KIND}`"
     if sweep_id:
         found = _search(client, exp.experiment_id, f"attributes.run_id = '{sweep_id}'")
         if not found:
             raise ConfigError("--sweep", f"no run {sweep_id} in experiment {experiment!r}",
                               "copy a sweep run id from `make ui` or leave --sweep out")
     else:
-        found = _search(client, exp.experiment_id, f"{kind} = 'sweep'")[:1]
+        found = _search(client, exp.experiment_id, f"{kind} = '{Kind.SWEEP}'")[:1]
     sweep = as_row(found[0]) if found else None
     if sweep is not None:
-        runs = _search(client, exp.experiment_id, f"{kind} = 'variant' and "
-                       f"tags.`mlflow.parentRunId` = '{sweep['run_id']}'")
+        runs = _search(client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and "
+                       f"tags.`{Tag.PARENT_RUN}` = '{sweep['run_id']}'")
     else:
-        runs = _search(client, exp.experiment_id, f"{kind} = 'variant'")
+        runs = _search(client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}'")
     rows = [as_row(r) for r in runs]
-    finished = _newest_per([r for r in rows if r["status"] == "FINISHED"], "quant.name")
+    finished = _newest_per([r for r in rows if r["status"] == "FINISHED"], Tag.QUANT_NAME)
     done = {r["name"] for r in finished}
     failed = [r for r in rows if r["status"] != "FINISHED" and r["name"] not in done]
     for r in finished:
         r["stages"] = [as_row(s) for s in _search(
             client, exp.experiment_id,
-            f"tags.`mlflow.parentRunId` = '{r['run_id']}' and {kind} = 'stage'")]
+            f"tags.`{Tag.PARENT_RUN}` = '{r['run_id']}' and {kind} = '{Kind.STAGE}'")]
     gpu = _newest_per([as_row(r) for r in _search(
-        client, exp.experiment_id, f"{kind} = 'gpu_bench' and attributes.status = 'FINISHED'")],
-        "hardware.gpu", "shape", "quant.name")
-    gpu.sort(key=lambda r: (r["metrics"].get("fp16_size_mb", 0.0), r["tags"].get("shape", ""),
-                            -r["metrics"].get("size_mb", 0.0)))  # small models first
+        client, exp.experiment_id,
+        f"{kind} = '{Kind.GPU_BENCH}' and attributes.status = 'FINISHED'")],
+        Tag.HARDWARE_GPU, Tag.SHAPE, Tag.QUANT_NAME)
+    gpu.sort(key=lambda r: (r["metrics"].get(Metric.FP16_SIZE_MB, 0.0),
+                            r["tags"].get(Tag.SHAPE, ""),
+                            -r["metrics"].get(Metric.SIZE_MB, 0.0)))  # small models first
     deploy = _newest_per([as_row(r) for r in _search(client, exp.experiment_id,
-                                                     f"{kind} = 'deploy'")], "quant.name")
-    bench = _search(client, exp.experiment_id, f"{kind} = 'benchmark' and "
+                                                     f"{kind} = '{Kind.DEPLOY}'")], Tag.QUANT_NAME)
+    bench = _search(client, exp.experiment_id, f"{kind} = '{Kind.BENCHMARK}' and "
                     "tags.`benchmark.name` = 'gguf_stage' and attributes.status = 'FINISHED'")
     scale = _newest_per([as_row(r) for r in _search(
         client, exp.experiment_id, f"{kind} = 'benchmark' and "
@@ -126,7 +129,7 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
 def order(rows: list[dict]) -> list[dict]:
     """The seeds' workflow order: HF formats (FP16 -> INT8 -> INT4), then GGUF, largest first."""
     return sorted(rows, key=lambda r: (r["family"] == "gguf",
-                                       -r["metrics"].get("size_mb", 0.0), r["name"]))
+                                       -r["metrics"].get(Metric.SIZE_MB, 0.0), r["name"]))
 
 
 def all_datasets(row: dict) -> list[dict[str, str]]:

@@ -7,10 +7,12 @@ variants ended worse than the model before fine-tuning.
 """
 from __future__ import annotations
 
+from quantpipe.names import Gate, Metric, Tag
 from quantpipe.report.tables import interval, metric, no_finetune
 
 
-def pareto_front(rows: list[dict], x: str = "size_mb", y: str = "delta_ppl_pct") -> list[dict]:
+def pareto_front(rows: list[dict], x: str = Metric.SIZE_MB, y: str = Metric.DELTA_PPL_PCT
+                 ) -> list[dict]:
     """Variants no other variant beats on both axes (smaller and closer to FP16)."""
     pts = sorted((r for r in rows if x in r["metrics"] and y in r["metrics"]),
                  key=lambda r: (r["metrics"][x], r["metrics"][y]))
@@ -68,23 +70,23 @@ def _pick(rows: list[dict], key: str, largest: bool = False) -> dict | None:
 
 def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None, str]]:
     """[(scenario, chosen row or None, reason)]"""
-    passed = [r for r in cpu if r["gate"] == "passed"]
+    passed = [r for r in cpu if r["gate"] == Gate.PASSED]
     fp16 = next((r for r in cpu if r["method"] == "none"), None)
     out = []
 
-    r = _pick([r for r in cpu if r["method"] != "none"], "kld_mean")
+    r = _pick([r for r in cpu if r["method"] != "none"], Metric.KLD_MEAN)
     out.append(("Max fidelity", r, "no quantised variant has a KLD" if r is None else
                 f"lowest mean KLD vs FP16 of the quantised variants: {metric(r, 'kld_mean', 5)} "
                 f"nats (p99 {metric(r, 'kld_p99', 4)}), top-1 agreement "
                 f"{metric(r, 'top1_agree_pct', 2)} %, ΔPPL {metric(r, 'delta_ppl_pct', 2)} % "
                 f"{interval(r, 'delta_ppl', 2)}, {metric(r, 'size_mb', 2)} MB{_kept(r)}"))
 
-    r = _pick(passed, "size_mb")
+    r = _pick(passed, Metric.SIZE_MB)
     smaller_failed = "".join(
-        f"; smaller but failed the gate: {f['name']} {metric(f, 'size_mb', 2)} MB "
-        f"({f['tags'].get('gate.reason', 'over the bound')})" for f in cpu
-        if r is not None and f["gate"] == "failed"
-        and f["metrics"].get("size_mb", float("inf")) < r["metrics"]["size_mb"])
+        f"; smaller but failed the gate: {f['name']} {metric(f, Metric.SIZE_MB, 2)} MB "
+        f"({f['tags'].get(Tag.GATE_REASON, 'over the bound')})" for f in cpu
+        if r is not None and f["gate"] == Gate.FAILED
+        and f["metrics"].get(Metric.SIZE_MB, float("inf")) < r["metrics"][Metric.SIZE_MB])
     out.append(("Smallest (passes the gate)", r, "no variant passes the gate" if r is None else
                 f"{metric(r, 'size_mb', 2)} MB ({metric(r, 'compression', 2)}× smaller than "
                 f"FP16, {metric(r, 'bits_per_weight', 2)} bits/weight) with ΔPPL "
@@ -92,8 +94,8 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
                 f"{metric(r, 'kld_mean', 5)} inside the gate ({_gate(r)}){_kept(r)}"
                 f"{smaller_failed}"))
 
-    r = _pick(passed, "decode_tok_s", largest=True)
-    vs = (f", FP16 decodes {metric(fp16, 'decode_tok_s', 1)} tok/s"
+    r = _pick(passed, Metric.DECODE_TOK_S, largest=True)
+    vs = (f", FP16 decodes {metric(fp16, Metric.DECODE_TOK_S, 1)} tok/s"
           if fp16 is not None and r is not fp16 else "")
     out.append(("Fastest on CPU (passes the gate)", r, "no variant passes the gate" if r is None
                 else f"{metric(r, 'decode_tok_s', 1)} tok/s decode, TTFT {metric(r, 'ttft_ms', 1)} "
@@ -109,19 +111,20 @@ def gpu_serving(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None
         return [("GPU serving", None, "no gpu_bench runs in this experiment")]
     gate_of = {c["name"]: c["gate"] for c in cpu}
     out = []
-    for shape in sorted({g["tags"].get("shape", "?") for g in gpu}):
-        ok = [g for g in gpu if g["tags"].get("shape", "?") == shape
-              and gate_of.get(g["name"], "passed") == "passed"]
-        r = _pick(ok, "decode_tok_s", largest=True)
+    for shape in sorted({g["tags"].get(Tag.SHAPE, "?") for g in gpu}):
+        ok = [g for g in gpu if g["tags"].get(Tag.SHAPE, "?") == shape
+              and gate_of.get(g["name"], Gate.PASSED) == Gate.PASSED]
+        r = _pick(ok, Metric.DECODE_TOK_S, largest=True)
         quality = ("its CPU run passed the gate" if r is not None and r["name"] in gate_of
                    else "the FP16 reference itself" if r is not None and r["method"] == "none"
                    else "its quality was not measured on CPU")
-        small = _pick(ok, "peak_gpu_mb")
+        small = _pick(ok, Metric.PEAK_GPU_MB)
         if small is not None and small is not r:
-            quality += (f"; least memory: {small['name']}, {metric(small, 'peak_gpu_mb', 0)} MB "
-                        f"at {metric(small, 'decode_tok_s', 1)} tok/s")
+            quality += (f"; least memory: {small['name']}, "
+                        f"{metric(small, Metric.PEAK_GPU_MB, 0)} MB "
+                        f"at {metric(small, Metric.DECODE_TOK_S, 1)} tok/s")
         out.append((f"GPU serving ({shape})", r, "no GPU run of a gate-passing format"
-                    if r is None else f"{metric(r, 'decode_tok_s', 1)} tok/s decode, peak GPU "
-                    f"memory {metric(r, 'peak_gpu_mb', 0)} MB on "
-                    f"{r['tags'].get('hardware.gpu', '?')}; {quality}"))
+                    if r is None else f"{metric(r, Metric.DECODE_TOK_S, 1)} tok/s decode, peak GPU "
+                    f"memory {metric(r, Metric.PEAK_GPU_MB, 0)} MB on "
+                    f"{r['tags'].get(Tag.HARDWARE_GPU, '?')}; {quality}"))
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections import defaultdict
 
+from quantpipe.names import Metric, Tag
 from quantpipe.report.query import Selection, all_datasets
 
 NA = "—"
@@ -40,7 +41,7 @@ def num(value: float | None, decimals: int, sign: bool = False) -> str:
 
 
 def metric(row: dict, key: str, decimals: int) -> str:
-    return num(row["metrics"].get(key), decimals, sign=key == "delta_ppl_pct")
+    return num(row["metrics"].get(key), decimals, sign=key == Metric.DELTA_PPL_PCT)
 
 
 def ci95(row: dict, prefix: str) -> tuple[float, float] | None:
@@ -129,20 +130,21 @@ def indistinguishable(rows: list[dict]) -> list[str]:
 
 def gpu_comparison(rows: list[dict]) -> str:
     header = ["shape", "GPU", "format"] + [h for h, _, _ in GPU_COLUMNS] + ["run"]
-    body = [[r["tags"].get("shape", NA), r["tags"].get("hardware.gpu", NA), f"**{r['name']}**"]
+    body = [[r["tags"].get(Tag.SHAPE, NA), r["tags"].get(Tag.HARDWARE_GPU, NA), f"**{r['name']}**"]
             + [metric(r, k, d) for _, k, d in GPU_COLUMNS] + [short(r["run_id"])] for r in rows]
     return table(header, body)
 
 
-DEPLOY_COLUMNS = [("requests", "deploy_requests", 0), ("errors", "deploy_errors", 0),
-                  ("p50 ms", "deploy_latency_p50_ms", 0), ("p90 ms", "deploy_latency_p90_ms", 0),
-                  ("p99 ms", "deploy_latency_p99_ms", 0), ("tok/s", "deploy_tok_s", 1),
-                  ("server ready s", "deploy_ready_s", 1)]
+DEPLOY_COLUMNS = [("requests", Metric.DEPLOY_REQUESTS, 0), ("errors", Metric.DEPLOY_ERRORS, 0),
+                  ("p50 ms", Metric.DEPLOY_LATENCY_P50_MS, 0),
+                  ("p90 ms", Metric.DEPLOY_LATENCY_P90_MS, 0),
+                  ("p99 ms", Metric.DEPLOY_LATENCY_P99_MS, 0), ("tok/s", Metric.DEPLOY_TOK_S, 1),
+                  ("server ready s", Metric.DEPLOY_READY_S, 1)]
 
 
 def deployment(rows: list[dict]) -> str:
     header = ["format", "smoke (stops at EOS)"] + [h for h, _, _ in DEPLOY_COLUMNS] + ["run"]
-    body = [[f"**{r['name']}**", "ok" if r["metrics"].get("deploy_smoke_ok") else "FAILED"]
+    body = [[f"**{r['name']}**", "ok" if r["metrics"].get(Metric.DEPLOY_SMOKE_OK) else "FAILED"]
             + [metric(r, k, d) for _, k, d in DEPLOY_COLUMNS] + [short(r["run_id"])]
             for r in rows]
     return table(header, body)
@@ -207,7 +209,7 @@ def _line(label: str, seen: dict[str, list[str]]) -> str:
 def provenance(sel: Selection) -> str:
     cpu = sel.variants
     out = []
-    base = _values(cpu, lambda r: r["tags"].get("base.source", "unknown"))
+    base = _values(cpu, lambda r: r["tags"].get(Tag.BASE_SOURCE, "unknown"))
     out.append(_line("Base model", base))
     if any("Q4_1" in b for b in base):
         out.append("  The default base is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF "
@@ -236,13 +238,12 @@ def provenance(sel: Selection) -> str:
         if not group:
             continue
         out.append(_line(f"Hardware ({kind})", _values(group, lambda r: ", ".join(
-            f"{k.removeprefix('hardware.')} {v}" for k, v in sorted(r["tags"].items())
-            if k.startswith("hardware.")))))
+            f"{k.removeprefix(Tag.HARDWARE_PREFIX)} {v}" for k, v in sorted(r["tags"].items())
+            if k.startswith(Tag.HARDWARE_PREFIX)))))
         out.append(_line(f"Library versions ({kind})", _values(group, lambda r: ", ".join(
-            f"{k.removeprefix('version.')} {v}" for k, v in sorted(r["tags"].items())
-            if k.startswith("version.")))))
-        out.append(_line(f"git SHA ({kind})", _values(group, lambda r: r["tags"].get(
-            "git.sha", "unknown"))))
+            f"{k.removeprefix(Tag.VERSION_PREFIX)} {v}" for k, v in sorted(r["tags"].items())
+            if k.startswith(Tag.VERSION_PREFIX)))))
+        out.append(_line(f"git SHA ({kind})", _values(group, _git)))
     out.append(f"- **MLflow**: experiment `{sel.experiment}` at `{sel.tracking_uri}`")
     if sel.sweep:
         out.append(f"- **Sweep run**: `{sel.sweep['run_id']}` ({sel.sweep['status']}, started "
@@ -258,6 +259,15 @@ def provenance(sel: Selection) -> str:
     return "\n".join(out)
 
 
+def _git(r: dict) -> str:
+    """The commit the run's code came from; `-dirty` (uncommitted changes) said in words, since
+    no clone of the repository reproduces such a run."""
+    sha = r["tags"].get(Tag.GIT_SHA, "unknown")
+    if sha.endswith("-dirty"):
+        return f"{sha.removesuffix('-dirty')} plus uncommitted changes (not reproducible from git)"
+    return sha
+
+
 def _adapter(params: dict) -> str:
     name, path = params.get("adapter.name", "?"), params.get("adapter.path", "None")
     if name == "none":
@@ -270,9 +280,10 @@ def _adapter(params: dict) -> str:
 
 def _protocol(r: dict) -> str:
     p, m = r["params"], r["metrics"]
-    tokens = m.get("eval_tokens_scored")
-    scored = (f"{num(m.get('eval_windows_scored'), 0)} of {num(m.get('eval_windows_planned'), 0)} "
-              "windows" if "eval_windows_planned" in m else f"windows {p.get('eval.n_windows', '?')}")
+    tokens = m.get(Metric.EVAL_TOKENS_SCORED)
+    scored = (f"{num(m.get(Metric.EVAL_WINDOWS_SCORED), 0)} of "
+              f"{num(m.get(Metric.EVAL_WINDOWS_PLANNED), 0)} windows"
+              if Metric.EVAL_WINDOWS_PLANNED in m else f"windows {p.get('eval.n_windows', '?')}")
     budget = p.get("eval.max_minutes", "None")
     return (f"n_ctx {p.get('eval.n_ctx', '?')}, {scored}"
             + ("" if budget == "None" else f" (budget {budget} min per pass)")
@@ -308,8 +319,8 @@ def _stages(row: dict) -> str:
     for s in sorted(row["stages"], key=lambda s: s["start_ms"]):
         secs = ((s["end_ms"] or s["start_ms"]) - s["start_ms"]) / 1000
         how = {"true": "reused", "false": "built", "external": "given"}.get(
-            s["tags"].get("quantpipe.reused", ""), "ran")
-        out.append(f"{s['tags'].get('quantpipe.stage', s['name'])} {how} {secs:.1f} s")
+            s["tags"].get(Tag.REUSED, ""), "ran")
+        out.append(f"{s['tags'].get(Tag.STAGE, s['name'])} {how} {secs:.1f} s")
     return "; ".join(out) or NA
 
 
@@ -317,13 +328,14 @@ def workflow(rows: list[dict]) -> str:
     """FP16 -> INT8 -> INT4 -> GGUF: what each run did, stage by stage, from its stage runs."""
     out = []
     for r in rows:
-        registry = (f", registry {r['tags']['registry.version']}"
-                    if "registry.version" in r["tags"] else "")
+        registry = (f", registry {r['tags'][Tag.REGISTRY_VERSION]}"
+                    if Tag.REGISTRY_VERSION in r["tags"] else "")
         out.append(f"1. **{r['name']}** (run {short(r['run_id'])}, {r['family']}, {r['method']}):"
-                   f" {_backend(r['params'])} -> {metric(r, 'size_mb', 2)} MB, "
-                   f"{metric(r, 'bits_per_weight', 2)} bits/weight, ΔPPL "
-                   f"{metric(r, 'delta_ppl_pct', 2)} %, KLD {metric(r, 'kld_mean', 5)}; published "
-                   f"`{r['tags'].get('quantpipe.published', NA)}`{registry}.  \n"
+                   f" {_backend(r['params'])} -> {metric(r, Metric.SIZE_MB, 2)} MB, "
+                   f"{metric(r, Metric.BITS_PER_WEIGHT, 2)} bits/weight, ΔPPL "
+                   f"{metric(r, Metric.DELTA_PPL_PCT, 2)} %, KLD {metric(r, Metric.KLD_MEAN, 5)}; "
+                   f"published "
+                   f"`{r['tags'].get(Tag.PUBLISHED, NA)}`{registry}.  \n"
                    f"   Stages: {_stages(r)}.")
     return "\n".join(out)
 
@@ -360,8 +372,8 @@ def static_vs_dynamic(rows: list[dict]) -> str:
             if not same:
                 notes.append(f"{s['name']} and {d['name']} were scored on different texts: "
                              "not comparable")
-            elif "kld_mean" in s["metrics"] and d["metrics"].get("kld_mean"):
-                change = 100 * (s["metrics"]["kld_mean"] / d["metrics"]["kld_mean"] - 1)
+            elif Metric.KLD_MEAN in s["metrics"] and d["metrics"].get(Metric.KLD_MEAN):
+                change = 100 * (s["metrics"][Metric.KLD_MEAN] / d["metrics"][Metric.KLD_MEAN] - 1)
                 notes.append(f"{s['name']} vs {d['name']} on the same text: KLD "
                              f"{metric(d, 'kld_mean', 5)} -> {metric(s, 'kld_mean', 5)} "
                              f"({change:+.1f} %), ΔPPL {metric(d, 'delta_ppl_pct', 2)} % -> "
