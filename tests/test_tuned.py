@@ -88,6 +88,31 @@ def test_knapsack_keeps_to_the_budget_and_buys_the_cheapest_kld_first():
         allocate(groups, LEVELS, all_at, sens, search, low - 1)
 
 
+class Scores:
+    """A search whose KLD is a sum per raised tensor (the additive model), and whose deadline
+    passes after `budget` scores."""
+    def __init__(self, groups, budget):
+        self.groups, self.budget, self.n = groups, budget, 0
+
+    def score(self, types):
+        self.n += 1
+        return 0.1 - sum(t.n * 1e-9 * (3 if "attn_k" in t.name else 1)
+                         for ts in self.groups.values() for t in ts if types[t.name] == "q8_0")
+
+    def out_of_time(self):
+        return self.n >= self.budget
+
+
+def test_a_deadline_estimates_unmeasured_groups_from_their_kind():
+    from quantpipe.quantize.tuned import sensitivities
+    groups = groups_of(model_tensors(4), bands=2)
+    all_at, s, measured = sensitivities(Scores(groups, 4 + 5), groups, LEVELS)
+    assert measured == 5 and len(s) == len(groups) and all_at[0] > all_at[-1]
+    # band 0 first: every kind measured once, then estimated per weight for band 2-3
+    assert s["attn_k@2-3"] == pytest.approx(s["attn_k@0-1"], rel=1e-6)
+    assert s["attn_k@2-3"] / s["attn_q@2-3"] == pytest.approx(3 * 192 / 576, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
         cfg_factory, tmp_path, monkeypatch):

@@ -209,14 +209,24 @@ def at_level(groups: dict[str, list[Tensor]], levels: list, choice: dict[str, in
     return {t.name: type_for(t, levels[choice[g]]) for g, ts in groups.items() for t in ts}
 
 
+def _kind(group: str) -> str:
+    return group.split("@")[0]
+
+
+def _band(group: str) -> int:
+    return int(group.split("@")[1].split("-")[0]) if "@" in group else -1
+
+
 def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[float], dict, int]:
     """(KLD with everything at each level, s_g per group, groups measured before the deadline).
-    A group the deadline left unmeasured gets the median s per element of those measured."""
+    Groups are measured band by band (every kind of the first band, then the next), so a
+    deadline leaves each kind some measurements; a group left unmeasured gets the median KLD per
+    weight of the measured groups of its kind (of all groups, if its kind has none)."""
     top = len(levels) - 1
     all_at = [search.score(at_level(groups, levels, dict.fromkeys(groups, lv)))
               for lv in range(len(levels))]
     s: dict[str, float] = {}
-    order = sorted(groups, key=lambda g: -sum(t.n for t in groups[g]))  # largest first
+    order = sorted(groups, key=lambda g: (_band(g), -sum(t.n for t in groups[g])))
     for g in order:
         if search.out_of_time():
             break
@@ -224,11 +234,12 @@ def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[floa
         s[g] = max(all_at[0] - search.score(at_level(groups, levels, choice)), 0.0)
     measured = len(s)
     if measured < len(groups):
-        per = float(np.median([s[g] / sum(t.n for t in groups[g]) for g in s])) if s else 0.0
         log.warning("tune: max_minutes reached after %d of %d groups; the rest are estimated",
                     measured, len(groups))
+        per = {g: s[g] / sum(t.n for t in groups[g]) for g in s}
         for g in order[measured:]:
-            s[g] = per * sum(t.n for t in groups[g])
+            same = [v for k, v in per.items() if _kind(k) == _kind(g)] or list(per.values())
+            s[g] = float(np.median(same)) * sum(t.n for t in groups[g]) if same else 0.0
     return all_at, s, measured
 
 
