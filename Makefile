@@ -12,7 +12,7 @@ ARGS ?=
 # Hydra overrides typed after the target (make pipeline +quant=int4 a.b=c) reach Python here.
 export QP_MAKEOVERRIDES = $(MAKEOVERRIDES)
 WITH_OVERRIDES := $(PY) scripts/with_overrides.py
-SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m
+SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
