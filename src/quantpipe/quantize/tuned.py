@@ -221,7 +221,8 @@ def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[floa
     """(KLD with everything at each level, s_g per group, groups measured before the deadline).
     Groups are measured band by band (every kind of the first band, then the next), so a
     deadline leaves each kind some measurements; a group left unmeasured gets the median KLD per
-    weight of the measured groups of its kind (of all groups, if its kind has none)."""
+    weight of the measured groups of its kind (of all groups, if its kind has none; with none
+    measured, the KLD all groups remove together, per weight)."""
     top = len(levels) - 1
     all_at = [search.score(at_level(groups, levels, dict.fromkeys(groups, lv)))
               for lv in range(len(levels))]
@@ -237,9 +238,11 @@ def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[floa
         log.warning("tune: max_minutes reached after %d of %d groups; the rest are estimated",
                     measured, len(groups))
         per = {g: s[g] / sum(t.n for t in groups[g]) for g in s}
+        # none measured: the KLD every group removes together, spread per weight
+        flat = (all_at[0] - all_at[-1]) / sum(t.n for ts in groups.values() for t in ts)
         for g in order[measured:]:
             same = [v for k, v in per.items() if _kind(k) == _kind(g)] or list(per.values())
-            s[g] = float(np.median(same)) * sum(t.n for t in groups[g]) if same else 0.0
+            s[g] = (float(np.median(same)) if same else flat) * sum(t.n for t in groups[g])
     return all_at, s, measured
 
 
@@ -278,8 +281,8 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
                    imatrix: dict | None = None, tune: dict | None = None) -> dict:
     """The quant backend (conf/quant/gguf_tuned.yaml): see the module docstring."""
     ftype_of(type)
-    s = tune_settings(dict(tune or {}))
-    imatrix = dict(imatrix or {})
+    s = tune_settings(_plain(tune or {}))
+    imatrix = _plain(imatrix or {})
     imatrix_settings(imatrix)
     tool_path(ctx.tools, "llama-quantize")
     tool_path(ctx.tools, "llama-imatrix")
@@ -334,6 +337,12 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
              ", ".join(f"{k} {v[1]:.5f}" for k, v in candidates.items()), tune_s, search.n_scored)
     metrics.update(smoke(out, Path(src)))
     return {"artifact": out.name, "metrics": metrics, "f16": str(f16), "won": won}
+
+
+def _plain(value):
+    """Hydra hands the backend DictConfig / ListConfig: plain dicts and lists for JSON."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
 
 
 def _own_peak_mb() -> float:
