@@ -58,6 +58,24 @@ def test_byte_costs_follow_block_sizes_and_576_columns_take_32_blocks():
         tensor_bytes(q, "q4_k")
 
 
+def test_byte_model_matches_llama_cpp_files(tmp_path, tiny_base):
+    """The size the search predicts for a mix is the size llama.cpp writes: every tensor of a
+    real q4_k_m file costs what tensor_bytes says for its type, and the rest is overhead."""
+    import gguf
+
+    from quantpipe.quantize import QuantContext
+    from quantpipe.quantize.gguf import quantize_gguf
+    from quantpipe.quantize.tuned import quantised_tensors
+    ctx = QuantContext(artifacts=tmp_path / "a", tools=TOOLS, src_fingerprint="t", threads=2)
+    res = quantize_gguf(tiny_base, tmp_path, ctx, type="q4_k_m")
+    path = tmp_path / res["artifact"]
+    tensors, overhead = quantised_tensors(path)
+    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
+    assert tensors and all(tensor_bytes(t, types[t.name]) == t.bytes for t in tensors)
+    assert overhead + sum(t.bytes for t in tensors) == path.stat().st_size
+    assert "token_embd.weight" in {t.name for t in tensors}
+
+
 class Sizes:
     """The one thing allocate() asks of a search: the file size of a mix (no overhead)."""
     def __init__(self, tensors):
