@@ -290,3 +290,22 @@ def test_retention_table_and_the_no_fine_tune_case():
     header, rows = parse_table("## T\n" + tables.finetune_and_generation([none]), "T")
     assert dict(zip(header, rows[0]))["fine-tune kept %"] == "no fine-tune"
     assert recommend.finetune_note([none]).startswith("no fine-tune")
+
+
+def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner():
+    plain = row("gguf_q4_k_m", "dynamic", size_mb=100.6, kld_mean=0.043, delta_ppl_pct=7.8)
+    imat = row("gguf_imatrix_q4_k_m", "static", size_mb=100.6, kld_mean=0.035, delta_ppl_pct=6.0,
+               kld_ci95_low=0.031, kld_ci95_high=0.039)
+    tuned = row("gguf_tuned_q4_k_m", "static", size_mb=99.9, kld_mean=0.025, delta_ppl_pct=4.1)
+    tuned["stages"] = [{"metrics": {"tune_s": 300.0, "tune_won_sensitivity": 1.0,
+                                    "tune_kld_calib_sensitivity": 0.02, "budget_mb": 100.6},
+                        "datasets": []}]
+    text = tables.tuned_vs_imatrix([plain, imat, tuned])
+    lines = [ln for ln in text.splitlines() if ln.startswith("| **")]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["plain", "imatrix", "tuned"]
+    assert "[0.03100, 0.03900]" in lines[1] and "—" in lines[2]  # CI only where logged
+    assert "Lowest held-out KLD: **gguf_tuned_q4_k_m** (tuned)" in text
+    assert "sensitivity-searched mix" in text
+    (scenario, best, reason), = recommend.same_size_gguf([plain, imat, tuned])
+    assert best is tuned and "q4_k_m" in scenario and "100.60 MB" in reason
+    assert "No tuned GGUF" in tables.tuned_vs_imatrix([plain, imat])

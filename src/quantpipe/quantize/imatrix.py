@@ -67,10 +67,10 @@ def compute_imatrix(tools: Path, f16: Path, text: str, tmp: Path, chunks: int, n
     return {"metrics": out}
 
 
-def quantize_with_imatrix(f16: Path, out: Path, type: str, imatrix: dict, ctx) -> dict:
-    """Quantise `f16` to `type` at `out` with an importance matrix; returns metrics."""
+def cached_imatrix(f16: Path, imatrix: dict, ctx) -> tuple[Path, dict, bool]:
+    """(imatrix file, the metrics of its computation, reused?) for `f16` over the calibration
+    text the settings name, computed once per F16 file, text and settings."""
     s = imatrix_settings(dict(imatrix))
-    quantize = tool_path(ctx.tools, "llama-quantize")  # fail before the long imatrix run
     tool_path(ctx.tools, "llama-imatrix")
     text, source = load_text(s["text_file"], "calib", "quant.backend.imatrix.text_file")
     _log_calibration(text, source)
@@ -85,14 +85,21 @@ def quantize_with_imatrix(f16: Path, out: Path, type: str, imatrix: dict, ctx) -
         {"f16": art.portable_path(f16, ctx.artifacts), "calibration_source": source,
          "settings": s})
     log.info("imatrix: %s %s", "reusing" if reused else "computed", folder)
-    args = ["--imatrix", folder / IMATRIX_FILE, f16, out, type.upper()]
+    return folder / IMATRIX_FILE, prov["result"]["metrics"], reused
+
+
+def quantize_with_imatrix(f16: Path, out: Path, type: str, imatrix: dict, ctx) -> dict:
+    """Quantise `f16` to `type` at `out` with an importance matrix; returns metrics."""
+    imatrix_settings(dict(imatrix))
+    quantize = tool_path(ctx.tools, "llama-quantize")  # fail before the long imatrix run
+    matrix, made, reused = cached_imatrix(f16, imatrix, ctx)
+    args = ["--imatrix", matrix, f16, out, type.upper()]
     if ctx.threads:
         args.append(ctx.threads)
     t0 = time.perf_counter()
     run_tool(quantize, args)
-    metrics = {**prov["result"]["metrics"], "imatrix_reused": float(reused),
-               "imatrix_quantize_s": time.perf_counter() - t0}
-    return metrics
+    return {**made, "imatrix_reused": float(reused),
+            "imatrix_quantize_s": time.perf_counter() - t0}
 
 
 def _log_calibration(text: str, source: str) -> None:

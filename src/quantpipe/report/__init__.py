@@ -80,6 +80,7 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               f"![decode tokens/s]({speed_plot})",
               "## Workflow: FP16 -> INT8 -> INT4 -> GGUF", tables.workflow(cpu),
               "## Static vs dynamic quantisation", tables.static_vs_dynamic(cpu),
+              "## Tuned vs imatrix vs plain (GGUF at one size)", tables.tuned_vs_imatrix(cpu),
               "## Provenance", tables.provenance(sel)]
     return "\n\n".join(parts) + "\n"
 

@@ -101,7 +101,30 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
                 else f"{metric(r, 'decode_tok_s', 1)} tok/s decode, TTFT {metric(r, 'ttft_ms', 1)} "
                 f"ms at {r['params'].get('threads', '?')} threads{vs}; ΔPPL "
                 f"{metric(r, 'delta_ppl_pct', 2)} % {interval(r, 'delta_ppl', 2)}{_kept(r)}"))
-    return out + gpu_serving(cpu, gpu)
+    return out + same_size_gguf(cpu) + gpu_serving(cpu, gpu)
+
+
+def same_size_gguf(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
+    """Where a tuned GGUF ran: the lowest held-out KLD among the GGUFs no larger than the plain
+    file of its quant.type (plain, imatrix and tuned compete at one size)."""
+    out = []
+    for t in [r for r in cpu if any("tune_s" in s["metrics"] for s in r["stages"])]:
+        qtype = t["params"].get("quant.type", "?")
+        plain = [r for r in cpu if r["family"] == t["family"] and r["method"] == "dynamic"
+                 and r["params"].get("quant.type") == qtype and "size_mb" in r["metrics"]]
+        limit = min((r["metrics"]["size_mb"] for r in plain), default=t["metrics"].get("size_mb"))
+        if limit is None:
+            continue
+        fits = [r for r in cpu if r["family"] == t["family"]
+                and r["metrics"].get("size_mb", float("inf")) <= limit + 1e-9]
+        r = _pick(fits, "kld_mean")
+        out.append((f"GGUF at the {qtype} size", r, "no GGUF with a KLD" if r is None else
+                    f"lowest held-out KLD of the GGUFs no larger than plain {qtype} "
+                    f"({limit:.2f} MB): {metric(r, 'kld_mean', 5)} nats, ΔPPL "
+                    f"{metric(r, 'delta_ppl_pct', 2)} %, {metric(r, 'size_mb', 2)} MB; "
+                    f"compared: " + ", ".join(f"{f['name']} {metric(f, 'kld_mean', 5)}"
+                                              for f in fits)))
+    return out
 
 
 def gpu_serving(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None, str]]:

@@ -392,3 +392,62 @@ def _told_apart(a: dict, b: dict) -> str:
             said.append(f"{label} cannot be told apart (95 % intervals overlap)"
                         if overlaps(ca, cb) else f"{label} differs (95 % intervals do not overlap)")
     return f"; {', '.join(said)}" if said else ""
+
+
+def _interval(row: dict, key: str, decimals: int) -> str:
+    """`[low, high]` from the metrics `<key>_ci95_low/high` when the evaluation logged them."""
+    lo, hi = row["metrics"].get(f"{key}_ci95_low"), row["metrics"].get(f"{key}_ci95_high")
+    return NA if lo is None or hi is None else f"[{lo:.{decimals}f}, {hi:.{decimals}f}]"
+
+
+def _tune_stage(row: dict) -> dict | None:
+    """The quantise stage's metrics if the variant was searched (quantpipe.quantize.tuned)."""
+    return next((s["metrics"] for s in row["stages"] if "tune_s" in s["metrics"]), None)
+
+
+def tuned_vs_imatrix(rows: list[dict]) -> str:
+    """Each tuned GGUF beside llama.cpp's imatrix and plain files of its quant.type, on the same
+    evaluation text: which one is closest to FP16 at (at most) the plain file's size."""
+    def eval_digest(r: dict) -> str:
+        return next((d["digest"] for d in all_datasets(r) if d["context"] == "evaluation"), "?")
+
+    tuned = [r for r in rows if _tune_stage(r) is not None]
+    if not tuned:
+        return ("No tuned GGUF in this selection. Add one with `make sweep SWEEP=gguf_q4_k_m,"
+                "gguf_imatrix_q4_k_m,gguf_tuned`.")
+    out = []
+    for t in tuned:
+        qtype = t["params"].get("quant.type")
+        same = [r for r in rows if r["family"] == t["family"] and r is not t
+                and r["params"].get("quant.type") == qtype and _tune_stage(r) is None
+                and r["method"] in ("dynamic", "static") and eval_digest(r) == eval_digest(t)]
+        trio = [(r, "plain" if r["method"] == "dynamic" else "imatrix") for r in same]
+        trio.append((t, "tuned"))
+        body = [[f"**{r['name']}**", how, metric(r, "size_mb", 2), metric(r, "bits_per_weight", 2),
+                 metric(r, "delta_ppl_pct", 2), _interval(r, "delta_ppl", 2),
+                 metric(r, "kld_mean", 5), _interval(r, "kld", 5), metric(r, "top1_agree_pct", 2),
+                 short(r["run_id"])] for r, how in trio]
+        out.append(table(["format", "method", "size MB", "bits/weight", "ΔPPL %", "ΔPPL 95 % CI",
+                          "KLD mean", "KLD 95 % CI", "top-1 %", "run"], body))
+        scored = [(r, how) for r, how in trio if "kld_mean" in r["metrics"]]
+        if scored:
+            best, how = min(scored, key=lambda p: p[0]["metrics"]["kld_mean"])
+            out.append(f"- Lowest held-out KLD: **{best['name']}** ({how}), "
+                       f"{metric(best, 'kld_mean', 5)} nats, ΔPPL {metric(best, 'delta_ppl_pct', 2)} "
+                       f"%, {metric(best, 'size_mb', 2)} MB.")
+        m = _tune_stage(t)
+        won = "its sensitivity-searched mix" if m.get("tune_won_sensitivity") else \
+            "a llama.cpp recipe (the searched mix scored worse)"
+        out.append(f"- The tuner published {won}; calibration-split KLD: searched "
+                   f"{num(m.get('tune_kld_calib_sensitivity'), 5)}, imatrix "
+                   f"{num(m.get('tune_kld_calib_imatrix'), 5)}, plain "
+                   f"{num(m.get('tune_kld_calib_plain'), 5)}; budget {num(m.get('budget_mb'), 2)} "
+                   f"MB; tuning {num(m.get('tune_s'), 0)} s, "
+                   f"{num(m.get('tune_candidates_scored'), 0)} candidates, peak RSS "
+                   f"{num(m.get('tune_peak_rss_mb'), 0)} MB (llama-quantize "
+                   f"{num(m.get('tune_quantize_peak_rss_mb'), 0)} MB).")
+        missing = {"plain", "imatrix"} - {how for _, how in trio}
+        if missing:
+            out.append(f"- No {' or '.join(sorted(missing))} {qtype} run on the same evaluation "
+                       "text in this selection to compare with.")
+    return "\n\n".join(out)

@@ -1,0 +1,354 @@
+"""Tuned GGUF: a sensitivity-searched mix of llama.cpp types under a byte budget.
+
+    make tools && make pipeline +quant=gguf_tuned [quant.type=q4_k_m] [quant.budget_mb=95]
+
+llama.cpp's q4_k_m is one fixed recipe of tensor types. This backend searches its own recipe on
+the calibration split (never the evaluation text) and writes it with stock llama-quantize
+(`--tensor-type-file` overrides + the importance matrix), so the file loads in any llama.cpp:
+
+1. budget: the size of the plain `quant.type` file (or `quant.budget_mb`);
+2. the importance matrix of quantpipe.quantize.imatrix (calibration topics);
+3. the FP16 reference: top-k log-probs of the F16 GGUF on windows of calibration text;
+4. sensitivity: KLD vs that reference with every tensor at level l of `tune.levels` (one model
+   per level), then with one group (a tensor kind in a band of layers, or token_embd/output)
+   raised from the lowest level to the highest: the KLD that group removes, s_g;
+5. allocation: KLD(mix) ~ KLD(top) + sum_g s_g * r(l_g), where r(l) is the all-at-level KLD
+   rescaled to 1 at the lowest level and 0 at the top; a greedy knapsack buys the upgrade with
+   the most predicted KLD per byte until the budget is spent;
+6. verification: the mix, llama.cpp's imatrix `quant.type` and plain `quant.type` are scored
+   on the same calibration windows; the lowest KLD within the budget is published.
+
+Every KLD here is on calibration text; the held-out numbers come from the evaluation stage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantpipe import artifacts as art
+from quantpipe.data import load_text
+from quantpipe.errors import ConfigError
+from quantpipe.evaluate import metrics as M
+from quantpipe.quantize.gguf import f16_gguf, ftype_of, llama_quantize, smoke
+from quantpipe.quantize.imatrix import cached_imatrix, imatrix_settings
+from quantpipe.tools import run_tool, tool_path
+
+log = logging.getLogger(__name__)
+# each level: (type for tensors whose rows are not a multiple of 256, type for those that are).
+# SmolLM2's 576 columns take the 32-block types, its 1536-column ffn_down the K-quants.
+LEVELS = [["iq4_nl", "q4_k"], ["q5_0", "q5_k"], ["q5_1", "q6_k"], ["q8_0", "q8_0"]]
+TUNE = {"max_minutes": 15.0, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
+        "levels": LEVELS}
+LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
+RESERVE_S = 30.0  # left for the final quantisation + checks when max_minutes cuts the search
+
+
+def tune_settings(tune: dict) -> dict:
+    unknown = set(tune) - set(TUNE)
+    if unknown:
+        raise ConfigError("quant.tune", f"unknown keys {sorted(unknown)}", f"use only {sorted(TUNE)}")
+    s = {**TUNE, **tune}
+    for key in ("windows", "n_ctx", "kld_top_k", "bands"):
+        if not isinstance(s[key], int) or s[key] <= 0:
+            raise ConfigError(f"quant.tune.{key}", f"{s[key]!r} is not a positive integer",
+                              "set a whole number above 0")
+    if not (isinstance(s["max_minutes"], (int, float)) and s["max_minutes"] > 0):
+        raise ConfigError("quant.tune.max_minutes", f"{s['max_minutes']!r} is not a positive "
+                          "number", "set the search's time budget in minutes, e.g. 15")
+    if len(s["levels"]) < 2 or any(len(lv) != 2 for lv in s["levels"]):
+        raise ConfigError("quant.tune.levels", "needs at least two levels, each a pair [type for "
+                          "rows not a multiple of 256, type for rows that are]",
+                          "e.g. [[iq4_nl, q4_k], [q8_0, q8_0]]")
+    for lv in s["levels"]:
+        for t in lv:
+            _ggml_type(t)
+    return s
+
+
+def _ggml_type(name: str):
+    import gguf
+    try:
+        return gguf.GGMLQuantizationType[name.upper()]
+    except KeyError:
+        raise ConfigError("quant.tune.levels", f"{name!r} is not a llama.cpp tensor type",
+                          "use names such as iq4_nl, q4_k, q5_0, q5_k, q6_k, q8_0") from None
+
+
+# --- the tensors and their byte costs ----------------------------------------------------------
+
+@dataclass
+class Tensor:
+    name: str
+    ncols: int      # ne[0]: the length of the rows blocks are cut from
+    n: int          # elements
+    bytes: int      # in the plain target-type file
+
+
+def quantised_tensors(plain: Path) -> tuple[list[Tensor], int]:
+    """The tensors the plain target-type file quantises, and its bytes that are not those
+    tensors (metadata, vocabulary, norms: the same in every mix)."""
+    import gguf
+    reader = gguf.GGUFReader(str(plain))
+    keep = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+            gguf.GGMLQuantizationType.BF16}
+    out = [Tensor(t.name, int(t.shape[0]), int(t.n_elements), int(t.n_bytes))
+           for t in reader.tensors if t.tensor_type not in keep]
+    return out, plain.stat().st_size - sum(t.bytes for t in out)
+
+
+def type_for(t: Tensor, level: list[str]) -> str:
+    return level[1] if t.ncols % 256 == 0 else level[0]
+
+
+def tensor_bytes(t: Tensor, type_name: str) -> int:
+    import gguf
+    block, size = gguf.GGML_QUANT_SIZES[_ggml_type(type_name)]
+    if t.ncols % block:
+        raise ConfigError("quant.tune.levels", f"{type_name} needs rows of a multiple of {block}; "
+                          f"{t.name} has {t.ncols}", "use a 32-block type in the first column")
+    return t.n // block * size
+
+
+def groups_of(tensors: list[Tensor], bands: int) -> dict[str, list[Tensor]]:
+    """Tensor kind x band of consecutive layers ("attn_q@0-4"); token_embd / output alone."""
+    layers = [int(m.group(1)) for t in tensors if (m := LAYER.match(t.name))]
+    width = math.ceil((max(layers) + 1) / bands) if layers else 1
+    out: dict[str, list[Tensor]] = {}
+    for t in tensors:
+        m = LAYER.match(t.name)
+        if m is None:
+            key = t.name.removesuffix(".weight")
+        else:
+            lo = int(m.group(1)) // width * width
+            key = f"{m.group(2)}@{lo}-{lo + width - 1}"
+        out.setdefault(key, []).append(t)
+    return out
+
+
+# --- scoring on calibration text ----------------------------------------------------------------
+
+class CalibScorer:
+    """Mean KLD of a GGUF against the F16 GGUF's top-k log-probs, on windows of calibration
+    text (llama.cpp's protocol: the second half of each window scored)."""
+
+    def __init__(self, f16: Path, text: str, s: dict, threads: int | None):
+        from quantpipe.evaluate.runtimes import LlamaCppRuntime
+        self.runtime, self.n_ctx, self.threads = LlamaCppRuntime, s["n_ctx"], threads
+        rt = LlamaCppRuntime(f16, threads, s["n_ctx"])
+        ids = np.array(rt.tokenize(text), dtype=np.int32)
+        with_bos = rt.llm.tokenize(b"a", add_bos=True)
+        bos = with_bos[0] if len(with_bos) > len(rt.llm.tokenize(b"a", add_bos=False)) else None
+        self.wins = M.windows(ids, s["n_ctx"], s["windows"], bos)
+        if len(self.wins) == 0:
+            raise ConfigError("quant.backend.imatrix.text_file", f"the calibration text has "
+                              f"{len(ids)} tokens, fewer than one window (quant.tune.n_ctx="
+                              f"{s['n_ctx']})", "use a longer text or a smaller quant.tune.n_ctx")
+        self.ref = [M.topk(lp, s["kld_top_k"]) for lp in self._logprobs(rt)]
+        self.tokens = int(sum(len(r[0]) for r in self.ref))
+        del rt
+
+    def _logprobs(self, rt):
+        for w in self.wins:
+            yield M.scored_logprobs(rt.window_logits(w, M.first_scored(len(w))), w)[0]
+
+    def kld(self, path: Path) -> float:
+        rt = self.runtime(path, self.threads, self.n_ctx)
+        per = [M.kld_topk(lp_ref, idx, logq) for (lp_ref, idx), logq
+               in zip(self.ref, self._logprobs(rt))]
+        del rt
+        return float(np.concatenate(per).mean())
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+class Search:
+    """Quantises candidate mixes with llama-quantize (+ imatrix) and scores them."""
+
+    def __init__(self, f16, matrix, tensors, overhead, scorer, work, ctx, target, deadline):
+        self.f16, self.matrix, self.tensors, self.overhead = f16, matrix, tensors, overhead
+        self.scorer, self.work, self.ctx, self.target = scorer, work, ctx, target
+        self.deadline, self.n_scored, self.peak_mb = deadline, 0, 0.0
+
+    def size(self, types: dict[str, str]) -> int:
+        return self.overhead + sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
+
+    def quantise(self, types: dict[str, str] | None, out: Path) -> None:
+        """llama-quantize with the importance matrix; `types` overrides every quantised tensor
+        (anchored names: `blk.1.` must not match `blk.11.`), None = llama.cpp's own mix."""
+        args = ["--imatrix", self.matrix]
+        if types is not None:
+            spec = self.work / "tensor-types.txt"
+            spec.write_text("".join(f"^{re.escape(n)}$={t}\n" for n, t in types.items()))
+            args += ["--tensor-type-file", spec]
+        args += [self.f16, out, self.target.upper()]
+        if self.ctx.threads:
+            args.append(self.ctx.threads)
+        r = run_tool(tool_path(self.ctx.tools, "llama-quantize"), args)
+        self.peak_mb = max(self.peak_mb, r.peak_rss_mb)
+
+    def score(self, types: dict[str, str] | None) -> float:
+        out = self.work / "candidate.gguf"
+        self.quantise(types, out)
+        kld = self.scorer.kld(out)
+        out.unlink()
+        self.n_scored += 1
+        return kld
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+
+def at_level(groups: dict[str, list[Tensor]], levels: list, choice: dict[str, int]) -> dict:
+    return {t.name: type_for(t, levels[choice[g]]) for g, ts in groups.items() for t in ts}
+
+
+def _kind(group: str) -> str:
+    return group.split("@")[0]
+
+
+def _band(group: str) -> int:
+    return int(group.split("@")[1].split("-")[0]) if "@" in group else -1
+
+
+def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[float], dict, int]:
+    """(KLD with everything at each level, s_g per group, groups measured before the deadline).
+    Groups are measured band by band (every kind of the first band, then the next), so a
+    deadline leaves each kind some measurements; a group left unmeasured gets the median KLD per
+    weight of the measured groups of its kind (of all groups, if its kind has none; with none
+    measured, the KLD all groups remove together, per weight)."""
+    top = len(levels) - 1
+    all_at = [search.score(at_level(groups, levels, dict.fromkeys(groups, lv)))
+              for lv in range(len(levels))]
+    s: dict[str, float] = {}
+    order = sorted(groups, key=lambda g: (_band(g), -sum(t.n for t in groups[g])))
+    for g in order:
+        if search.out_of_time():
+            break
+        choice = {**dict.fromkeys(groups, 0), g: top}
+        s[g] = max(all_at[0] - search.score(at_level(groups, levels, choice)), 0.0)
+    measured = len(s)
+    if measured < len(groups):
+        log.warning("tune: max_minutes reached after %d of %d groups; the rest are estimated",
+                    measured, len(groups))
+        per = {g: s[g] / sum(t.n for t in groups[g]) for g in s}
+        # none measured: the KLD every group removes together, spread per weight
+        flat = (all_at[0] - all_at[-1]) / sum(t.n for ts in groups.values() for t in ts)
+        for g in order[measured:]:
+            same = [v for k, v in per.items() if _kind(k) == _kind(g)] or list(per.values())
+            s[g] = (float(np.median(same)) if same else flat) * sum(t.n for t in groups[g])
+    return all_at, s, measured
+
+
+def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: Search,
+             budget: int) -> dict[str, int]:
+    """Greedy knapsack: from the lowest level everywhere, buy the upgrade (any higher level of
+    one group) with the most predicted KLD removed per byte, while the file fits the budget."""
+    span = max(all_at[0] - all_at[-1], 1e-12)
+    r = [min(max((k - all_at[-1]) / span, 0.0), 1.0) for k in all_at]
+    r = [min(r[:i + 1]) for i in range(len(r))]  # more bits never predicted to hurt
+    choice = dict.fromkeys(groups, 0)
+    cost = {g: [sum(tensor_bytes(t, type_for(t, lv)) for t in ts) for lv in levels]
+            for g, ts in groups.items()}
+    used = search.size(at_level(groups, levels, choice))
+    if used > budget:
+        raise ConfigError("quant.budget_mb", f"{budget / 2**20:.2f} MiB is below the smallest mix "
+                          f"({used / 2**20:.2f} MiB, every tensor at {levels[0]})",
+                          "raise quant.budget_mb or put smaller types in quant.tune.levels[0]")
+    while True:
+        best = None
+        for g, lv in choice.items():
+            for up in range(lv + 1, len(levels)):
+                extra = cost[g][up] - cost[g][lv]
+                gain = s[g] * (r[lv] - r[up])
+                if used + extra <= budget and gain > 0:
+                    ratio = gain / max(extra, 1)
+                    if best is None or ratio > best[0]:
+                        best = (ratio, g, up, extra)
+        if best is None:
+            return choice
+        _, g, up, extra = best
+        choice[g], used = up, used + extra
+
+
+def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: float | None = None,
+                   imatrix: dict | None = None, tune: dict | None = None) -> dict:
+    """The quant backend (conf/quant/gguf_tuned.yaml): see the module docstring."""
+    ftype_of(type)
+    s = tune_settings(_plain(tune or {}))
+    imatrix = _plain(imatrix or {})
+    imatrix_settings(imatrix)
+    tool_path(ctx.tools, "llama-quantize")
+    tool_path(ctx.tools, "llama-imatrix")
+    t0 = time.monotonic()
+    deadline = t0 + 60 * s["max_minutes"] - RESERVE_S
+    f16 = f16_gguf(Path(src), ctx)
+    work = dst / "work"
+    work.mkdir()
+    plain = work / f"plain-{type}.gguf"
+    llama_quantize(f16, plain, type, ctx.threads)
+    tensors, overhead = quantised_tensors(plain)
+    budget = int(budget_mb * 2**20) if budget_mb is not None else plain.stat().st_size
+    matrix, imatrix_metrics, _ = cached_imatrix(f16, imatrix, ctx)
+    text, source = load_text(imatrix.get("text_file"), "calib", "quant.backend.imatrix.text_file")
+    scorer = CalibScorer(f16, text, s, ctx.threads)
+    search = Search(f16, matrix, tensors, overhead, scorer, work, ctx, type, deadline)
+    levels, groups = s["levels"], groups_of(tensors, s["bands"])
+
+    all_at, sens, measured = sensitivities(search, groups, levels)
+    choice = allocate(groups, levels, all_at, sens, search, budget)
+    mix = at_level(groups, levels, choice)
+    candidates = {"sensitivity": (mix, search.score(mix)),
+                  "imatrix": (None, search.score(None)),
+                  "plain": ("plain", scorer.kld(plain))}
+    fits = {k: v for k, v in candidates.items()
+            if k != "sensitivity" or search.size(mix) <= budget}
+    won = min(fits, key=lambda k: fits[k][1])
+    out = dst / f"model-tuned-{type.lower()}.gguf"
+    if won == "plain":
+        plain.rename(out)
+    else:
+        search.quantise(candidates[won][0], out)
+    if out.stat().st_size > budget:
+        raise RuntimeError(f"{out.name} is {out.stat().st_size} bytes, over the budget {budget}")
+    tune_s = time.monotonic() - t0
+    art.write_json(dst / "search.json", {
+        "budget_bytes": budget, "calibration_source": source, "calib_tokens_scored": scorer.tokens,
+        "levels": levels, "kld_all_at_level": all_at, "group_kld_removed": sens,
+        "groups_measured": measured, "choice": {g: levels[lv] for g, lv in choice.items()},
+        "kld_calib": {k: v[1] for k, v in candidates.items()}, "won": won, "tensor_types": mix})
+    for f in work.iterdir():
+        f.unlink()
+    work.rmdir()
+    metrics = {**imatrix_metrics, "budget_mb": budget / 2**20,
+               "tune_s": tune_s, "tune_candidates_scored": float(search.n_scored + 1),
+               "tune_groups": float(len(groups)), "tune_groups_measured": float(measured),
+               "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": _own_peak_mb(),
+               "tune_calib_tokens": float(scorer.tokens),
+               **{f"tune_kld_calib_{k}": v[1] for k, v in candidates.items()},
+               "tune_won_sensitivity": float(won == "sensitivity")}
+    log.info("tune: %s won on calibration KLD (%s) in %.0f s, %d candidates", won,
+             ", ".join(f"{k} {v[1]:.5f}" for k, v in candidates.items()), tune_s, search.n_scored)
+    metrics.update(smoke(out, Path(src)))
+    return {"artifact": out.name, "metrics": metrics, "f16": str(f16), "won": won}
+
+
+def _plain(value):
+    """Hydra hands the backend DictConfig / ListConfig: plain dicts and lists for JSON."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
+
+
+def _own_peak_mb() -> float:
+    """This process's VmHWM (it holds the scoring runtime; the pipeline's own libraries too)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0

@@ -1,0 +1,188 @@
+"""The tuned GGUF variant (quantpipe.quantize.tuned): sensitivity search under a byte budget.
+
+Fast: settings are checked with the key to fix; tensors group by kind and band of layers; byte
+costs follow llama.cpp's block sizes; the knapsack keeps to the budget and buys KLD where it is
+cheapest. Slow (needs `make tools`, ~2 min): +quant=gguf_tuned end to end on the tiny model --
+the file fits the plain q4_k_m budget, loads in llama.cpp, is not worse than plain q4_k_m in
+KLD, and the tuner never tokenises the evaluation text (a sentinel eval.text_file).
+"""
+from pathlib import Path
+
+import pytest
+
+from quantpipe.errors import ConfigError
+from quantpipe.quantize.tuned import (LEVELS, Tensor, allocate, at_level, groups_of,
+                                      tensor_bytes, tune_settings)
+
+TOOLS = Path(__file__).resolve().parents[1] / "build" / "llama.cpp" / "bin"
+
+
+def model_tensors(n_layers=4):
+    """SmolLM2's shapes: 576 columns everywhere except ffn_down (1536)."""
+    out = [Tensor("token_embd.weight", 576, 576 * 49152, 0)]
+    for i in range(n_layers):
+        for kind, cols, rows in (("attn_q", 576, 576), ("attn_k", 576, 192),
+                                 ("ffn_up", 576, 1536), ("ffn_down", 1536, 576)):
+            out.append(Tensor(f"blk.{i}.{kind}.weight", cols, cols * rows, 0))
+    return out
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="quant.tune.*unknown keys.*max_minute"):
+        tune_settings({"max_minute": 3})
+    with pytest.raises(ConfigError, match="quant.tune.max_minutes"):
+        tune_settings({"max_minutes": 0})
+    with pytest.raises(ConfigError, match="quant.tune.levels"):
+        tune_settings({"levels": [["q4_k", "q4_k"]]})
+    with pytest.raises(ConfigError, match="quant.tune.levels.*q9_z"):
+        tune_settings({"levels": [["iq4_nl", "q4_k"], ["q9_z", "q8_0"]]})
+    assert tune_settings({"windows": 2})["windows"] == 2
+
+
+def test_groups_are_kind_by_band_and_embeddings_alone():
+    groups = groups_of(model_tensors(4), bands=2)
+    assert sorted(groups) == sorted(["token_embd", "attn_q@0-1", "attn_q@2-3", "attn_k@0-1",
+                                     "attn_k@2-3", "ffn_up@0-1", "ffn_up@2-3", "ffn_down@0-1",
+                                     "ffn_down@2-3"])
+    assert [t.name for t in groups["ffn_down@2-3"]] == ["blk.2.ffn_down.weight",
+                                                        "blk.3.ffn_down.weight"]
+
+
+def test_byte_costs_follow_block_sizes_and_576_columns_take_32_blocks():
+    q, down = Tensor("q", 576, 576 * 576, 0), Tensor("d", 1536, 1536 * 576, 0)
+    types = at_level({"g": [q, down]}, LEVELS, {"g": 0})
+    assert types == {"q": "iq4_nl", "d": "q4_k"}  # 576 = 2.25 x 256: no K-quant
+    assert tensor_bytes(q, "iq4_nl") == 576 * 576 // 32 * 18      # 4.5 bits/weight
+    assert tensor_bytes(down, "q6_k") == 1536 * 576 // 256 * 210  # 6.5625 bits/weight
+    with pytest.raises(ConfigError, match="multiple of 256"):
+        tensor_bytes(q, "q4_k")
+
+
+def test_byte_model_matches_llama_cpp_files(tmp_path, tiny_base):
+    """The size the search predicts for a mix is the size llama.cpp writes: every tensor of a
+    real q4_k_m file costs what tensor_bytes says for its type, and the rest is overhead."""
+    import gguf
+
+    from quantpipe.quantize import QuantContext
+    from quantpipe.quantize.gguf import quantize_gguf
+    from quantpipe.quantize.tuned import quantised_tensors
+    ctx = QuantContext(artifacts=tmp_path / "a", tools=TOOLS, src_fingerprint="t", threads=2)
+    res = quantize_gguf(tiny_base, tmp_path, ctx, type="q4_k_m")
+    path = tmp_path / res["artifact"]
+    tensors, overhead = quantised_tensors(path)
+    types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(str(path)).tensors}
+    assert tensors and all(tensor_bytes(t, types[t.name]) == t.bytes for t in tensors)
+    assert overhead + sum(t.bytes for t in tensors) == path.stat().st_size
+    assert "token_embd.weight" in {t.name for t in tensors}
+
+
+class Sizes:
+    """The one thing allocate() asks of a search: the file size of a mix (no overhead)."""
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def size(self, types):
+        return sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
+
+
+def test_knapsack_keeps_to_the_budget_and_buys_the_cheapest_kld_first():
+    tensors = model_tensors(2)
+    groups = groups_of(tensors, bands=1)
+    all_at = [0.10, 0.04, 0.02, 0.0]
+    sens = dict.fromkeys(groups, 0.001)
+    sens["attn_k@0-1"] = 0.05  # small tensors, large KLD: bought first
+    search = Sizes(tensors)
+    low = search.size(at_level(groups, LEVELS, dict.fromkeys(groups, 0)))
+    k_extra = sum(tensor_bytes(t, "q8_0") - tensor_bytes(t, "iq4_nl") for t in groups["attn_k@0-1"])
+    choice = allocate(groups, LEVELS, all_at, sens, search, low + k_extra)
+    assert choice["attn_k@0-1"] == 3 and choice["token_embd"] == 0
+    assert search.size(at_level(groups, LEVELS, choice)) <= low + k_extra
+    # a larger budget goes to the others too, never past it
+    big = low + 10 * k_extra
+    choice = allocate(groups, LEVELS, all_at, sens, search, big)
+    assert search.size(at_level(groups, LEVELS, choice)) <= big
+    assert sum(choice.values()) > 3
+    with pytest.raises(ConfigError, match="quant.budget_mb"):
+        allocate(groups, LEVELS, all_at, sens, search, low - 1)
+
+
+class Scores:
+    """A search whose KLD is a sum per raised tensor (the additive model), and whose deadline
+    passes after `budget` scores."""
+    def __init__(self, groups, budget):
+        self.groups, self.budget, self.n = groups, budget, 0
+
+    def score(self, types):
+        self.n += 1
+        return 0.1 - sum(t.n * 1e-9 * (3 if "attn_k" in t.name else 1)
+                         for ts in self.groups.values() for t in ts if types[t.name] == "q8_0")
+
+    def out_of_time(self):
+        return self.n >= self.budget
+
+
+def test_a_deadline_estimates_unmeasured_groups_from_their_kind():
+    from quantpipe.quantize.tuned import sensitivities
+    groups = groups_of(model_tensors(4), bands=2)
+    all_at, s, measured = sensitivities(Scores(groups, 4 + 5), groups, LEVELS)
+    assert measured == 5 and len(s) == len(groups) and all_at[0] > all_at[-1]
+    # band 0 first: every kind measured once, then estimated per weight for band 2-3
+    assert s["attn_k@2-3"] == pytest.approx(s["attn_k@0-1"], rel=1e-6)
+    assert s["attn_k@2-3"] / s["attn_q@2-3"] == pytest.approx(3 * 192 / 576, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
+        cfg_factory, tmp_path, monkeypatch):
+    import gguf
+    import llama_cpp
+
+    from quantpipe import pipeline, tools
+    from quantpipe.tools import tool_path
+    tool_path(TOOLS, "llama-quantize")  # a ConfigError here means: run `make tools`
+    sentinel = "zebra quokka sentinel"
+    eval_text = tmp_path / "eval.txt"
+    eval_text.write_text(f"The {sentinel} is held-out evaluation text only. " * 120)
+    seen: list[str] = []  # every text the quantise stage tokenised or handed to a tool
+    real_tokenize, real_run_tool, real_stage = (llama_cpp.Llama.tokenize, tools.run_tool,
+                                                pipeline.stage_quantise)
+    in_quantise = []
+
+    def tokenize(self, text, *a, **k):
+        if in_quantise:
+            seen.append(text.decode("utf-8", "replace"))
+        return real_tokenize(self, text, *a, **k)
+
+    def run_tool(exe, args, *a, **k):
+        if in_quantise and "-f" in map(str, args):
+            seen.append(Path(str(args[list(map(str, args)).index("-f") + 1])).read_text())
+        return real_run_tool(exe, args, *a, **k)
+
+    def stage_quantise(cfg, merged):
+        in_quantise.append(True)
+        try:
+            return real_stage(cfg, merged)
+        finally:
+            in_quantise.clear()
+
+    monkeypatch.setattr(llama_cpp.Llama, "tokenize", tokenize)
+    monkeypatch.setattr("quantpipe.quantize.imatrix.run_tool", run_tool)
+    monkeypatch.setattr(pipeline, "stage_quantise", stage_quantise)
+    common = [f"paths.tools={TOOLS}", f"eval.text_file={eval_text}", "adapter=none"]
+    plain = pipeline.run(cfg_factory("+quant=gguf_q4_k_m", *common))
+    tuned_cfg = cfg_factory("+quant=gguf_tuned", *common, "quant.backend.imatrix.chunks=4",
+                            "quant.backend.imatrix.n_ctx=64", "quant.tune.n_ctx=64",
+                            "quant.tune.windows=4", "quant.tune.bands=1")
+    tuned = pipeline.run(tuned_cfg)
+
+    assert seen and any("if" in s for s in seen)  # the calibration text was tokenised
+    assert not any(sentinel in s for s in seen)   # the evaluation text never was
+    out = Path(tuned_cfg.paths.quantized) / "model-tuned-q4_k_m.gguf"
+    plain_file = Path(tuned_cfg.paths.quantized) / "model-q4_k_m.gguf"
+    assert out.stat().st_size <= plain_file.stat().st_size
+    assert tuned["size_mb"] <= plain["size_mb"]
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} - {"F32", "F16"}
+    llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)  # stock llama.cpp loads it
+    assert len(llm.tokenize(b"hello")) > 0
+    assert tuned["tune_kld_calib_sensitivity"] <= tuned["tune_kld_calib_plain"]
+    assert tuned["kld_mean"] <= plain["kld_mean"] * 1.05, (tuned["kld_mean"], plain["kld_mean"])
