@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # bump when the worker's protocol or metrics change: cached evaluations are then recomputed
 EVAL_RECIPE = "eval-3"
+# the runtimes' libraries: a new llama.cpp or transformers recomputes the cached figures
+LIBRARIES = ("llama_cpp_python", "transformers", "bitsandbytes", "torch", "numpy")
 REFERENCE_RUNTIMES = ("llama.cpp", "transformers", "transformers-float32")
 TRANSFORMERS_FLOPS, TRANSFORMERS_BPS = 20e9, 3e9
 SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
@@ -158,7 +160,9 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
     tracking.log_dataset("eval-text", text, source, context="evaluation")
     text_fp = art.fingerprint(text)
     tasks = load_tasks(e.tasks_file)
-    key = art.fingerprint("evaluation", EVAL_RECIPE, variant["fingerprint"], merged["fingerprint"],
+    versions = tracking.versions_of(LIBRARIES)
+    key = art.fingerprint("evaluation", EVAL_RECIPE, versions, variant["fingerprint"],
+                          merged["fingerprint"],
                           base and base["fingerprint"], _protocol(cfg), e.reference_runtime,
                           OmegaConf.to_container(e.ci), tasks, e.tasks_max_new_tokens, text_fp)
 
@@ -286,8 +290,9 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
         raise ConfigError("eval.reference_runtime", f"{runtime!r} is not a reference runtime",
                           f"choose one of {', '.join(REFERENCE_RUNTIMES)}")
     protocol = {**_protocol(cfg), "bos": bos}
-    fp = art.fingerprint("reference", EVAL_RECIPE, merged["fingerprint"], protocol, runtime,
-                         text_fp)
+    from quantpipe.tracking import versions_of
+    fp = art.fingerprint("reference", EVAL_RECIPE, versions_of(LIBRARIES), merged["fingerprint"],
+                         protocol, runtime, text_fp)
 
     def build(tmp: Path) -> dict:
         artifact = reference_artifact(cfg, merged)
