@@ -20,6 +20,9 @@ from quantpipe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = (".safetensors", ".bin")
+# version of the backend result's keys (artifact, runtime, calibration, speed, publish): part of
+# the quantise fingerprint, so a cache entry written before a key existed is rebuilt, not misread
+RESULT_CONTRACT = 2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default: nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import mlflow  # noqa: E402
@@ -60,15 +63,14 @@ def require_quant(cfg: DictConfig) -> DictConfig:
 
 def preflight(cfg: DictConfig) -> None:
     """Bad input that can be seen in a second, refused before hours of merging and converting:
-    output folders that cannot be written, a publish name leading out of paths.quantized, an
-    unknown GGUF type, a missing eval text."""
+    output folders that cannot be written, a publish name leading out of paths.quantized, a
+    backend's own check of its arguments (e.g. an unknown llama.cpp type), a missing eval text."""
     from quantpipe.data import load_text
+    from quantpipe.quantize import check_backend
     art.check_writable(Path(cfg.paths.artifacts), "paths.artifacts")
     art.check_writable(Path(cfg.paths.quantized), "paths.quantized")
     art.inside(Path(cfg.paths.quantized), str(cfg.quant.publish), "quant.publish")
-    if cfg.quant.family == "gguf":
-        from quantpipe.quantize.gguf import ftype_of
-        ftype_of(str(cfg.quant.type))
+    check_backend(cfg.quant)
     if cfg.eval.text_file is not None:
         load_text(cfg.eval.text_file, "eval", "eval.text_file")
 
@@ -170,28 +172,54 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     backend = build_backend(cfg.quant)
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
-    fp = art.fingerprint("quantise", merged["fingerprint"], quant["backend"])
-    # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
+    fp = art.fingerprint("quantise", merged["fingerprint"], quant["backend"], RESULT_CONTRACT)
+    # at most 2x the FP16 input (a backend may write a full-precision copy before quantising)
     folder, prov = cached_stage(cfg, "quantise", fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
-    if imatrix := quant["backend"].get("imatrix"):
+    result = check_result(prov["result"], str(quant["backend"].get("_target_")))
+    for ds in result.get("calibration", []):
         # calibrated: the calibration text is an input of the variant, built or reused
         from quantpipe.data import load_text
-        text, source = load_text(imatrix.get("text_file"), "calib",
-                                 "quant.backend.imatrix.text_file")
-        tracking.log_dataset("calibration-text", text, source, context="calibration")
-    path = folder / prov["result"]["artifact"]
-    return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
+        text, source = load_text(ds["text_file"], ds["split"], ds["key"])
+        tracking.log_dataset(ds["name"], text, source, context="calibration")
+    path = folder / result["artifact"]
+    return {"path": path.resolve(), "fingerprint": fp, "folder": folder,
+            "runtime": result["runtime"], "speed": result.get("speed", {"native": True}),
+            "publish": result.get("publish", {})}
+
+
+def check_result(result: dict, target: str) -> dict:
+    """A backend's result must say what the pipeline needs (quantpipe/quantize/__init__.py)."""
+    missing = [k for k in ("artifact", "runtime") if k not in result]
+    if missing:
+        raise RuntimeError(f"backend {target} returned no {missing}: every backend names its "
+                           "artifact and the runtime that evaluates it")
+    return result
+
+
+def native_speed_only(metrics: dict[str, float], speed: dict) -> dict[str, float]:
+    """Where no real kernel ran the format (e.g. compressed-tensors decompressed on CPU), its
+    tokens/s are not the format's speed: kept under a suffixed name, never as decode_tok_s."""
+    if speed.get("native", True):
+        return metrics
+    suffix = speed.get("rename_suffix", "_not_native")
+    keys = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
+    return {(k + suffix if k in keys else k): v for k, v in metrics.items()}
 
 
 def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, float]:
     """Size, speed and quality of the variant against the merged FP16 reference."""
     from quantpipe.evaluate import evaluate_variant
     with tracking.stage_run("evaluate"):
-        metrics = evaluate_variant(cfg, merged, variant)
+        metrics = native_speed_only(evaluate_variant(cfg, merged, variant), variant["speed"])
+        if not variant["speed"].get("native", True):
+            mlflow.set_tag("eval.speed", f"not the format's speed: {variant['speed'].get('why')}")
         mlflow.log_metrics(metrics)
+    mlflow.set_tag("eval.runtime", variant["runtime"])  # on the variant run (the report reads it)
+    if not variant["speed"].get("native", True):
+        mlflow.set_tag("eval.speed", f"not the format's speed: {variant['speed'].get('why')}")
     return metrics
 
 
@@ -205,10 +233,7 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
         mlflow.set_tags(gate_tags)
         out = Path(cfg.paths.quantized)
         final = art.publish(variant["path"], out / str(cfg.quant.publish))
-        if cfg.quant.family == "gguf":
-            from quantpipe.deploy.modelfile import write_modelfile
-            art.publish(variant["path"], out / "model.gguf")
-            mlflow.log_artifact(str(write_modelfile(out / "model.gguf")), "ollama")
+        publish_extras(variant, out)
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
         mlflow.set_tag("quantpipe.published", str(final))
         publish_to_registry(cfg.registry, publish_run.info.run_id,
@@ -217,6 +242,19 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
                             metrics)
     mlflow.set_tags({**gate_tags, "quantpipe.published": str(final)})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
+
+
+def publish_extras(variant: dict, out: Path) -> None:
+    """What the backend asked for beside the published name: `aliases` (also published as these
+    names, e.g. the runtime's default file) and `hooks` {artifact path: "module.function"}, each
+    called on the last alias and its returned file logged (e.g. an Ollama Modelfile)."""
+    from hydra.utils import get_method
+    extra = variant["publish"]
+    target = Path(variant["path"])
+    for alias in extra.get("aliases", []):
+        target = art.publish(variant["path"], out / alias)
+    for artifact_path, fn in extra.get("hooks", {}).items():
+        mlflow.log_artifact(str(get_method(fn)(target)), artifact_path)
 
 
 def run_adapter(cfg: DictConfig) -> Path | None:

@@ -83,7 +83,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
     import mlflow
     from quantpipe import tracking
     e = cfg.eval
-    if Path(variant["path"]).is_file():  # GGUF: refuse a broken file before any worker runs
+    llama = variant["runtime"] == "llama.cpp"  # the backend's result names its runtime
+    if llama:  # refuse a broken file before any worker runs
         check_gguf(Path(variant["path"]))
     text, source, ids, bos = prepare_ids(cfg, merged["path"])
     tracking.log_dataset("eval-text", text, source, context="evaluation")
@@ -96,6 +97,7 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
     def build_reference(tmp: Path) -> dict:
         np.save(tmp / "ids.npy", ids)
         run_worker({**base_spec, "mode": "reference", "artifact": str(merged["path"]),
+                    "runtime": "transformers",
                     "ids": str(tmp / "ids.npy"), "out": str(tmp / "reference.npz"), "text": None})
         return {"n_windows": int(len(windows(ids, e.n_ctx, e.n_windows, bos)))}
 
@@ -103,10 +105,10 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict) -> dict:
                                   {"merged": merged["fingerprint"], "text_source": source})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "metrics.json"
-        is_gguf = Path(variant["path"]).is_file()
         run_worker({**base_spec, "mode": "variant", "artifact": str(variant["path"]),
+                    "runtime": variant["runtime"],
                     "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
-                    "out": str(out), "text": text if is_gguf else None})
+                    "out": str(out), "text": text if llama else None})
         result = json.loads(out.read_text())
     metrics = result["metrics"]
     fp16_bytes = weights_size(merged["path"])

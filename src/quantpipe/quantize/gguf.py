@@ -92,7 +92,21 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
         llama_quantize(f16, out, type, ctx.threads)
     metrics["quantize_s"] = time.perf_counter() - t0
     metrics.update(smoke(out, Path(src)))
-    return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}
+    result = {"artifact": out.name, "metrics": metrics, "f16": str(f16), "runtime": "llama.cpp",
+              # llama.cpp's default name beside the typed one, and an Ollama Modelfile for it
+              "publish": {"aliases": ["model.gguf"],
+                          "hooks": {"ollama": "quantpipe.deploy.modelfile.write_modelfile"}}}
+    if imatrix:
+        result["calibration"] = [{"name": "calibration-text", "text_file": imatrix.get("text_file"),
+                                  "split": "calib", "key": "quant.backend.imatrix.text_file"}]
+    return result
+
+
+def _check(type: str = "q4_k_m", imatrix: dict | None = None) -> None:
+    ftype_of(type)
+
+
+quantize_gguf.check = _check  # preflight: an unknown type fails before any conversion
 
 
 def gguf_metadata(path: Path) -> dict:

@@ -15,4 +15,4 @@ def save_fp16(src: Path, dst: Path, ctx) -> dict:
                 os.link(f, dst / f.name)
             except OSError:
                 shutil.copy2(f, dst / f.name)
-    return {"artifact": ".", "metrics": {}}
+    return {"artifact": ".", "runtime": "transformers", "metrics": {}}

@@ -84,12 +84,17 @@ def gpu_serving(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None
         quality = ("its CPU run passed the gate" if r is not None and r["name"] in gate_of
                    else "the FP16 reference itself" if r is not None and r["method"] == "none"
                    else "its quality was not measured on CPU")
-        small = _pick(ok, "peak_gpu_mb")
+        # the process's own GPU memory (NVML) where every row has it: torch's allocator counter
+        # leaves out the CUDA context that llama.cpp's figure includes
+        mem = ("gpu_process_peak_mb" if ok and all("gpu_process_peak_mb" in g["metrics"]
+                                                   for g in ok) else "peak_gpu_mb")
+        small = _pick(ok, mem)
         if small is not None and small is not r:
-            quality += (f"; least memory: {small['name']}, {metric(small, 'peak_gpu_mb', 0)} MB "
+            quality += (f"; least memory: {small['name']}, {metric(small, mem, 0)} MB "
                         f"at {metric(small, 'decode_tok_s', 1)} tok/s")
         out.append((f"GPU serving ({shape})", r, "no GPU run of a gate-passing format"
-                    if r is None else f"{metric(r, 'decode_tok_s', 1)} tok/s decode, peak GPU "
-                    f"memory {metric(r, 'peak_gpu_mb', 0)} MB on "
+                    if r is None else f"{metric(r, 'decode_tok_s', 1)} tok/s decode "
+                    f"({r['tags'].get('eval.runtime', 'transformers')}), GPU memory "
+                    f"{metric(r, mem, 0)} MB on "
                     f"{r['tags'].get('hardware.gpu', '?')}; {quality}"))
     return out
