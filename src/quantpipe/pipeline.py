@@ -212,14 +212,14 @@ def native_speed_only(metrics: dict[str, float], speed: dict) -> dict[str, float
 def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict) -> dict[str, float]:
     """Size, speed and quality of the variant against the merged FP16 reference."""
     from quantpipe.evaluate import evaluate_variant
+    speed = variant["speed"]
+    tags = {"eval.runtime": variant["runtime"]}
+    if not speed.get("native", True):
+        tags["eval.speed"] = f"not the format's speed: {speed.get('why')}"
     with tracking.stage_run("evaluate"):
-        metrics = native_speed_only(evaluate_variant(cfg, merged, variant), variant["speed"])
-        if not variant["speed"].get("native", True):
-            mlflow.set_tag("eval.speed", f"not the format's speed: {variant['speed'].get('why')}")
+        metrics = native_speed_only(evaluate_variant(cfg, merged, variant), speed)
         mlflow.log_metrics(metrics)
-    mlflow.set_tag("eval.runtime", variant["runtime"])  # on the variant run (the report reads it)
-    if not variant["speed"].get("native", True):
-        mlflow.set_tag("eval.speed", f"not the format's speed: {variant['speed'].get('why')}")
+    mlflow.set_tags(tags)  # on the variant run: the report reads them there
     return metrics
 
 
