@@ -105,10 +105,18 @@ def swap_activations(folder: Path, dst: Path, acts: dict) -> None:
         save_file(tensors, dst / f.name, metadata={"format": "pt"})
 
 
+def plain(value):
+    """Hydra hands a partial's arguments over as DictConfig / ListConfig: plain JSON-able data."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
                   input_activations: dict | None = None, serve_activations: dict | None = None,
                   ignore: tuple = ("lm_head",), calibration: dict | None = None) -> dict:
     py = llmc_python()
+    modifiers, weights, input_activations, serve_activations, ignore, calibration = map(
+        plain, (modifiers, weights, input_activations, serve_activations, ignore, calibration))
     s = calibration_settings(calibration)
     key = "quant.backend.calibration.text_file"
     text, source = load_text(s["text_file"], "calib", key)
