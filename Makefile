@@ -69,7 +69,7 @@ ui: setup  ## MLflow UI on http://127.0.0.1:5000 over mlruns/
 test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: setup tools  ## end-to-end tests on the real default model and llama.cpp tools
+test-slow: setup tools llmc  ## end-to-end tests on the real default model, llama.cpp tools, llm-compressor
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 tools: $(VENV)/.tools  ## build llama.cpp's tools (quantize, imatrix, perplexity, bench; ~5 min)
