@@ -68,7 +68,8 @@ def check_variant(cfg, metrics: dict, name: str) -> Path:
 
 
 def merged_folder(cfg) -> Path:
-    return next((Path(cfg.paths.artifacts) / "merge").iterdir())
+    return next(p for p in (Path(cfg.paths.artifacts) / "merge").iterdir()
+                if p.is_dir() and not p.name.startswith("."))  # not the .lock files beside it
 
 
 @needs_llmc
