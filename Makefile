@@ -15,7 +15,7 @@ ARGS ?=
 export QP_MAKEOVERRIDES = $(MAKEOVERRIDES)
 WITH_OVERRIDES := $(PY) scripts/with_overrides.py
 UI_PORT ?= 5000
-SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned
+SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned,gptq_w4a16,awq_w4a16,w8a8_int8,w8a8_int8_dynamic
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
@@ -23,7 +23,8 @@ export PYTHONUNBUFFERED := 1
 -include .cluster/cluster.mk
 
 .PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
-        gpu-bench gpu-import serve modelfile smoke cluster-up cluster-down ray-deps clean chromium
+        gpu-bench gpu-import gpu-carry llmc serve modelfile smoke cluster-up cluster-down ray-deps clean \
+        chromium
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -41,10 +42,26 @@ $(STAMP): requirements/base.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-pipeline: setup  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
+# llm-compressor (GPTQ/AWQ/SmoothQuant variants) pins transformers <=5.17, the pipeline 5.23: it
+# gets its own venv, run as a subprocess by quantpipe/quantize/llmc.py (~3 min on first use)
+LLMC_VENV ?= .venv-llmc
+LLMC_STAMP := $(LLMC_VENV)/.installed
+llmc: $(LLMC_STAMP)  ## build .venv-llmc (llm-compressor 0.14.0.1, transformers 5.17; ~3 min)
+
+$(LLMC_STAMP): requirements/llmc.txt
+	test -x $(LLMC_VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(LLMC_VENV) || python3 -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLMC_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LLMC_VENV)/bin/python -m pip install -q -r requirements/llmc.txt
+	touch $@
+
+# only variants made by llm-compressor need its venv
+NEEDS_LLMC = $(if $(findstring w4a16,$(1))$(findstring w8a8,$(1)),llmc)
+
+pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS))  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)
 
-sweep: setup  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
+sweep: setup $(call NEEDS_LLMC,$(SWEEP))  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
 
 adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when missing)
@@ -63,7 +80,7 @@ endif
 test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: setup tools ray-deps chromium  ## end-to-end tests: default model, llama.cpp tools, SLURM + MLflow server (root), Ray, a browser
+test-slow: setup tools ray-deps chromium llmc  ## end-to-end tests: default model, llama.cpp tools, llm-compressor, SLURM + MLflow server (root), Ray, a browser
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 # the MLflow UI test loads the compare page in headless Chromium (Debian's package, ~100 MB)
@@ -90,11 +107,14 @@ GPU_LABEL ?= $(shell hostname -s)
 GPU_BENCH_OUT ?= benchmarks/results/gpu-$(GPU_LABEL)-$(shell date -u +%F).json
 gpu-bench:  ## fp16/int8/int4 speed + GPU memory on random-weight shapes (no CUDA: prints what to run)
 	@command -v $(GPU_PYTHON) >/dev/null || { echo "$(GPU_PYTHON) not found: make setup, or GPU_PYTHON=python3 make gpu-bench"; exit 2; }
-	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_bench.py --out $(GPU_BENCH_OUT) --label $(GPU_LABEL) $(ARGS)
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_bench.py --out $(GPU_BENCH_OUT) --label $(GPU_LABEL) \
+	  $(if $(wildcard .devcarry/llama.cpp.tar.gz),--llama-src .devcarry/llama.cpp.tar.gz --tokenizer .devcarry/tokenizer) $(ARGS)
 
-gpu-import: setup  ## GPU bench records -> MLflow runs (FILE=benchmarks/results/gpu-*.json; idempotent)
-	@test -n "$(FILE)" || { echo "usage: make gpu-import FILE=benchmarks/results/gpu-<machine>-<date>.json"; exit 2; }
+gpu-import: setup  ## GPU bench records -> MLflow runs (all benchmarks/results/gpu-*.json, or FILE=...; idempotent)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.gpu_import $(FILE) $(ARGS)
+
+gpu-carry:  ## pack .devcarry/ for a GPU machine with no registry (trimmed llama.cpp, bitsandbytes, tokenizer)
+	bash benchmarks/gpu_carry.sh .devcarry
 
 serve: setup  ## OpenAI-compatible server on 127.0.0.1:8000 for the champion / quantized/model.gguf
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy serve $(ARGS)

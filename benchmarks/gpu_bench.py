@@ -1,7 +1,9 @@
-"""GPU speed and memory of fp16 / bitsandbytes int8 (LLM.int8) / int4 (NF4) on real model shapes.
+"""GPU speed and memory of fp16 / bitsandbytes int8 (LLM.int8) / int4 (NF4) and GGUF on llama.cpp's
+CUDA build (f16, q8_0, q4_0, q4_k_m; benchmarks/gpu_gguf.py) on real model shapes.
 
     make gpu-bench                      # with CUDA: runs; without: prints what to run on a GPU box
     PYTHONPATH=src python3 benchmarks/gpu_bench.py --out gpu-bench.json [--shapes smollm2-135m]
+        [--llama-src .devcarry/llama.cpp.tar.gz --tokenizer .devcarry/tokenizer]   # GGUF rows
     make gpu-import FILE=gpu-bench.json # the records become MLflow runs (pipelines/gpu_import.py)
 
 Speed and memory depend on a model's shape, not on its trained values, so each shape is built
@@ -64,13 +66,16 @@ SHAPES = {
                          tie_word_embeddings=False),
 }
 DEFAULT_SHAPES = "smollm2-135m,llama-3.2-1b,llama-3.1-8b"
-VARIANTS = ("fp16", "int8", "int4")
+HF_VARIANTS = ("fp16", "int8", "int4")
+GGUF_VARIANTS = ("gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m")
+VARIANTS = HF_VARIANTS + GGUF_VARIANTS
 QUANT = {  # what each variant is, as the importer tags it (same names as conf/quant/*.yaml)
-    "fp16": {"name": "fp16", "family": "hf", "method": "none", "bits": 16},
+    "fp16": {"name": "fp16", "family": "hf", "method": "none", "bits": 16,
+             "runtime": "transformers"},
     "int8": {"name": "int8", "family": "hf", "method": "dynamic", "bits": 8,
-             "scheme": "bitsandbytes LLM.int8", "threshold": 6.0},
+             "scheme": "bitsandbytes LLM.int8", "threshold": 6.0, "runtime": "transformers"},
     "int4": {"name": "int4", "family": "hf", "method": "dynamic", "bits": 4,
-             "scheme": "bitsandbytes nf4", "double_quant": True},
+             "scheme": "bitsandbytes nf4", "double_quant": True, "runtime": "transformers"},
 }
 
 INSTRUCTIONS = """\
@@ -92,6 +97,15 @@ def version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+def gguf_module():
+    """benchmarks/gpu_gguf.py, whether this file runs as a script or is imported by the tests."""
+    try:
+        from benchmarks import gpu_gguf
+    except ImportError:
+        import gpu_gguf
+    return gpu_gguf
 
 
 def hardware(torch) -> dict:
@@ -176,6 +190,7 @@ def measure_variant(torch, folder: Path, variant: str, dtype, device: str, promp
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    sampler = gguf_module().GpuMemSampler(os.getpid()).__enter__() if cuda else None
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -191,7 +206,10 @@ def measure_variant(torch, folder: Path, variant: str, dtype, device: str, promp
     metrics.update(measure_speed(make_runtime(model), prompt, args.new_tokens, args.warmup,
                                  args.repeats))
     if cuda:
-        metrics[Metric.PEAK_GPU_MB] = torch.cuda.max_memory_allocated() / 2**20
+        metrics["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        sampler.__exit__()
+        if sampler.peak_mb is not None:  # the whole process, CUDA context included (= GGUF rows)
+            metrics["gpu_process_peak_mb"] = sampler.peak_mb
     del model
     free(torch)
     return metrics
@@ -208,7 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma list of {', '.join(SHAPES)}")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=None,
+                   help=f"comma list of {', '.join(VARIANTS)} (default: the HF ones, and the GGUF "
+                   "ones when --llama-src is given)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmup", type=int, default=1)
@@ -218,11 +238,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no new variant after this long (a lease's time limit)")
     p.add_argument("--cpu", action="store_true", help="run without CUDA (smoke test, tiny shape)")
+    p.add_argument("--llama-src", type=Path, default=None,
+                   help="trimmed llama.cpp tarball (benchmarks/gpu_carry.sh) for the GGUF variants")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="folder with SmolLM2's tokenizer files (the GGUF converter needs one)")
+    p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "quantpipe-gpu",
+                   help="llama.cpp build and GGUF files, kept between calls on one machine")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the records already in --out and measure only the rest")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = ",".join(VARIANTS if args.llama_src else HF_VARIANTS)
     for name, allowed in (("shapes", SHAPES), ("variants", VARIANTS)):
         bad = [x for x in getattr(args, name).split(",") if x not in allowed]
         if bad:
             p.error(f"--{name}: unknown {bad}; choose from {', '.join(allowed)}")
+    if any(v in GGUF_VARIANTS for v in args.variants.split(",")) and not (
+            args.llama_src and args.tokenizer):
+        p.error("GGUF variants need --llama-src and --tokenizer (bash benchmarks/gpu_carry.sh)")
     return args
 
 
@@ -232,6 +265,27 @@ def git_sha() -> str:
                               text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def record(shape: str, variant: str, info: dict, quant: dict, metrics: dict, common: dict,
+           **extra) -> dict:
+    metrics.update({"fp16_size_mb": info["fp16_size_mb"],
+                    "compression": info["fp16_size_mb"] / metrics["size_mb"],
+                    "bits_per_weight": 8 * metrics["size_mb"] * 2**20 / info["n_params"]})
+    return {"shape": shape, "variant": variant,
+            "shape_config": {**SHAPES[shape], "n_params": info["n_params"]}, "quant": quant,
+            **common, "build_s": info["build_s"], **extra,
+            "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "metrics": metrics}
+
+
+def print_row(shape: str, variant: str, m: dict) -> None:
+    load = f"load {m['load_s']:6.2f} s" if "load_s" in m else "load      — "
+    print(f"{shape:>13} {variant:>11}: {load} | weights {m['size_mb']:8.1f} MiB | peak "
+          f"{m.get('peak_gpu_mb', float('nan')):8.1f} MiB (process "
+          f"{m.get('gpu_process_peak_mb', float('nan')):8.1f}) | prefill "
+          f"{m['prefill_tok_s']:8.0f} tok/s | decode {m['decode_tok_s']:7.1f} tok/s "
+          f"[{m['decode_tok_s_min']:.1f}-{m['decode_tok_s_max']:.1f}]", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +314,24 @@ def main(argv: list[str] | None = None) -> int:
               "git_sha": args.git_sha or git_sha(), "script": "benchmarks/gpu_bench.py"}
     print(f"{hw['gpu']} | torch {hw['torch']} CUDA {hw.get('cuda')} | transformers "
           f"{hw['transformers']} | bitsandbytes {hw['bitsandbytes']}", flush=True)
-    t_start, records, failed = time.perf_counter(), [], []
+    t_start, failed = time.perf_counter(), []
+    records = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else []
+    done = {(r["shape"], r["variant"]) for r in records}
+    variants = args.variants.split(",")
+    llama = None
+    if any(v in GGUF_VARIANTS for v in variants):
+        args.work.mkdir(parents=True, exist_ok=True)
+        bindir, src_dir, build_s = gguf_module().build_llama(args.llama_src, args.work, os.cpu_count() or 4)
+        llama = (bindir, src_dir)
+        print(f"llama.cpp (CUDA, sm_90) ready in {bindir}: built in {build_s:.0f} s", flush=True)
     for shape in args.shapes.split(","):
+        todo = [v for v in variants if (shape, v) not in done]
+        if not todo:
+            continue
+        if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
+            print(f"{shape}: skipped, past --max-minutes", flush=True)
+            failed += [f"{shape}/{v}" for v in todo]
+            continue
         folder, info = build_checkpoint(torch, shape, device, dtype)
         print(f"{shape}: {info['n_params'] / 1e6:.1f} M params, built and saved in "
               f"{info['build_s']:.1f} s", flush=True)
@@ -269,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = torch.randint(3, SHAPES[shape]["vocab_size"], (args.prompt_tokens,),
                                generator=gen).tolist()
         try:
-            for variant in args.variants.split(","):
+            for variant in [v for v in todo if v in HF_VARIANTS]:
                 if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
                     print(f"{shape} {variant}: skipped, past --max-minutes", flush=True)
                     failed.append(f"{shape}/{variant}")
@@ -281,28 +351,32 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(f"{shape}/{variant}")
                     free(torch)
                     continue
-                m.update({Metric.FP16_SIZE_MB: info["fp16_size_mb"],
-                          Metric.COMPRESSION: info["fp16_size_mb"] / m[Metric.SIZE_MB],
-                          Metric.BITS_PER_WEIGHT: 8 * m[Metric.SIZE_MB] * 2**20 / info["n_params"]})
                 quant = dict(QUANT[variant])
                 if variant == "int4":
                     quant["compute_dtype"] = protocol["dtype"]
-                records.append({"shape": shape, "variant": variant,
-                                "shape_config": {**SHAPES[shape], "n_params": info["n_params"]},
-                                "quant": quant, **common, "build_s": info["build_s"],
-                                "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(
-                                    timespec="seconds"),
-                                "metrics": m})
+                records.append(record(shape, variant, info, quant, m, common))
                 write_json(args.out, records)
-                print(f"{shape:>13} {variant:>4}: load {m[Metric.LOAD_S]:6.2f} s | weights "
-                      f"{m[Metric.SIZE_MB]:8.1f} MiB | peak "
-                      f"{m.get(Metric.PEAK_GPU_MB, float('nan')):8.1f} MiB | TTFT "
-                      f"{m[Metric.TTFT_MS]:7.1f} ms | prefill {m[Metric.PREFILL_TOK_S]:8.0f} "
-                      f"tok/s | decode {m[Metric.DECODE_TOK_S]:6.1f} tok/s "
-                      f"[{m[Metric.DECODE_TOK_S_MIN]:.1f}-{m[Metric.DECODE_TOK_S_MAX]:.1f}]",
-                      flush=True)
+                print_row(shape, variant, m)
+            if gguf := [v for v in todo if v in GGUF_VARIANTS]:
+                try:
+                    res = gguf_module().gguf_variants(folder, shape, gguf, args, args.work, *llama)
+                except Exception as e:
+                    print(f"{shape} GGUF: FAILED {type(e).__name__}: {e}", flush=True)
+                    failed += [f"{shape}/{v}" for v in gguf]
+                    res = {}
+                for variant, r in res.items():
+                    gproto = {**protocol, "dtype": r["quant"]["type"], "warmup": 1,
+                              "repeats": max(args.repeats, 5),
+                              "prompt": "llama-bench pp/tg: random tokens, tg from an empty "
+                                        "context, all layers on the GPU, flash attention"}
+                    records.append(record(shape, variant, info, r["quant"], r["metrics"],
+                                          {**common, "protocol": gproto},
+                                          llama_bench=r["llama_bench"]))
+                    write_json(args.out, records)
+                    print_row(shape, variant, r["metrics"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(args.work / f"gguf-{shape}", ignore_errors=True)
     print(f"{len(records)} records -> {args.out} in {time.perf_counter() - t_start:.0f} s"
           + (f"; not measured: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0

@@ -1,7 +1,8 @@
 """Import GPU benchmark records (the JSON of benchmarks/gpu_bench.py) into MLflow, one run each.
 
+    make gpu-import                    # every benchmarks/results/gpu-*.json (make report does it too)
     make gpu-import FILE=benchmarks/results/gpu-nvidia-h100-x1-2026-11-22.json
-    python -m pipelines.gpu_import FILE [Hydra overrides, e.g. paths.root=/tmp/x]
+    python -m pipelines.gpu_import [FILE] [Hydra overrides, e.g. paths.root=/tmp/x]
 
 The store and experiment come from the project's config (conf/tracking, via
 quantpipe.tracking.setup), so the runs sit beside the CPU variant runs and the report can show
@@ -27,14 +28,17 @@ from omegaconf import DictConfig
 
 from quantpipe import PROJECT_ROOT
 from quantpipe.errors import ConfigError
-from quantpipe.names import Kind, Metric, Tag
+from quantpipe.names import Kind, Tag
 
 KIND = Kind.GPU_BENCH
 KEY_TAG = Tag.IMPORT_KEY
 LIBRARY_KEYS = ("torch", "transformers", "bitsandbytes", "accelerate", "python")
-# every record must have these (names fixed by the pipeline's variant runs)
-REQUIRED_METRICS = (Metric.LOAD_S, Metric.SIZE_MB, Metric.TTFT_MS, Metric.PREFILL_TOK_S,
-                    Metric.DECODE_TOK_S, Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX)
+# every record must have these (names fixed by the pipeline's variant runs); load_s too where
+# transformers ran it (llama-bench, for the llama.cpp rows, reports no load time)
+REQUIRED_METRICS = ("size_mb", "ttft_ms", "prefill_tok_s", "decode_tok_s",
+                    "decode_tok_s_min", "decode_tok_s_max")
+RUNTIME_METRICS = {"transformers": ("load_s",), "llama.cpp": ()}
+RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 SPEED_KEYS = ("prompt_tokens", "new_tokens", "warmup", "repeats")  # = conf/eval speed.*
 FIX = "pass a JSON file written by benchmarks/gpu_bench.py"
 
@@ -64,7 +68,9 @@ def load_records(path: Path) -> tuple[list[dict], str]:
         missing = [k for k in ("shape", "variant", "hardware", "metrics") if k not in r]
         if missing or "gpu" not in r["hardware"]:
             raise ConfigError("FILE", f"{where} lacks {missing or ['hardware.gpu']}", FIX)
-        need = REQUIRED_METRICS + ((Metric.PEAK_GPU_MB,) if r["hardware"]["gpu"] != "none" else ())
+        runtime = r.get("quant", {}).get("runtime", "transformers")
+        need = REQUIRED_METRICS + RUNTIME_METRICS.get(runtime, ()) + (
+            ("peak_gpu_mb",) if r["hardware"]["gpu"] != "none" else ())
         if lacking := [m for m in need if m not in r["metrics"]]:
             raise ConfigError("FILE", f"{where} lacks metrics {lacking}", FIX)
         bad = {k: v for k, v in r["metrics"].items()
@@ -76,9 +82,10 @@ def load_records(path: Path) -> tuple[list[dict], str]:
 
 def run_tags(r: dict, source: str, sha: str, key: str) -> dict[str, str]:
     q = r.get("quant", {"name": r["variant"]})
-    tags = {Tag.KIND: KIND, KEY_TAG: key, Tag.QUANT_NAME: r["variant"],
-            Tag.QUANT_FAMILY: q.get("family", "hf"), Tag.QUANT_METHOD: q.get("method", ""),
-            Tag.SHAPE: r["shape"], "source.file": source, "source.sha256": sha,
+    tags = {"quantpipe.kind": KIND, KEY_TAG: key, "quant.name": r["variant"],
+            "quant.family": q.get("family", "hf"), "quant.method": q.get("method", ""),
+            "eval.runtime": q.get("runtime", "transformers"),
+            "shape": r["shape"], "source.file": source, "source.sha256": sha,
             "bench.label": r.get("label", ""), "bench.git_sha": r.get("git_sha", "unknown"),
             "bench.measured_at": r.get("measured_at", "")}
     for k, v in r["hardware"].items():
@@ -136,14 +143,27 @@ def import_file(path: Path, tracking: DictConfig) -> dict[str, list[str]]:
     return out
 
 
+def import_results(tracking: DictConfig, files: list[Path] | None = None) -> dict[str, list]:
+    """Import every committed GPU result file (benchmarks/results/gpu-*.json); idempotent, so
+    `make report` runs it on a fresh clone and the GPU section never depends on a local store."""
+    out: dict[str, list] = {"created": [], "skipped": []}
+    for f in files if files is not None else sorted(RESULTS.glob("gpu-*.json")):
+        res = import_file(f, tracking)
+        out["created"] += res["created"]
+        out["skipped"] += res["skipped"]
+    return out
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+    if argv and (argv[0].startswith("-") or argv[0] in ("help",)):
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    cfg = compose(argv[1:])
-    res = import_file(Path(argv[0]), cfg.tracking)
-    print(f"{argv[0]}: {len(res['created'])} runs created, {len(res['skipped'])} already there "
-          f"(experiment {cfg.tracking.experiment!r}, {cfg.tracking.uri})")
+    files = [Path(argv.pop(0))] if argv and "=" not in argv[0] else None
+    cfg = compose(argv)
+    res = import_results(cfg.tracking, files)
+    print(f"{'all of ' + str(RESULTS) if files is None else files[0]}: {len(res['created'])} runs "
+          f"created, {len(res['skipped'])} already there (experiment {cfg.tracking.experiment!r}, "
+          f"{cfg.tracking.uri})")
     return 0
 
 

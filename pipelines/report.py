@@ -4,7 +4,8 @@
     python -m pipelines.report --sweep RUN_ID --out /tmp/r.md
     python -m pipelines.report tracking=remote    # Hydra overrides choose the store
 
-Runs: the newest sweep run's variants by default, else the newest finished run per quant.name.
+First the committed GPU result files (benchmarks/results/gpu-*.json) are imported into the store
+(idempotent; pipelines/gpu_import.py). Runs: the newest sweep run's variants by default, else the newest finished run per quant.name.
 The trailing words are Hydra overrides of conf/ (only tracking.*, paths.root and registry.*
 matter here).
 """
@@ -46,10 +47,15 @@ def main(argv: list[str] | None = None) -> Path:
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "QUANTISATION-REPORT.md",
                     help="markdown file to write; plots go to report/ beside it")
     ap.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")
+    ap.add_argument("--no-gpu-import", action="store_true",
+                    help="do not import benchmarks/results/gpu-*.json into the store first")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. tracking=remote")
     args = ap.parse_args(argv)
     with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=args.overrides)
+    if not args.no_gpu_import:  # the committed GPU result files, imported once (idempotent)
+        from pipelines.gpu_import import import_results
+        import_results(cfg.tracking)
     mlflow.set_tracking_uri(str(cfg.tracking.uri))
     client = mlflow.MlflowClient()
     sel = select(client, args.experiment or str(cfg.tracking.experiment), args.sweep)

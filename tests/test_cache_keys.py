@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from quantpipe import tracking
 from quantpipe.names import Stage, Tag
@@ -58,18 +57,16 @@ def test_a_new_converter_converts_the_f16_gguf_again(tmp_path, tiny_base, monkey
     assert again != first and again.is_file()
 
 
-@pytest.fixture
-def backend_cfg() -> dict:
-    return {"_target_": "quantpipe.quantize.gguf.quantize_gguf", "_partial_": True,
-            "type": "q4_k_m", "imatrix": {"text_file": "/somewhere/calib.txt", "chunks": 32}}
-
-
-def test_calibration_text_enters_the_key_by_content_not_path(backend_cfg):
-    key = quantise_key(backend_cfg, "some calibration text")
-    moved = quantise_key({**backend_cfg, "imatrix": {**backend_cfg["imatrix"],
-                                                     "text_file": "/elsewhere/calib.txt"}},
-                         "some calibration text")
-    edited = quantise_key(backend_cfg, "some calibration text, edited")
-    assert key == moved and key != edited
-    assert "/somewhere" not in str(key)
-    assert quantise_key({"type": "q4_0"}, None) == {"type": "q4_0"}  # dynamic: as configured
+def test_calibration_text_enters_the_key_by_content_not_path(tmp_path):
+    def cfg(path):
+        return {"_target_": "quantpipe.quantize.gguf.quantize_gguf", "_partial_": True,
+                "type": "q4_k_m", "imatrix": {"text_file": str(path), "chunks": 32}}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, moved = tmp_path / "a" / "calib.txt", tmp_path / "b" / "calib.txt"
+    first.write_text("some calibration text")
+    moved.write_text("some calibration text")
+    key, key_moved = quantise_key(cfg(first)), quantise_key(cfg(moved))
+    first.write_text("some calibration text, edited")
+    assert key == key_moved and key != quantise_key(cfg(first))
+    assert str(tmp_path) not in str(key)
+    assert quantise_key({"type": "q4_0"}) == {"type": "q4_0"}  # dynamic: as configured

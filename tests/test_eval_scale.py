@@ -121,7 +121,7 @@ def test_time_budget_scores_fewer_windows_and_says_so(cfg_factory):
     [gguf] = Path(cfg_factory().paths.artifacts, "quantise").glob("*/model-q4_0.gguf")
     [merged] = Path(cfg_factory().paths.artifacts, "merge").glob("*/config.json")
     probe = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3")
-    least = estimate_seconds(gguf, memory.shape_of(merged.parent), probe, 1)
+    least = estimate_seconds(gguf, "llama.cpp", memory.shape_of(merged.parent), probe, 1)
     # a budget the up-front estimate accepts (least <= 2 x budget) but that one real window
     # (tens of ms: 32 rows of 49k-token log-softmax) already uses up
     cfg = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3", f"eval.max_minutes={least / 60:.3g}")

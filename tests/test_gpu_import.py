@@ -118,6 +118,13 @@ def test_bad_file_names_what_is_wrong(tmp_path, store_root):
 def test_committed_gpu_results(path, store_root):
     records, _ = gpu_import.load_records(path)
     by = {(r["shape"], r["variant"]): r["metrics"] for r in records}
+    for shape in {r["shape"] for r in records if (r["shape"], "gguf_q4_0") in by}:
+        # llama.cpp on CUDA: fewer bits, smaller file; q4 decodes faster than f16 from 1B up
+        # (memory-bound); token embeddings stay in host memory, so no peak >= size here
+        q8, q4, f16 = (by[(shape, f"gguf_{t}")] for t in ("q8_0", "q4_0", "f16"))
+        assert q4["size_mb"] < q8["size_mb"] < f16["size_mb"]
+        if shape != "smollm2-135m":
+            assert q4["decode_tok_s"] > f16["decode_tok_s"]
     for shape in {r["shape"] for r in records}:
         fp16, int8, int4 = (by[(shape, v)] for v in ("fp16", "int8", "int4"))
         assert int4["size_mb"] < int8["size_mb"] < fp16["size_mb"]
@@ -128,3 +135,16 @@ def test_committed_gpu_results(path, store_root):
     cfg = tracking(store_root, f"committed-{path.stem}")
     assert len(gpu_import.import_file(path, cfg)["created"]) == len(records)
     assert {r.data.tags["hardware.gpu"] for r in bench_runs(cfg)} == {records[0]["hardware"]["gpu"]}
+
+
+def test_committed_results_all_import_once(store_root):
+    """`make gpu-import` / `make report` import every committed file; a second pass adds nothing,
+    and the GGUF-on-CUDA rows arrive tagged with their runtime."""
+    cfg = tracking(store_root, "committed-all")
+    first = gpu_import.import_results(cfg)
+    again = gpu_import.import_results(cfg)
+    assert again["created"] == [] and sorted(again["skipped"]) == sorted(first["created"])
+    gguf = {(r.data.tags["shape"], r.data.tags["quant.name"]) for r in bench_runs(cfg)
+            if r.data.tags["eval.runtime"] == "llama.cpp"}
+    if any("gguf" in p.read_text() for p in RESULTS):
+        assert {("llama-3.1-8b", t) for t in ("gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m")} <= gguf

@@ -115,7 +115,9 @@ def check_table(md: str, section: str, runs: dict, columns: dict[str, str],
 def test_report_numbers_are_the_mlflow_metrics(store, tmp_path):
     from pipelines.report import main
     root, client, cfg = store
-    out = main(["--out", str(tmp_path / "R.md"), f"paths.root={root}"])
+    # --no-gpu-import: this store holds the 2026-11-22 file only (imported above), so the GPU
+    # table's rows are known; tests/test_gpu_import.py covers importing every committed file
+    out = main(["--out", str(tmp_path / "R.md"), "--no-gpu-import", f"paths.root={root}"])
     md = out.read_text()
     (sweep,) = search(client, cfg, "tags.`quantpipe.kind` = 'sweep'")
     runs = {r.info.run_id: r for r in search(
@@ -182,10 +184,11 @@ def test_unknown_sweep_id_names_the_option(store):
         select(client, cfg.tracking.experiment, "0" * 32)
 
 
-def row(name, method, kind="gguf", qtype="q4_k_m", digest="d1", **metrics):
+def row(name, method, kind="gguf", qtype="q4_k_m", digest="d1", compare=None, **metrics):
     """A report row as quantpipe.report.query.as_row makes it, for the sections' own logic."""
+    params = {"quant.type": qtype, "quant.compare": compare or f"{kind}_{qtype}"}
     return {"run_id": name * 4, "name": name, "label": name, "family": kind, "method": method,
-            "gate": "passed", "tags": {}, "params": {"quant.type": qtype}, "metrics": metrics,
+            "gate": "passed", "tags": {}, "params": params, "metrics": metrics,
             "stages": [], "datasets": [{"name": "eval-text[eval]", "digest": digest, "source": "x",
                           "context": "evaluation", "run_id": name * 4}]}
 
@@ -198,6 +201,25 @@ def test_static_vs_dynamic_pairs_the_same_type_on_the_same_text():
     assert "KLD 0.05000 -> 0.04000 (-20.0 %)" in text and "gguf_q4_0" not in text
     moved = row("gguf_imatrix_q4_k_m", "static", digest="d2", kld_mean=0.04)
     assert "not comparable" in tables.static_vs_dynamic([dyn, moved])
+
+
+def test_static_vs_dynamic_groups_by_precision_not_by_format():
+    """int4: NF4 (dynamic) beside GPTQ and AWQ (static); int8: LLM.int8 and W8A8 dynamic beside
+    W8A8 static; each static one compared with each dynamic one of its group."""
+    rows = [row("int4", "dynamic", kind="hf", compare="int4", kld_mean=0.10),
+            row("gptq_w4a16", "static", kind="hf", compare="int4", kld_mean=0.05),
+            row("awq_w4a16", "static", kind="hf", compare="int4", kld_mean=0.08),
+            row("int8", "dynamic", kind="hf", compare="int8", kld_mean=0.002),
+            row("w8a8_int8", "static", kind="hf", compare="int8", kld_mean=0.004),
+            row("w8a8_int8_dynamic", "dynamic", kind="hf", compare="int8", kld_mean=0.003),
+            row("fp16", "none", kind="hf", compare="None")]
+    text = tables.static_vs_dynamic(rows)
+    assert "int4: gptq_w4a16 (static) vs int4 (dynamic) on the same text: KLD 0.10000 -> " \
+           "0.05000 (-50.0 %)" in text
+    assert "int4: awq_w4a16 (static) vs int4 (dynamic)" in text
+    assert "int8: w8a8_int8 (static) vs w8a8_int8_dynamic (dynamic)" in text
+    assert "int8: w8a8_int8 (static) vs int8 (dynamic)" in text
+    assert "**fp16**" not in text
 
 
 def test_pareto_front_keeps_only_undominated_variants():
@@ -302,7 +324,7 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
                         "datasets": []}]
     text = tables.tuned_vs_imatrix([plain, imat, tuned])
     lines = [ln for ln in text.splitlines() if ln.startswith("| **")]
-    assert [ln.split("|")[2].strip() for ln in lines] == ["plain", "imatrix", "tuned"]
+    assert [ln.split("|")[2].strip() for ln in lines] == ["plain", "calibrated", "tuned"]
     assert "[0.03100, 0.03900]" in lines[1] and "—" in lines[2]  # CI only where logged
     assert "Lowest held-out KLD: **gguf_tuned_q4_k_m** (tuned)" in text
     assert "sensitivity-searched mix" in text

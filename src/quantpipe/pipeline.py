@@ -23,6 +23,9 @@ from quantpipe.names import Gate, Kind, Metric, Stage, Tag
 
 log = logging.getLogger(__name__)
 WEIGHT_FILES = (".safetensors", ".bin")
+# version of the backend result's keys (artifact, runtime, calibration, speed, publish): part of
+# the quantise fingerprint, so a cache entry written before a key existed is rebuilt, not misread
+RESULT_CONTRACT = 2
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # offline by default: nothing is fetched at run time
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import mlflow  # noqa: E402
@@ -65,15 +68,14 @@ def require_quant(cfg: DictConfig) -> DictConfig:
 
 def preflight(cfg: DictConfig) -> None:
     """Bad input that can be seen in a second, refused before hours of merging and converting:
-    output folders that cannot be written, a publish name leading out of paths.quantized, an
-    unknown GGUF type, a missing eval text."""
+    output folders that cannot be written, a publish name leading out of paths.quantized, a
+    backend's own check of its arguments (e.g. an unknown llama.cpp type), a missing eval text."""
     from quantpipe.data import load_text
+    from quantpipe.quantize import check_backend
     art.check_writable(Path(cfg.paths.artifacts), "paths.artifacts")
     art.check_writable(Path(cfg.paths.quantized), "paths.quantized")
     art.inside(Path(cfg.paths.quantized), str(cfg.quant.publish), "quant.publish")
-    if cfg.quant.family == "gguf":
-        from quantpipe.quantize.gguf import ftype_of
-        ftype_of(str(cfg.quant.type))
+    check_backend(cfg.quant)
     if cfg.eval.text_file is not None:
         load_text(cfg.eval.text_file, "eval", "eval.text_file")
     preflight_memory(cfg)
@@ -145,13 +147,22 @@ def made_by(module: Any) -> dict[str, Any]:
             "versions": tracking.versions_of(getattr(module, "LIBRARIES", ()))}
 
 
-def quantise_key(backend_cfg: dict, calibration_text: str | None) -> dict:
-    """The backend's settings as the quantise stage's cache key: a calibration text enters by its
-    content digest, not its path (an edited file rebuilds; the same text elsewhere does not)."""
-    if calibration_text is None or "imatrix" not in backend_cfg:
-        return backend_cfg
-    imatrix = {**backend_cfg["imatrix"], "text_file": art.fingerprint(calibration_text)}
-    return {**backend_cfg, "imatrix": imatrix}
+def quantise_key(backend_cfg: Any) -> Any:
+    """The backend's settings as the quantise stage's cache key: any `text_file` a backend
+    names (a calibration text) enters by its content digest, not its path (an edited file
+    rebuilds; the same text elsewhere does not). null means the default split, which the
+    recipe already decides."""
+    if isinstance(backend_cfg, dict):
+        return {k: (_content(v) if k == "text_file" else quantise_key(v))
+                for k, v in backend_cfg.items()}
+    return backend_cfg
+
+
+def _content(path: str | None) -> str | None:
+    try:
+        return art.file_sha256(Path(path)) if path else path
+    except OSError:  # missing: the backend's own check names it
+        return path
 
 
 def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], dict],
@@ -238,25 +249,43 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     backend = build_backend(cfg.quant)
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
-    calibration = None
-    if imatrix := quant["backend"].get("imatrix"):
-        # calibrated: the calibration text is an input of the variant, built or reused
-        from quantpipe.data import load_text
-        calibration = load_text(imatrix.get("text_file"), "calib",
-                                "quant.backend.imatrix.text_file")
-    module = sys.modules[getattr(backend, "func", backend).__module__]  # a partial's function
-    fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"],
-                         quantise_key(quant["backend"], calibration[0] if calibration else None),
-                         made_by(module))
-    # at most 2x the FP16 input: GGUF writes an F16 copy (converted, then stamped) before quantising
+    fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"], quantise_key(quant["backend"]),
+                         made_by(sys.modules[getattr(backend, "func", backend).__module__]),
+                         RESULT_CONTRACT)  # a partial's function names the backend module
+    # at most 2x the FP16 input (a backend may write a full-precision copy before quantising)
     folder, prov = cached_stage(cfg, Stage.QUANTISE, fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
-    if calibration is not None:
-        tracking.log_dataset("calibration-text", *calibration, context="calibration")
-    path = folder / prov["result"]["artifact"]
-    return {"path": path.resolve(), "fingerprint": fp, "folder": folder}
+    result = check_result(prov["result"], str(quant["backend"].get("_target_")))
+    for ds in result.get("calibration", []):
+        # calibrated: the calibration text is an input of the variant, built or reused
+        from quantpipe.data import load_text
+        text, source = load_text(ds["text_file"], ds["split"], ds["key"])
+        tracking.log_dataset(ds["name"], text, source, context="calibration")
+    path = folder / result["artifact"]
+    return {"path": path.resolve(), "fingerprint": fp, "folder": folder,
+            "runtime": result["runtime"], "speed": result.get("speed", {"native": True}),
+            "publish": result.get("publish", {})}
+
+
+def check_result(result: dict, target: str) -> dict:
+    """A backend's result must say what the pipeline needs (quantpipe/quantize/__init__.py)."""
+    missing = [k for k in ("artifact", "runtime") if k not in result]
+    if missing:
+        raise RuntimeError(f"backend {target} returned no {missing}: every backend names its "
+                           "artifact and the runtime that evaluates it")
+    return result
+
+
+def native_speed_only(metrics: dict[str, float], speed: dict) -> dict[str, float]:
+    """Where no real kernel ran the format (e.g. compressed-tensors decompressed on CPU), its
+    tokens/s are not the format's speed: kept under a suffixed name, never as decode_tok_s."""
+    if speed.get("native", True):
+        return metrics
+    suffix = speed.get("rename_suffix", "_not_native")
+    keys = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
+    return {(k + suffix if k in keys else k): v for k, v in metrics.items()}
 
 
 def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict,
@@ -264,9 +293,14 @@ def stage_evaluate(cfg: DictConfig, merged: dict, variant: dict,
     """Size, speed and quality of the variant against the merged FP16 reference; with `base`
     (None when there is no adapter), the share of the fine-tune's gain it keeps."""
     from quantpipe.evaluate import evaluate_variant
+    speed = variant["speed"]
+    tags = {"eval.runtime": variant["runtime"]}
+    if not speed.get("native", True):
+        tags["eval.speed"] = f"not the format's speed: {speed.get('why')}"
     with tracking.stage_run("evaluate"):
-        metrics = evaluate_variant(cfg, merged, variant, base)
+        metrics = native_speed_only(evaluate_variant(cfg, merged, variant, base), speed)
         mlflow.log_metrics(metrics)
+    mlflow.set_tags(tags)  # on the variant run: the report reads them there
     return metrics
 
 
@@ -281,10 +315,7 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
         mlflow.set_tags(gate_tags)
         out = Path(cfg.paths.quantized)
         final = art.publish(variant["path"], out / str(cfg.quant.publish))
-        if cfg.quant.family == "gguf":
-            from quantpipe.deploy.modelfile import write_modelfile
-            art.publish(variant["path"], out / "model.gguf")
-            mlflow.log_artifact(str(write_modelfile(out / "model.gguf")), "ollama")
+        publish_extras(variant, out)
         tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
         published = art.portable_path(final, cfg.paths.root)  # resolved against paths.root
         mlflow.set_tag(Tag.PUBLISHED, published)
@@ -295,6 +326,19 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
     mlflow.set_tags({**gate_tags, Tag.PUBLISHED: published})  # on the variant run
     log.info("published %s (quality gate %s: %s)", final, "passed" if passed else "FAILED", reason)
     return {**gate_tags, "published": str(final)}
+
+
+def publish_extras(variant: dict, out: Path) -> None:
+    """What the backend asked for beside the published name: `aliases` (also published as these
+    names, e.g. the runtime's default file) and `hooks` {artifact path: "module.function"}, each
+    called on the last alias and its returned file logged (e.g. an Ollama Modelfile)."""
+    from hydra.utils import get_method
+    extra = variant["publish"]
+    target = Path(variant["path"])
+    for alias in extra.get("aliases", []):
+        target = art.publish(variant["path"], out / alias)
+    for artifact_path, fn in extra.get("hooks", {}).items():
+        mlflow.log_artifact(str(get_method(fn)(target)), artifact_path)
 
 
 def run_adapter(cfg: DictConfig) -> Path | None:

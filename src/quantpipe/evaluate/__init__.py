@@ -180,7 +180,7 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
                  "measures the speed again")
         if cfg.eval.speed.remeasure:
             metrics.update(_remeasure_speed(cfg, merged, variant, folder))
-        elif (folder / "speed.json").is_file():  # the latest re-measurement
+        elif (folder / "speed.json").exists():  # the latest re-measurement
             metrics.update(json.loads((folder / "speed.json").read_text()))
     mlflow.set_tags({Tag.EVAL_RUNTIME: result["runtime"],
                      "eval.reference_runtime": result["reference_runtime"],
@@ -195,12 +195,13 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
              source: str, text_fp: str) -> dict:
     e = cfg.eval
     vpath = Path(variant["path"])
-    if vpath.is_file():  # GGUF: refuse a broken file before any worker runs
+    runtime = variant["runtime"]  # the backend's result names it
+    if runtime == "llama.cpp":  # refuse a broken file before any worker runs
         check_gguf(vpath)
     shape = memory.shape_of(merged["path"])
     ids, bos = prepare_ids(cfg, merged["path"], text)
     # the variant's budget first: refused before the reference is scored for it
-    check_budget(vpath, shape, cfg, len(windows(ids, e.n_ctx, e.n_windows, bos)),
+    check_budget(vpath, runtime, shape, cfg, len(windows(ids, e.n_ctx, e.n_windows, bos)),
                  f"the evaluation of {vpath.name}")
     ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
     base_nll = score_base(cfg, base, merged, {**_protocol(cfg), "bos": bos}, ref, shape, text_fp)
@@ -212,9 +213,10 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
         out = Path(tmp) / "metrics.json"
         run_worker({**base_spec, "mode": "variant", "artifact": str(vpath),
                     "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
-                    "out": str(out), "text": text if vpath.is_file() else None,
+                    "runtime": runtime,
+                    "out": str(out), "text": text if runtime == "llama.cpp" else None,
                     "base_nll": base_nll and str(base_nll)},
-                   runtime_need(vpath, shape, e.n_ctx), cfg.memory.limit_gb,
+                   runtime_need(vpath, runtime, shape, e.n_ctx), cfg.memory.limit_gb,
                    f"the evaluation of {vpath.name}")
         result = json.loads(out.read_text())
     metrics = result["metrics"]
@@ -239,12 +241,12 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
 THROUGHPUT = {"llama.cpp": (140e9, 12e9), "transformers": (TRANSFORMERS_FLOPS, TRANSFORMERS_BPS)}
 
 
-def estimate_seconds(path: Path, shape: memory.Shape, cfg: DictConfig, n_windows: int,
-                     speed: bool = True) -> float:
+def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
+                     n_windows: int, speed: bool = True) -> float:
     """Rough wall time of one worker: loading (disk at ~1 GB/s), the chat sample and the speed
     runs, then `n_windows` windows. Used for the ETA and to refuse what cannot fit the budget."""
     e = cfg.eval
-    flops, bps = THROUGHPUT["llama.cpp" if Path(path).is_file() else "transformers"]
+    flops, bps = THROUGHPUT[runtime]
     weights = weights_size(path)
     per_token = 2 * shape.n_params / flops
     t = weights / 1e9 + n_windows * e.n_ctx * per_token
@@ -255,15 +257,15 @@ def estimate_seconds(path: Path, shape: memory.Shape, cfg: DictConfig, n_windows
     return t
 
 
-def check_budget(path: Path, shape: memory.Shape, cfg: DictConfig, n_windows: int,
+def check_budget(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig, n_windows: int,
                  what: str, speed: bool = True) -> None:
     """Log the ETA; refuse up front when even one window (and the speed runs) would overrun
     eval.max_minutes."""
-    full = estimate_seconds(path, shape, cfg, n_windows, speed)
+    full = estimate_seconds(path, runtime, shape, cfg, n_windows, speed)
     log.info("%s: about %.0f min estimated for %d windows (eval.max_minutes=%s)", what,
              full / 60, n_windows, cfg.eval.max_minutes)
     budget = _budget_s(cfg)
-    least = estimate_seconds(path, shape, cfg, 1, speed)
+    least = estimate_seconds(path, runtime, shape, cfg, 1, speed)
     if budget is not None and least > 2 * budget:
         raise ConfigError("eval.max_minutes", f"{what} needs about {least / 60:.0f} min for the "
                           f"speed runs and one window alone (estimate), over twice the budget of "
@@ -272,10 +274,11 @@ def check_budget(path: Path, shape: memory.Shape, cfg: DictConfig, n_windows: in
                           "drop this variant; GGUF variants run several times faster on CPU")
 
 
-def runtime_need(path: Path, shape: memory.Shape, n_ctx: int, float32: bool = False) -> int:
+def runtime_need(path: Path, runtime: str, shape: memory.Shape, n_ctx: int,
+                 float32: bool = False) -> int:
     """Estimated peak RSS of a worker evaluating `path` (a GGUF file or an HF folder)."""
     path = Path(path)
-    if path.is_file():
+    if runtime == "llama.cpp":
         return memory.estimate_gguf_file_runtime(path.stat().st_size, shape, n_ctx)
     weights = weights_size(path) * (2 if float32 else 1)
     return memory.estimate_hf_runtime(weights, shape, n_ctx)
@@ -299,11 +302,13 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
         np.save(tmp / "ids.npy", ids)
         float32 = runtime == "transformers-float32"
         n_planned = int(len(windows(ids, e.n_ctx, e.n_windows, bos)))
-        check_budget(artifact, shape, cfg, n_planned, f"the FP16 reference ({runtime})", False)
+        rt = runtime_of(runtime)
+        check_budget(artifact, rt, shape, cfg, n_planned, f"the FP16 reference ({runtime})", False)
         run_worker({**protocol, "mode": "reference", "artifact": str(artifact), "float32": float32,
+                    "runtime": rt,
                     "max_seconds": _budget_s(cfg), "ids": str(tmp / "ids.npy"),
                     "out": str(tmp / "reference.npz"), "text": None},
-                   runtime_need(artifact, shape, e.n_ctx, float32), cfg.memory.limit_gb,
+                   runtime_need(artifact, rt, shape, e.n_ctx, float32), cfg.memory.limit_gb,
                    f"the FP16 reference ({runtime})")
         meta = {"runtime": runtime, "artifact": Path(artifact).name,
                 "n_windows_planned": n_planned}
@@ -314,6 +319,11 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
                                           {"merged": merged["fingerprint"], "text_source": source})
     log.info("reference: %s %s", "reusing" if reused else "built", folder)
     return folder
+
+
+def runtime_of(reference_runtime: str) -> str:
+    """The worker runtime of an eval.reference_runtime setting."""
+    return "llama.cpp" if reference_runtime == "llama.cpp" else "transformers"
 
 
 def reference_artifact(cfg: DictConfig, model: dict) -> Path:
@@ -340,11 +350,11 @@ def _remeasure_speed(cfg, merged: dict, variant: dict, folder: Path) -> dict:
         np.save(ids, prepare_ids(cfg, merged["path"], text)[0])
         out = Path(tmp) / "metrics.json"
         run_worker({**_protocol(cfg), "bos": None, "mode": "speed", "artifact": str(vpath),
-                    "ci": {}, "tasks": None,
+                    "ci": {}, "tasks": None, "runtime": variant["runtime"],
                     "ids": str(ids), "out": str(out), "text": None,
                     "speed": OmegaConf.to_container(e.speed),
                     "sample": OmegaConf.to_container(e.sample)},
-                   runtime_need(vpath, shape, e.n_ctx), cfg.memory.limit_gb,
+                   runtime_need(vpath, variant["runtime"], shape, e.n_ctx), cfg.memory.limit_gb,
                    f"the speed measurement of {vpath.name}")
         speed = {k: v for k, v in json.loads(out.read_text())["metrics"].items() if k in SPEED_KEYS}
     art.write_json(folder / "speed.json", speed)

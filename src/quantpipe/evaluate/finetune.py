@@ -22,7 +22,7 @@ def score_base(cfg: DictConfig, base: dict | None, merged: dict, protocol: dict,
     llama.cpp over the base's own F16 GGUF, memory-mapped); None without a base
     (adapter=none)."""
     from quantpipe.evaluate import (_budget_s, check_budget, reference_artifact, run_worker,
-                                    runtime_need)
+                                    runtime_need, runtime_of)
     if base is None:
         return None
     runtime = str(cfg.eval.reference_runtime)
@@ -33,11 +33,14 @@ def score_base(cfg: DictConfig, base: dict | None, merged: dict, protocol: dict,
         artifact = reference_artifact(cfg, base)
         float32 = runtime == "transformers-float32"
         n = json.loads((ref / "reference.json").read_text())["n_windows_planned"]
-        check_budget(artifact, shape, cfg, n, "the base model's scoring", speed=False)
+        rt = runtime_of(runtime)
+        check_budget(artifact, rt, shape, cfg, n, "the base model's scoring", speed=False)
         run_worker({**protocol, "mode": "reference", "nll_only": True, "desc": "base (no adapter)",
+                    "runtime": rt,
                     "artifact": str(artifact), "float32": float32, "max_seconds": _budget_s(cfg),
                     "ids": str(ref / "ids.npy"), "out": str(tmp / "base.npz"), "text": None},
-                   runtime_need(artifact, shape, protocol["n_ctx"], float32), cfg.memory.limit_gb,
+                   runtime_need(artifact, rt, shape, protocol["n_ctx"], float32),
+                   cfg.memory.limit_gb,
                    f"the base model's scoring ({runtime})")
         return {"runtime": runtime}
 

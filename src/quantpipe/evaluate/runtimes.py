@@ -21,12 +21,14 @@ import numpy as np
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # see quantize/bnb.py
 
 
-def open_runtime(path: Path, threads: int | None, n_ctx: int, reference: bool = False):
-    """A GGUF file runs on llama.cpp, a folder on transformers. `reference`: compute in float32
+def open_runtime(path: Path, threads: int | None, n_ctx: int, reference: bool = False,
+                 runtime: str | None = None):
+    """`runtime` as the backend's result names it ("llama.cpp" or "transformers"; None: a file
+    runs on llama.cpp, a folder on transformers). `reference`: compute in float32
     (eval.reference_runtime=transformers-float32: 4 bytes a weight, small models only);
     otherwise in the dtype the model is stored in, as it would be deployed."""
     path = Path(path)
-    if path.is_file():
+    if runtime == "llama.cpp" or (runtime is None and path.is_file()):
         return LlamaCppRuntime(path, threads, n_ctx)
     return HFRuntime(path, threads, reference)
 

@@ -215,7 +215,7 @@ def main(spec_path: str) -> None:
     wins = M.windows(ids, spec["n_ctx"], spec["n_windows"], spec["bos"])
     t0 = time.perf_counter()
     rt = open_runtime(Path(spec["artifact"]), spec["threads"], spec["n_ctx"],
-                      reference=bool(spec.get("float32")))
+                      reference=bool(spec.get("float32")), runtime=spec.get("runtime"))
     load_s = time.perf_counter() - t0
     check_tokenizer(rt, ids, spec["text"]) if spec.get("text") is not None else None
     if spec["mode"] == "reference":

@@ -1,11 +1,23 @@
 """Quantisation backends. A quant config names its backend function with Hydra's `_target_`;
 every backend has the signature
 
-    backend(src: Path, dst: Path, ctx: QuantContext) -> {"artifact": <path in dst>, "metrics": {...}}
+    backend(src: Path, dst: Path, ctx: QuantContext) -> result
 
 where `src` is the merged FP16 Hugging Face folder and `dst` an empty temporary folder that the
-pipeline renames into the stage cache once the backend returns. Adding a format means adding a
-YAML file in conf/quant/ and, at most, one module here.
+pipeline renames into the stage cache once the backend returns. The result says everything
+format-specific the pipeline needs, so pipeline, evaluation and report name no format:
+
+    artifact     path inside dst ("." = the folder itself)                          required
+    runtime      "transformers" | "llama.cpp": what evaluates it                    required
+    metrics      {name: number} logged on the quantise stage
+    calibration  [{name, text_file, split, key}]: texts logged as MLflow datasets (calibrated)
+    speed        {"native": False, "why": ..., "rename_suffix": ...} where no real kernel runs
+                 the format in evaluation (its tokens/s are then logged under suffixed names)
+    publish      {"aliases": [names also published], "hooks": {artifact path: "module.fn"}}
+
+A backend function may carry `.check(**arguments)`, called before any work (preflight) to refuse
+bad arguments in a second. Adding a format means adding a YAML file in conf/quant/ and, at most,
+one module here.
 
 A backend checks its own options before any stage runs (`check_backend`, called by
 quantpipe.schema.check right after composition): options its signature lacks are refused, then
@@ -76,6 +88,8 @@ def check_backend(quant: DictConfig) -> None:
     if (check := getattr(fn, "check_options", None)) is not None:
         defaults = {p.name: p.default for p in params if p.default is not p.empty}
         check({**defaults, **options})
+    if (check := getattr(fn, "check", None)) is not None:  # the contract's `.check(**args)`
+        check(**options)
 
 
 def build_backend(quant: DictConfig) -> Backend:

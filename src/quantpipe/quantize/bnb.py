@@ -65,7 +65,8 @@ def save_and_verify(model, src: Path, dst: Path) -> dict:
     if not diff <= VERIFY_TOLERANCE:
         raise RuntimeError(f"saved folder does not reproduce the quantised model: max |logit "
                            f"diff| {diff:.3g} > {VERIFY_TOLERANCE}")
-    return {"artifact": ".", "metrics": {"save_reload_max_abs_logit_diff": diff}}
+    return {"artifact": ".", "runtime": "transformers",
+            "metrics": {"save_reload_max_abs_logit_diff": diff}}
 
 
 def _check_int8(options: dict) -> None:

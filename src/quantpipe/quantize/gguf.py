@@ -133,7 +133,14 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
         llama_quantize(f16, out, type, ctx.threads)
     metrics[Metric.QUANTIZE_S] = time.perf_counter() - t0
     metrics.update(smoke(out, Path(src)))
-    return {"artifact": out.name, "metrics": metrics, "f16": str(f16)}
+    result = {"artifact": out.name, "metrics": metrics, "f16": str(f16), "runtime": "llama.cpp",
+              # llama.cpp's default name beside the typed one, and an Ollama Modelfile for it
+              "publish": {"aliases": ["model.gguf"],
+                          "hooks": {"ollama": "quantpipe.deploy.modelfile.write_modelfile"}}}
+    if imatrix:
+        result["calibration"] = [{"name": "calibration-text", "text_file": imatrix.get("text_file"),
+                                  "split": "calib", "key": "quant.backend.imatrix.text_file"}]
+    return result
 
 
 # bits per weight of a type, from its name (q4_k_m -> 4), plus one for scales and the layers

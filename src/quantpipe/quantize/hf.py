@@ -18,7 +18,7 @@ def save_fp16(src: Path, dst: Path, ctx) -> dict:
                 os.link(f, dst / f.name)
             except OSError:
                 shutil.copy2(f, dst / f.name)
-    return {"artifact": ".", "metrics": {}}
+    return {"artifact": ".", "runtime": "transformers", "metrics": {}}
 
 
 def memory_need(shape, n_ctx: int) -> list[tuple[str, int, str]]:

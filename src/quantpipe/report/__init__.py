@@ -42,6 +42,11 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "the eval text against FP16's own (prefix match % = share of prompts whose first "
               "eval.generation.match_k tokens equal FP16's); task columns: exact match and "
               "ROUGE-L against the references of eval.tasks_file, when one was given."]
+    if no_speed := [r["name"] for r in cpu if r["tags"].get("eval.speed")]:
+        parts.append("**No CPU speed for** " + ", ".join(no_speed) + ": transformers "
+                     "decompresses these compressed-tensors folders to fp16 on CPU, so their "
+                     "tokens/s (logged as *_decompressed) are not the format's speed; that needs "
+                     "vLLM's int4/int8 kernels on a GPU. Their quality numbers are the format's.")
     overlap = tables.overlapping(cpu)
     if overlap:
         parts.append("**Speed caution**: these runs overlapped in time (a parallel launcher), so "
@@ -50,7 +55,13 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
     if gpu:
         parts += ["## Comparison (GPU)", tables.gpu_comparison(gpu),
                   "GPU runs measure speed and memory on random weights of the named shape; "
-                  "quality comes from the CPU runs."]
+                  "quality comes from the CPU runs. transformers rows: eager HF generate, batch 1 "
+                  "(launch-bound); llama.cpp rows: llama-bench on llama.cpp's CUDA build, every "
+                  "layer offloaded, flash attention, tg from an empty context. peak GPU MB: "
+                  "torch's allocator (transformers) or the process (llama.cpp); GPU process MB: "
+                  "the process's own memory from NVML, CUDA context included, for both. "
+                  "GPTQ/AWQ/W8A8 have no GPU row: their int4/int8 kernels come with vLLM, "
+                  "which the GPU machine's image does not have."]
     if sel.deploy:
         parts += ["## Deployment (llama.cpp's OpenAI-compatible server, `make smoke`)",
                   tables.deployment(sel.deploy),

@@ -127,9 +127,10 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
 
 
 def order(rows: list[dict]) -> list[dict]:
-    """The seeds' workflow order: HF formats (FP16 -> INT8 -> INT4), then GGUF, largest first."""
-    return sorted(rows, key=lambda r: (r["family"] == "gguf",
-                                       -r["metrics"].get(Metric.SIZE_MB, 0.0), r["name"]))
+    """The seeds' workflow order: transformers formats (FP16 -> INT8 -> INT4), then those llama.cpp
+    runs (GGUF), largest first."""
+    return sorted(rows, key=lambda r: (r["tags"].get("eval.runtime") == "llama.cpp",
+                                       -r["metrics"].get("size_mb", 0.0), r["name"]))
 
 
 def all_datasets(row: dict) -> list[dict[str, str]]:

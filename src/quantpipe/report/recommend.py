@@ -105,13 +105,13 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
 
 
 def same_size_gguf(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
-    """Where a tuned GGUF ran: the lowest held-out KLD among the GGUFs no larger than the plain
-    file of its quant.type (plain, imatrix and tuned compete at one size)."""
+    """Where a tuned GGUF ran: the lowest held-out KLD among the variants no larger than the plain
+    one of its comparison group (quant.compare: plain, imatrix and tuned compete at one size)."""
     out = []
     for t in [r for r in cpu if any("tune_s" in s["metrics"] for s in r["stages"])]:
-        qtype = t["params"].get("quant.type", "?")
+        qtype = t["params"].get("quant.compare", "?")
         plain = [r for r in cpu if r["family"] == t["family"] and r["method"] == "dynamic"
-                 and r["params"].get("quant.type") == qtype and "size_mb" in r["metrics"]]
+                 and r["params"].get("quant.compare") == qtype and "size_mb" in r["metrics"]]
         limit = min((r["metrics"]["size_mb"] for r in plain), default=t["metrics"].get("size_mb"))
         if limit is None:
             continue
@@ -141,13 +141,17 @@ def gpu_serving(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None
         quality = ("its CPU run passed the gate" if r is not None and r["name"] in gate_of
                    else "the FP16 reference itself" if r is not None and r["method"] == "none"
                    else "its quality was not measured on CPU")
-        small = _pick(ok, Metric.PEAK_GPU_MB)
+        # the process's own GPU memory (NVML) where every row has it: torch's allocator counter
+        # leaves out the CUDA context that llama.cpp's figure includes
+        mem = ("gpu_process_peak_mb" if ok and all("gpu_process_peak_mb" in g["metrics"]
+                                                   for g in ok) else "peak_gpu_mb")
+        small = _pick(ok, mem)
         if small is not None and small is not r:
-            quality += (f"; least memory: {small['name']}, "
-                        f"{metric(small, Metric.PEAK_GPU_MB, 0)} MB "
-                        f"at {metric(small, Metric.DECODE_TOK_S, 1)} tok/s")
+            quality += (f"; least memory: {small['name']}, {metric(small, mem, 0)} MB "
+                        f"at {metric(small, 'decode_tok_s', 1)} tok/s")
         out.append((f"GPU serving ({shape})", r, "no GPU run of a gate-passing format"
-                    if r is None else f"{metric(r, Metric.DECODE_TOK_S, 1)} tok/s decode, peak GPU "
-                    f"memory {metric(r, Metric.PEAK_GPU_MB, 0)} MB on "
-                    f"{r['tags'].get(Tag.HARDWARE_GPU, '?')}; {quality}"))
+                    if r is None else f"{metric(r, 'decode_tok_s', 1)} tok/s decode "
+                    f"({r['tags'].get('eval.runtime', 'transformers')}), GPU memory "
+                    f"{metric(r, mem, 0)} MB on "
+                    f"{r['tags'].get('hardware.gpu', '?')}; {quality}"))
     return out

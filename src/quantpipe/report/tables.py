@@ -31,7 +31,8 @@ GENERATION_COLUMNS = [("gen prefix match %", "gen_prefix_match_pct", 1),
                       ("task ROUGE-L %", "task_rouge_l_pct", 1)]
 GPU_COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
                ("load s", "load_s", 2), ("peak GPU MB", "peak_gpu_mb", 0),
-               ("TTFT ms", "ttft_ms", 1), ("decode tok/s", "decode_tok_s", 1)]
+               ("GPU process MB", "gpu_process_peak_mb", 0), ("TTFT ms", "ttft_ms", 1),
+               ("prefill tok/s", "prefill_tok_s", 0), ("decode tok/s", "decode_tok_s", 1)]
 
 
 def num(value: float | None, decimals: int, sign: bool = False) -> str:
@@ -129,8 +130,9 @@ def indistinguishable(rows: list[dict]) -> list[str]:
 
 
 def gpu_comparison(rows: list[dict]) -> str:
-    header = ["shape", "GPU", "format"] + [h for h, _, _ in GPU_COLUMNS] + ["run"]
-    body = [[r["tags"].get(Tag.SHAPE, NA), r["tags"].get(Tag.HARDWARE_GPU, NA), f"**{r['name']}**"]
+    header = ["shape", "GPU", "format", "runtime"] + [h for h, _, _ in GPU_COLUMNS] + ["run"]
+    body = [[r["tags"].get("shape", NA), r["tags"].get("hardware.gpu", NA), f"**{r['name']}**",
+             r["tags"].get("eval.runtime", "transformers")]
             + [metric(r, k, d) for _, k, d in GPU_COLUMNS] + [short(r["run_id"])] for r in rows]
     return table(header, body)
 
@@ -341,46 +343,48 @@ def workflow(rows: list[dict]) -> str:
 
 
 def static_vs_dynamic(rows: list[dict]) -> str:
-    """Calibrated (static) variants next to their uncalibrated (dynamic) twin of the same
-    quant.type, scored on the same evaluation text (same dataset digest)."""
+    """Per comparison group (`quant.compare` in conf/quant: one precision, e.g. int4 = NF4, GPTQ,
+    AWQ), the calibrated (static) variants next to the uncalibrated (dynamic) ones, scored on
+    the same evaluation text (same dataset digest)."""
     def eval_digest(r: dict) -> str:
         return next((d["digest"] for d in all_datasets(r) if d["context"] == "evaluation"), "?")
 
-    static = [r for r in rows if r["method"] == "static"]
-    dynamic = [r for r in rows if r["method"] == "dynamic"]
-    if not static:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] in ("static", "dynamic") and r["params"].get("quant.compare",
+                                                                    "None") != "None":
+            groups.setdefault(r["params"]["quant.compare"], []).append(r)
+    groups = {g: m for g, m in groups.items() if any(r["method"] == "static" for r in m)}
+    if not groups:
         return ("No static (calibrated) variant in this selection: every quantised variant is "
-                "dynamic (no calibration data). Add one with `make sweep SWEEP=gguf_q4_k_m,"
-                "gguf_imatrix_q4_k_m` to compare them on the same text.")
+                "dynamic (no calibration data). Add one with `make sweep SWEEP=int4,gptq_w4a16,"
+                "awq_w4a16,int8,w8a8_int8,w8a8_int8_dynamic,gguf_q4_k_m,gguf_imatrix_q4_k_m` "
+                "to compare them on the same text.")
     body, notes = [], []
-    for s in static:
-        calib = next((d for d in all_datasets(s) if d["context"].startswith("calib")), None)
-        twins = [d for d in dynamic if d["params"].get("quant.type") == s["params"].get(
-            "quant.type") and d["family"] == s["family"]]
-        if not twins:
-            notes.append(f"{s['name']}: no dynamic variant of type "
-                         f"{s['params'].get('quant.type', '?')} in this selection")
-        for d in twins:
-            same = eval_digest(s) == eval_digest(d)
-            for r, method in ((d, "dynamic"), (s, "static")):
-                body.append([f"**{r['name']}**", method, r["params"].get("quant.type", NA),
-                             calib["name"] if r is s and calib else NA,
-                             f"`{eval_digest(r)}`", metric(r, "size_mb", 2),
-                             metric(r, "delta_ppl_pct", 2), interval(r, "delta_ppl", 2),
-                             metric(r, "kld_mean", 5), interval(r, "kld", 5),
-                             metric(r, "top1_agree_pct", 2), short(r["run_id"])])
-            if not same:
-                notes.append(f"{s['name']} and {d['name']} were scored on different texts: "
-                             "not comparable")
-            elif Metric.KLD_MEAN in s["metrics"] and d["metrics"].get(Metric.KLD_MEAN):
-                change = 100 * (s["metrics"][Metric.KLD_MEAN] / d["metrics"][Metric.KLD_MEAN] - 1)
-                notes.append(f"{s['name']} vs {d['name']} on the same text: KLD "
-                             f"{metric(d, 'kld_mean', 5)} -> {metric(s, 'kld_mean', 5)} "
-                             f"({change:+.1f} %), ΔPPL {metric(d, 'delta_ppl_pct', 2)} % -> "
-                             f"{metric(s, 'delta_ppl_pct', 2)} %{_told_apart(d, s)}")
-    header = ["format", "method", "type", "calibration text", "eval text digest", "size MB",
+    for group, members in sorted(groups.items()):
+        members.sort(key=lambda r: (r["method"] != "dynamic", r["name"]))
+        for r in members:
+            calib = next((d for d in all_datasets(r) if d["context"].startswith("calib")), None)
+            body.append([group, f"**{r['name']}**", r["method"], calib["name"] if calib else NA,
+                         f"`{eval_digest(r)}`", metric(r, "size_mb", 2),
+                         metric(r, "delta_ppl_pct", 2), interval(r, "delta_ppl", 2),
+                         metric(r, "kld_mean", 5), interval(r, "kld", 5),
+                         metric(r, "top1_agree_pct", 2), short(r["run_id"])])
+        for s in (r for r in members if r["method"] == "static"):
+            for d in (r for r in members if r["method"] == "dynamic"):
+                if eval_digest(s) != eval_digest(d):
+                    notes.append(f"{s['name']} and {d['name']} were scored on different texts: "
+                                 "not comparable")
+                elif "kld_mean" in s["metrics"] and d["metrics"].get("kld_mean"):
+                    change = 100 * (s["metrics"]["kld_mean"] / d["metrics"]["kld_mean"] - 1)
+                    notes.append(f"{group}: {s['name']} (static) vs {d['name']} (dynamic) on the "
+                                 f"same text: KLD {metric(d, 'kld_mean', 5)} -> "
+                                 f"{metric(s, 'kld_mean', 5)} ({change:+.1f} %), ΔPPL "
+                                 f"{metric(d, 'delta_ppl_pct', 2)} % -> "
+                                 f"{metric(s, 'delta_ppl_pct', 2)} %{_told_apart(d, s)}")
+    header = ["group", "format", "method", "calibration text", "eval text digest", "size MB",
               "ΔPPL %", "ΔPPL 95 % CI", "KLD mean", "KLD 95 % CI", "top-1 %", "run"]
-    return (table(header, body) if body else "") + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    return table(header, body) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
 def _told_apart(a: dict, b: dict) -> str:
@@ -417,11 +421,11 @@ def tuned_vs_imatrix(rows: list[dict]) -> str:
                 "gguf_imatrix_q4_k_m,gguf_tuned`.")
     out = []
     for t in tuned:
-        qtype = t["params"].get("quant.type")
+        qtype = t["params"].get("quant.compare")
         same = [r for r in rows if r["family"] == t["family"] and r is not t
-                and r["params"].get("quant.type") == qtype and _tune_stage(r) is None
+                and r["params"].get("quant.compare") == qtype and _tune_stage(r) is None
                 and r["method"] in ("dynamic", "static") and eval_digest(r) == eval_digest(t)]
-        trio = [(r, "plain" if r["method"] == "dynamic" else "imatrix") for r in same]
+        trio = [(r, "plain" if r["method"] == "dynamic" else "calibrated") for r in same]
         trio.append((t, "tuned"))
         body = [[f"**{r['name']}**", how, metric(r, "size_mb", 2), metric(r, "bits_per_weight", 2),
                  metric(r, "delta_ppl_pct", 2), _interval(r, "delta_ppl", 2),
@@ -446,8 +450,9 @@ def tuned_vs_imatrix(rows: list[dict]) -> str:
                    f"{num(m.get('tune_candidates_scored'), 0)} candidates, peak RSS "
                    f"{num(m.get('tune_peak_rss_mb'), 0)} MB (llama-quantize "
                    f"{num(m.get('tune_quantize_peak_rss_mb'), 0)} MB).")
-        missing = {"plain", "imatrix"} - {how for _, how in trio}
+        missing = {"plain", "calibrated"} - {how for _, how in trio}
         if missing:
             out.append(f"- No {' or '.join(sorted(missing))} {qtype} run on the same evaluation "
                        "text in this selection to compare with.")
     return "\n\n".join(out)
+

@@ -1,0 +1,145 @@
+"""Calibrated GPTQ / AWQ / SmoothQuant variants through vllm-project's llm-compressor.
+
+    make llmc && make pipeline +quant=gptq_w4a16      (also awq_w4a16, w8a8_int8, w8a8_int8_dynamic)
+
+llmcompressor 0.14.0.1 pins transformers <=5.17.0 and compressed-tensors ==0.19.0 while the
+pipeline pins transformers 5.23.0, so its oneshot runs as a subprocess in the isolated
+.venv-llmc (requirements/llmc.txt; quantpipe/quantize/llmc_oneshot.py). The result is a
+compressed-tensors folder (the format vLLM serves) that the main environment's transformers 5.23
+loads with compressed-tensors 0.19 and decompresses on CPU, so evaluation gives the format's
+quality; its CPU speed is that of decompressed fp16 matmuls, not of an int4/int8 kernel, and is
+logged under *_decompressed names, never as the format's speed.
+
+The calibration run is cached per (merged model, weight recipe, calibration text and settings,
+llm-compressor version) in artifacts/llmc/. `serve_activations` swaps the activation scheme of
+that cached result without recalibrating: w8a8_int8_dynamic is w8a8_int8's very weights with
+dynamic per-token activation scales (static input scales dropped), so the two differ only in
+how activations are scaled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from quantpipe import PROJECT_ROOT
+from quantpipe import artifacts as art
+from quantpipe.data import load_text
+from quantpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+ONESHOT = Path(__file__).with_name("llmc_oneshot.py")
+CALIBRATION = {"text_file": None, "samples": 64, "seq_len": 256}
+STATIC_INPUT_KEYS = (".input_scale", ".input_zero_point")
+# speed of a folder run by transformers on CPU: decompressed weights, fp16 matmuls
+SPEED_KEYS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
+
+
+def llmc_python() -> Path:
+    """The isolated environment's interpreter ($QUANTPIPE_LLMC_PYTHON or .venv-llmc)."""
+    py = Path(os.environ.get("QUANTPIPE_LLMC_PYTHON", PROJECT_ROOT / ".venv-llmc/bin/python"))
+    if not py.is_file():
+        raise ConfigError("quant.backend", f"llm-compressor's environment {py} does not exist",
+                          "run `make llmc` (builds .venv-llmc from requirements/llmc.txt, ~3 min)")
+    return py
+
+
+def llmc_version(py: Path) -> str:
+    r = subprocess.run([py, "-c", "from importlib.metadata import version as v; "
+                        "print(v('llmcompressor'), v('compressed-tensors'), v('transformers'))"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def calibration_settings(calibration: dict | None) -> dict:
+    s = {**CALIBRATION, **(calibration or {})}
+    if unknown := set(s) - set(CALIBRATION):
+        raise ConfigError("quant.backend.calibration", f"unknown keys {sorted(unknown)}",
+                          f"use only {sorted(CALIBRATION)}")
+    for key in ("samples", "seq_len"):
+        if not isinstance(s[key], int) or s[key] <= 0:
+            raise ConfigError(f"quant.backend.calibration.{key}", f"{s[key]!r} is not a positive "
+                              "integer", "set a whole number above 0")
+    return s
+
+
+def run_oneshot(py: Path, src: Path, tmp: Path, text: str, spec: dict) -> dict:
+    """llm-compressor's oneshot in the isolated venv, writing the folder into `tmp`."""
+    with tempfile.TemporaryDirectory() as work:
+        text_file = Path(work) / "calibration.txt"
+        text_file.write_text(text, encoding="utf-8")
+        spec_file = Path(work) / "spec.json"
+        spec_file.write_text(json.dumps({**spec, "src": str(src), "dst": str(tmp),
+                                         "text_file": str(text_file)}))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages only
+        t0 = time.perf_counter()
+        r = subprocess.run([py, ONESHOT, spec_file], capture_output=True, text=True,
+                           env={**env, "TOKENIZERS_PARALLELISM": "false"})
+    if r.returncode != 0:
+        raise RuntimeError(f"llm-compressor oneshot failed (exit {r.returncode}):\n"
+                           f"{r.stderr[-4000:]}")
+    result = json.loads((tmp / "llmc_result.json").read_text())
+    result["metrics"]["llmc_s"] = time.perf_counter() - t0
+    return result
+
+
+def swap_activations(folder: Path, dst: Path, acts: dict) -> None:
+    """Copy `folder` to `dst` with every group's input activations set to `acts`; dynamic
+    activations carry no stored scales, so the static input_scale tensors are left out."""
+    from safetensors.numpy import load_file, save_file
+    for f in folder.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
+                                                                          art.PROVENANCE):
+            shutil.copy2(f, dst / f.name)
+    cfg = json.loads((folder / "config.json").read_text())
+    for group in cfg["quantization_config"]["config_groups"].values():
+        group["input_activations"] = dict(acts)
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in folder.glob("*.safetensors"):
+        tensors = {k: v for k, v in load_file(f).items() if not k.endswith(STATIC_INPUT_KEYS)}
+        save_file(tensors, dst / f.name, metadata={"format": "pt"})
+
+
+def plain(value):
+    """Hydra hands a partial's arguments over as DictConfig / ListConfig: plain JSON-able data."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
+                  input_activations: dict | None = None, serve_activations: dict | None = None,
+                  ignore: tuple = ("lm_head",), calibration: dict | None = None) -> dict:
+    py = llmc_python()
+    modifiers, weights, input_activations, serve_activations, ignore, calibration = map(
+        plain, (modifiers, weights, input_activations, serve_activations, ignore, calibration))
+    s = calibration_settings(calibration)
+    key = "quant.backend.calibration.text_file"
+    text, source = load_text(s["text_file"], "calib", key)
+    spec = {"modifiers": modifiers, "weights": weights, "input_activations": input_activations,
+            "ignore": list(ignore), "samples": s["samples"], "seq_len": s["seq_len"],
+            "threads": ctx.threads}
+    fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py))
+    folder, prov, reused = art.ensure_cached(
+        ctx.artifacts, "llmc", fp, lambda tmp: run_oneshot(py, Path(src), tmp, text, spec),
+        {"merged": ctx.src_fingerprint, "calibration_source": source, "spec": spec})
+    log.info("llm-compressor: %s %s", "reusing" if reused else "calibrated", folder)
+    if serve_activations:
+        swap_activations(folder, dst, serve_activations)
+    else:  # the cached folder itself, hard-linked (as the fp16 baseline is)
+        from quantpipe.quantize.hf import save_fp16
+        save_fp16(folder, dst, ctx)
+    res = prov["result"]
+    return {"artifact": ".", "metrics": {**res["metrics"], "llmc_reused": float(reused)},
+            "runtime": "transformers",
+            "calibration": [{"name": "calibration-text", "text_file": s["text_file"],
+                             "split": "calib", "key": key}],
+            # no int4/int8 kernel runs these on CPU: transformers decompresses to fp16
+            "speed": {"native": False, "rename_suffix": "_decompressed",
+                      "why": "compressed-tensors decompressed to fp16 on CPU; the format's speed "
+                             "needs vLLM's kernels on a GPU"},
+            "group_sizes": res.get("group_sizes", {})}
