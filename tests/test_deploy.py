@@ -98,12 +98,12 @@ def runs(filter_string: str):
 
 
 def test_failed_gate_is_refused_then_smoke_logs_a_deploy_run(cfg_factory, tmp_path, capsys):
-    # every ΔPPL is above -100 %, so this variant fails the gate. Eval text with single spaces:
+    # every quantised variant has a KLD above 0, so this one fails the gate. Eval text with single spaces:
     # on runs of spaces in the default text, the HF tokenizer read from SmolLM2's GGUF and
     # llama.cpp's split differently and the evaluator refuses the GGUF (not deploy's concern)
     text = tmp_path / "eval.txt"
     text.write_text(" ".join(topics_text("eval").split())[:6000])
-    cfg = cfg_factory("+quant=gguf_q8_0", "gate.max_delta_ppl_pct=-100", f"eval.text_file={text}")
+    cfg = cfg_factory("+quant=gguf_q8_0", "gate.max_kld=0", f"eval.text_file={text}")
     run(cfg)
     variant = serve.resolve_variant(cfg)
     assert variant.path == Path(cfg.paths.quantized) / "model.gguf"
