@@ -35,8 +35,10 @@ def test_llama_cpp_reference_matches_the_float32_one(cfg_factory):
     from quantpipe.evaluate.parity import compare
     cfg = cfg_factory("+quant=fp16")
     run(cfg)
+    from quantpipe.evaluate import reference_artifact
     [merged] = Path(cfg.paths.artifacts, "merge").glob("*/config.json")
-    [f16] = Path(cfg.paths.artifacts, "gguf-f16").glob("*/model-f16.gguf")
+    # the merged model's F16 GGUF (the base model before the adapter has its own): reused
+    f16 = reference_artifact(cfg, {"path": merged.parent, "fingerprint": merged.parent.name})
     tok = AutoTokenizer.from_pretrained(merged.parent)
     ids = np.array(tok(topics_text("eval"), add_special_tokens=False)["input_ids"], np.int32)
     p = compare(merged.parent, f16, windows(ids, cfg.eval.n_ctx, cfg.eval.n_windows, None), 2)
