@@ -92,6 +92,7 @@ class Metric:
     DECODE_TOK_S_MAX = "decode_tok_s_max"
     PEAK_RSS_MB = "peak_rss_mb"
     PEAK_GPU_MB = "peak_gpu_mb"
+    GPU_PROCESS_PEAK_MB = "gpu_process_peak_mb"  # NVML: the whole process, CUDA context included
     # quality against FP16
     PPL = "ppl"
     PPL_ERR = "ppl_err"
