@@ -117,6 +117,8 @@ class Metric:
     # generation agreement with FP16's greedy continuations
     GEN_PREFIX_MATCH_PCT = "gen_prefix_match_pct"
     GEN_MEAN_MATCH_LEN = "gen_mean_match_len"
+    TASK_EXACT_MATCH_PCT = "task_exact_match_pct"  # with eval.tasks_file only
+    TASK_ROUGE_L_PCT = "task_rouge_l_pct"
     # stage runs
     N_PARAMS = "n_params"
     CONVERT_S = "convert_s"
