@@ -132,9 +132,11 @@ RULES: dict[str, Any] = {
     "quant.method": Choice(("none", "dynamic", "static")),
     "quant.bits": Num(lo=1, hi=32, null=True), "quant.publish": Str(), "quant.type": Str(),
     "quant.backend._target_": Str(),
+    "quant.compare": Str(null=True),   # the report's static-vs-dynamic group
+    "quant.budget_mb": Num(lo=0, null=True),
 }
 # sections whose keys are the backend's own (checked by the backend) or Hydra's
-OPEN_SECTIONS = ("quant.backend", "hydra")
+OPEN_SECTIONS = ("quant.backend", "quant.tune", "hydra")
 
 
 def check(cfg: DictConfig, with_quant: bool = True) -> None:
