@@ -58,8 +58,10 @@ def test_failed_stage_marks_runs_failed_and_keeps_published_model(cfg_factory, t
     run(cfg)
     published = Path(cfg.paths.quantized) / "model-int8"
     before = sorted(p.name for p in published.iterdir())
-    bad = cfg_factory("+quant=int8", "eval.n_ctx=100000")
-    with pytest.raises(Exception, match="n_ctx"):
+    short = tmp_path / "short.txt"  # passes the preflight (the file exists), fails in evaluate
+    short.write_text("Too short to score.")
+    bad = cfg_factory("+quant=int8", f"eval.text_file={short}")
+    with pytest.raises(Exception, match="fewer than one window"):
         run(bad)
     assert sorted(p.name for p in published.iterdir()) == before
     statuses = {r.info.run_name: r.info.status for r in runs(cfg) if r.info.status == "FAILED"}
