@@ -39,11 +39,12 @@ TARGET = 1.1
 PROVENANCE = {"benchmark": True}
 OUR_QUANTIZE = """
 import json, sys, time
+from pathlib import Path
 t0 = time.perf_counter()
 import llama_cpp  # noqa: F401  (once per pipeline process; timed apart from the call)
 from quantpipe.quantize.gguf import llama_quantize
 t1 = time.perf_counter()
-llama_quantize(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))
+llama_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
 t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "call_s": t2 - t1}))
 """

@@ -30,7 +30,14 @@ def main(cfg: DictConfig) -> None:
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
     quiet_known_noise()  # again: a launcher may run this job in another process
     try:
-        schema.check(cfg)  # before the heavy imports below: a typo costs a second
+        try:
+            schema.check(cfg)  # before the heavy imports below: a typo costs a second
+        except Exception as e:
+            if multirun:  # the sweep's comparison lists the refused variant, FAILED
+                from quantpipe import tracking
+                if (parent := tracking.sweep_parent_id(hc.sweep.dir)) is not None:
+                    tracking.log_refused_job(cfg, parent, e)
+            raise
         from quantpipe.pipeline import run
         from quantpipe.tracking import sweep_parent_id
         run(cfg, parent_run_id=sweep_parent_id(hc.sweep.dir) if multirun else None)

@@ -26,8 +26,8 @@ def test_bench_matches_the_tools_bytes_and_lands_in_the_report(cfg_factory, tmp_
     cfg = cfg_factory(f"paths.tools={TOOLS}", "threads=1")
     f16 = tmp_path / "model-f16.gguf"
     convert_f16(Path(cfg.model.path), f16, {"source": cfg.model.path})
-    main(["--f16", str(f16), "--types", "q8_0", "--repeats", "1", f"paths.root={cfg.paths.root}",
-          f"paths.tools={TOOLS}", "threads=1"])  # --hf from the F16's provenance key
+    main(["--f16", str(f16), "--hf", cfg.model.path, "--types", "q8_0", "--repeats", "1",
+          f"paths.root={cfg.paths.root}", f"paths.tools={TOOLS}", "threads=1"])
 
     tracking.setup(cfg.tracking)
     [r] = mlflow.search_runs(search_all_experiments=True, output_format="list",

@@ -99,3 +99,30 @@ def test_parallel_multirun_hangs_jobs_under_one_sweep_run(tmp_path):
     assert sorted(r.data.tags["quant.name"] for r in jobs) == ["gguf_q4_0", "int8"]
     assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {sweep.info.run_id}
     assert "Joblib.Parallel(n_jobs=2" in res.stdout  # the parallel launcher ran them
+
+
+def test_a_sweep_job_refused_by_its_settings_is_a_failed_variant(tmp_path):
+    """pipelines.run as a multirun in which one job's quant.type is unknown: that job builds
+    nothing, yet the sweep lists it as a FAILED variant saying why, and the sweep ends FAILED.
+    The other job is refused too, so no pipeline work runs here (tests/test_cluster.py has a
+    refused job beside ones that run)."""
+    res = subprocess.run([sys.executable, "-m", "pipelines.run", "hydra.mode=MULTIRUN",
+                          "+quant=gguf", "quant.type=not_a_type,q9_z",
+                          f"paths.root={tmp_path}"], capture_output=True, text=True,
+                         cwd=PROJECT_ROOT, timeout=300)
+    assert res.returncode != 0
+    assert "error: quant.type:" in res.stderr + res.stdout, res.stderr[-3000:]
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    (sweep,) = [r for r in runs if r.data.tags["quantpipe.kind"] == "sweep"]
+    jobs = {r.data.tags["quant.name"]: r for r in runs
+            if r.data.tags["quantpipe.kind"] == "variant"}
+    assert sweep.info.status == "FAILED"
+    assert sorted(jobs) == ["gguf_not_a_type", "gguf_q9_z"]
+    assert all(r.info.status == "FAILED" and r.data.tags["mlflow.parentRunId"] ==
+               sweep.info.run_id for r in jobs.values())
+    assert all(r.data.tags["quantpipe.error"].startswith("ConfigError: quant.type: 'not_a_type'"
+                                                         if n == "gguf_not_a_type" else
+                                                         "ConfigError: quant.type: 'q9_z'")
+               for n, r in jobs.items())
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())

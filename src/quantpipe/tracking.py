@@ -229,6 +229,24 @@ def close_sweep_run(run_id: str, tracking_uri: str | None = None) -> None:
     client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
 
 
+def log_refused_job(cfg: DictConfig, parent_run_id: str, error: BaseException) -> None:
+    """A sweep job whose own settings were refused (a quant.type llama.cpp does not know): a
+    FAILED variant run under the sweep run, tagged with why, so the comparison lists it and the
+    sweep ends FAILED. Nothing was built; a single run refuses without any MLflow run."""
+    setup(cfg.tracking)
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    try:
+        name = str(OmegaConf.select(cfg, "quant.name", default="?"))
+    except Exception:  # the bad value may be one its name interpolates
+        name = "?"
+    run = client.create_run(exp.experiment_id, run_name=name, tags={
+        Tag.KIND: Kind.VARIANT, Tag.QUANT_NAME: name, Tag.PARENT_RUN: parent_run_id,
+        Tag.ERROR: f"{type(error).__name__}: {error}"[:5000], **provenance_tags(),
+        **process_tags()})
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
 def sweep_parent_id(sweep_dir: str | Path) -> str | None:
     f = Path(sweep_dir) / PARENT_ID_FILE
     return f.read_text().strip() if f.is_file() else None

@@ -82,6 +82,13 @@ def f16_gguf(src: Path, ctx) -> Path:
     return folder / "model-f16.gguf"
 
 
+# what publish adds for every GGUF variant: llama.cpp's default name beside the typed one, and
+# an Ollama Modelfile for it
+def gguf_publish() -> dict:
+    return {"aliases": ["model.gguf"],
+            "hooks": {"ollama": "quantpipe.deploy.modelfile.write_modelfile"}}
+
+
 def llama_quantize(src: Path, dst: Path, type_name: str, threads: int | None) -> None:
     import ctypes
     import llama_cpp
@@ -134,9 +141,7 @@ def quantize_gguf(src: Path, dst: Path, ctx, type: str = "q4_k_m", imatrix: dict
     metrics[Metric.QUANTIZE_S] = time.perf_counter() - t0
     metrics.update(smoke(out, Path(src)))
     result = {"artifact": out.name, "metrics": metrics, "f16": str(f16), "runtime": "llama.cpp",
-              # llama.cpp's default name beside the typed one, and an Ollama Modelfile for it
-              "publish": {"aliases": ["model.gguf"],
-                          "hooks": {"ollama": "quantpipe.deploy.modelfile.write_modelfile"}}}
+              "publish": gguf_publish()}
     if imatrix:
         result["calibration"] = [{"name": "calibration-text", "text_file": imatrix.get("text_file"),
                                   "split": "calib", "key": "quant.backend.imatrix.text_file"}]

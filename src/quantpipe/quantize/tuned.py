@@ -36,7 +36,7 @@ from quantpipe import artifacts as art
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate import metrics as M
-from quantpipe.quantize.gguf import f16_gguf, ftype_of, llama_quantize, smoke
+from quantpipe.quantize.gguf import f16_gguf, ftype_of, gguf_publish, llama_quantize, smoke
 from quantpipe.quantize.imatrix import cached_imatrix, imatrix_settings
 from quantpipe.tools import run_tool, tool_path
 
@@ -336,7 +336,10 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     log.info("tune: %s won on calibration KLD (%s) in %.0f s, %d candidates", won,
              ", ".join(f"{k} {v[1]:.5f}" for k, v in candidates.items()), tune_s, search.n_scored)
     metrics.update(smoke(out, Path(src)))
-    return {"artifact": out.name, "metrics": metrics, "f16": str(f16), "won": won}
+    return {"artifact": out.name, "metrics": metrics, "f16": str(f16), "won": won,
+            "runtime": "llama.cpp", "publish": gguf_publish(),
+            "calibration": [{"name": "calibration-text", "text_file": imatrix.get("text_file"),
+                             "split": "calib", "key": "quant.backend.imatrix.text_file"}]}
 
 
 def _plain(value):
