@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,11 @@ CALIBRATION = {"text_file": None, "samples": 64, "seq_len": 256}
 STATIC_INPUT_KEYS = (".input_scale", ".input_zero_point")
 # speed of a folder run by transformers on CPU: decompressed weights, fp16 matmuls
 SPEED_KEYS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
+
+
+# the calibration runs on CPU (the pipeline's machine): float32 there is faster than float16 and
+# does not overflow in AWQ's scale search; the folder is saved in float16 either way
+COMPUTE_DTYPE = "float32"
 
 
 def llmc_python() -> Path:
@@ -78,11 +84,22 @@ def run_oneshot(py: Path, src: Path, tmp: Path, text: str, spec: dict) -> dict:
                                          "text_file": str(text_file)}))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages only
         t0 = time.perf_counter()
-        r = subprocess.run([py, ONESHOT, spec_file], capture_output=True, text=True,
-                           env={**env, "TOKENIZERS_PARALLELISM": "false"})
-    if r.returncode != 0:
-        raise RuntimeError(f"llm-compressor oneshot failed (exit {r.returncode}):\n"
-                           f"{r.stderr[-4000:]}")
+        # in a subfolder: the published copies take the folder's files only (a log holds paths)
+        log_file = tmp / "logs" / "llmc.log"
+        log_file.parent.mkdir()
+        with open(log_file, "wb") as log_out:
+            proc = subprocess.Popen([py, ONESHOT, spec_file], stdout=log_out,
+                                    stderr=subprocess.PIPE,
+                                    env={**env, "TOKENIZERS_PARALLELISM": "false"})
+            # its progress bars (one per layer: minutes on CPU) reach the terminal as they come
+            while chunk := proc.stderr.read1(4096):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                log_out.write(chunk)
+            returncode = proc.wait()
+    if returncode != 0:
+        tail = log_file.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"llm-compressor oneshot failed (exit {returncode}):\n{tail}")
     result = json.loads((tmp / "llmc_result.json").read_text())
     result["metrics"]["llmc_s"] = time.perf_counter() - t0
     return result
@@ -122,7 +139,7 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
     text, source = load_text(s["text_file"], "calib", key)
     spec = {"modifiers": modifiers, "weights": weights, "input_activations": input_activations,
             "ignore": list(ignore), "samples": s["samples"], "seq_len": s["seq_len"],
-            "threads": ctx.threads}
+            "threads": ctx.threads, "compute_dtype": COMPUTE_DTYPE}
     fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py))
     folder, prov, reused = art.ensure_cached(
         ctx.artifacts, "llmc", fp, lambda tmp: run_oneshot(py, Path(src), tmp, text, spec),

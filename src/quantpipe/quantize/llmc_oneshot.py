@@ -5,8 +5,9 @@
 Run as a file by quantpipe.quantize.llmc (never imported by the main environment): llmcompressor
 0.14.0.1 pins transformers <=5.17.0 and compressed-tensors ==0.19.0, the pipeline pins
 transformers 5.23.0. So this file imports nothing from quantpipe. SPEC.json holds src, dst, the
-calibration text file, samples, seq_len, threads, targets, ignore, the weight and activation
-quantisation arguments (compressed-tensors QuantizationArgs) and the modifiers in order, e.g.
+calibration text file, samples, seq_len, threads, compute_dtype, targets, ignore, the weight
+and activation quantisation arguments (compressed-tensors QuantizationArgs) and the modifiers
+in order, e.g.
 [{"SmoothQuantModifier": {"smoothing_strength": 0.8}}, {"GPTQModifier": {}}]. The modifiers
 that quantise (GPTQ, AWQ, plain round-to-nearest) get the scheme as config_groups.
 
@@ -108,8 +109,10 @@ def main(spec_path: str) -> None:
     torch.manual_seed(0)
     src, dst = Path(spec["src"]), Path(spec["dst"])
     tok = AutoTokenizer.from_pretrained(src)
-    # float16 as stored: loading in float32 would save the kept tensors (embedding) in float32
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16)
+    # computed in spec's compute_dtype (float32 on CPU: float16 matmuls there are ~4x slower,
+    # and AWQ's scale search overflowed to inf in float16 on SmolLM2's layer 11), saved in
+    # float16 as stored (the kept tensors, e.g. the embedding, would double in float32)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, spec["compute_dtype"]))
     groups, summary = config_groups(model, spec)
     ds = calibration(tok, Path(spec["text_file"]).read_text(encoding="utf-8"), spec["samples"],
                      spec["seq_len"])
@@ -118,6 +121,7 @@ def main(spec_path: str) -> None:
             max_seq_length=spec["seq_len"], num_calibration_samples=len(ds),
             output_dir=None)
     oneshot_s = time.perf_counter() - t0
+    model.to(torch.float16)
     model.save_pretrained(dst, save_compressed=True)
     tok.save_pretrained(dst)
     (dst / "llmc_result.json").write_text(json.dumps({
