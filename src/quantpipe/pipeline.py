@@ -142,9 +142,12 @@ def _provenance(cfg: DictConfig, inputs: dict[str, str]) -> dict[str, Any]:
 def made_by(module: Any) -> dict[str, Any]:
     """What makes a stage's artefact besides its inputs: the producing module's RECIPE (bumped
     when its code writes something else) and the versions of the LIBRARIES it declares. Part of
-    the stage's cache key, so after `pip install -U peft` the merge is built again, not reused."""
-    return {"recipe": getattr(module, "RECIPE", 0),
-            "versions": tracking.versions_of(getattr(module, "LIBRARIES", ()))}
+    the stage's cache key, so after `pip install -U peft` the merge is built again, not reused.
+    A module whose libraries live in another venv names their versions in `other_versions()`."""
+    versions = tracking.versions_of(getattr(module, "LIBRARIES", ()))
+    if (other := getattr(module, "other_versions", None)) is not None:
+        versions.update(other())  # libraries outside this venv (llm-compressor's own)
+    return {"recipe": getattr(module, "RECIPE", 0), "versions": versions}
 
 
 def quantise_key(backend_cfg: Any) -> Any:

@@ -41,6 +41,19 @@ STATIC_INPUT_KEYS = (".input_scale", ".input_zero_point")
 SPEED_KEYS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
 
 
+RECIPE = 2  # 2: calibration computed in float32 (COMPUTE_DTYPE); bump when the folder changes
+LIBRARIES = ("transformers", "compressed-tensors")  # the main venv's, that load the folder
+
+
+def other_versions() -> dict[str, str]:
+    """Part of the quantise stage's cache key besides LIBRARIES: the isolated venv's
+    llm-compressor, compressed-tensors and transformers, which make the folder."""
+    try:
+        return {"llmc": llmc_version(llmc_python())}
+    except ConfigError:  # no .venv-llmc: the backend itself says so, with the fix
+        return {"llmc": "missing"}
+
+
 # the calibration runs on CPU (the pipeline's machine): float32 there is faster than float16 and
 # does not overflow in AWQ's scale search; the folder is saved in float16 either way
 COMPUTE_DTYPE = "float32"
