@@ -49,6 +49,23 @@ def _newest(pattern: str) -> Path:
     return found[-1]
 
 
+def f16_of(merged: Path) -> Path:
+    """The F16 GGUF converted from `merged` (its provenance key names the merged fingerprint):
+    not simply the newest, which may be the base model's, converted for fine-tune retention."""
+    import json
+
+    import gguf
+
+    from quantpipe import PROJECT_ROOT
+    from quantpipe.quantize.gguf import PROVENANCE_KEY
+    for f in sorted((PROJECT_ROOT / "artifacts" / "gguf-f16").glob("*/model-f16.gguf")):
+        field = gguf.GGUFReader(str(f), "r").get_field(PROVENANCE_KEY)
+        if field is not None and json.loads(field.contents()).get("merged") == merged.name:
+            return f
+    raise SystemExit(f"no F16 GGUF of {merged} under artifacts/gguf-f16: run a GGUF variant or "
+                     "the evaluation first, or name both paths")
+
+
 def main(argv: list[str]) -> None:
     import mlflow
     from omegaconf import OmegaConf
@@ -57,7 +74,7 @@ def main(argv: list[str]) -> None:
     from quantpipe import PROJECT_ROOT, tracking
     from quantpipe.data import topics_text
     merged = Path(argv[0]) if argv else _newest("artifacts/merge/*/config.json").parent
-    f16 = Path(argv[1]) if len(argv) > 1 else _newest("artifacts/gguf-f16/*/model-f16.gguf")
+    f16 = Path(argv[1]) if len(argv) > 1 else f16_of(merged)
     tok = AutoTokenizer.from_pretrained(merged)
     ids = np.array(tok(topics_text("eval"), add_special_tokens=False)["input_ids"], np.int32)
     bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
