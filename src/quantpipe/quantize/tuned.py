@@ -22,7 +22,6 @@ Every KLD here is on calibration text; the held-out numbers come from the evalua
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
