@@ -55,8 +55,8 @@ $(LLMC_STAMP): requirements/llmc.txt
 	$(LLMC_VENV)/bin/python -m pip install -q -r requirements/llmc.txt
 	touch $@
 
-# only variants made by llm-compressor need its venv
-NEEDS_LLMC = $(if $(findstring w4a16,$(1))$(findstring w8a8,$(1)),llmc)
+# only variants made by llm-compressor, and the tuned GGUF (its AutoRound candidate), need its venv
+NEEDS_LLMC = $(if $(findstring w4a16,$(1))$(findstring w8a8,$(1))$(findstring tuned,$(1)),llmc)
 
 pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS))  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)

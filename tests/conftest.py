@@ -16,7 +16,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from quantpipe import PROJECT_ROOT  # noqa: E402
 from quantpipe.base import embedded_gguf, gguf_tokenizer  # noqa: E402

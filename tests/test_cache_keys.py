@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from quantpipe import tracking
 from quantpipe.names import Stage, Tag
@@ -33,6 +34,7 @@ def reused(cfg, stage: str) -> list[str]:
     return [r.data.tags[Tag.REUSED] for r in runs]
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_a_new_library_version_rebuilds_the_stages_it_makes(cfg_factory, monkeypatch):
     cfg = cfg_factory("+quant=fp16")
     run(cfg)

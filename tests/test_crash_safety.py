@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 
 from quantpipe import PROJECT_ROOT, artifacts as art, tracking
 from quantpipe.recovery import clean_stale_temps, mark_dead_runs, process_tags
@@ -84,6 +85,7 @@ def no_half_written_finals(root: Path) -> None:
             assert (entry / "provenance.json").is_file() or entry.suffix == ".gguf", entry
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_kill_9_mid_stage_then_the_next_run_recovers_and_resumes(tmp_path, tiny_base, tiny_adapter):
     root = tmp_path
     # 1. killed while the quantise stage writes (its merge has finished)

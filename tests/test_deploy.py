@@ -97,6 +97,7 @@ def runs(filter_string: str):
                               output_format="list")
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_failed_gate_is_refused_then_smoke_logs_a_deploy_run(cfg_factory, tmp_path, capsys):
     # every quantised variant has a KLD above 0, so this one fails the gate. Eval text with single spaces:
     # on runs of spaces in the default text, the HF tokenizer read from SmolLM2's GGUF and

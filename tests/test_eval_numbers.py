@@ -134,6 +134,7 @@ def test_gate_judges_the_interval_end_it_is_told_to():
         check_gate({**gate, "use_interval": "upper-ish"}, m)
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_variant_run_logs_intervals_retention_generation_and_tasks(cfg_factory, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text('{"prompt": "Name a colour.", "reference": "Blue."}\n'
@@ -163,6 +164,7 @@ def test_variant_run_logs_intervals_retention_generation_and_tasks(cfg_factory, 
     assert len(list((Path(cfg.paths.artifacts) / "base-nll").glob("[!.]*/base.npz"))) == 1
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_no_adapter_logs_no_retention(cfg_factory):
     m = run(cfg_factory("+quant=fp16", "adapter=none"))
     assert "base_ppl" not in m and not any(k.startswith("finetune") for k in m)

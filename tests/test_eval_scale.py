@@ -55,6 +55,7 @@ def test_memory_estimate_refuses_before_any_stage(cfg_factory):
     assert not Path(cfg.paths.artifacts, "merge").exists()
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_estimates_are_upper_bounds_of_the_measured_peaks(cfg_factory):
     """Every stage logs its own peak; the preflight's estimate for it is not below it."""
     cfg = cfg_factory("+quant=gguf_q4_0")
@@ -121,6 +122,7 @@ def test_unchanged_evaluation_is_reused_without_a_worker(cfg_factory, monkeypatc
     assert remeasured["decode_tok_s"] != first["decode_tok_s"]
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_time_budget_scores_fewer_windows_and_says_so(cfg_factory):
     from quantpipe.evaluate import estimate_seconds
     run(cfg_factory("+quant=gguf_q4_0"))  # builds the variant, so its estimate can be read

@@ -25,6 +25,9 @@ from quantpipe.quantize.gguf import PROVENANCE_KEY, gguf_metadata
 from quantpipe.report import tables
 from tests.conftest import SHRINK, make_cfg
 
+# two whole pipeline runs (~2 min): make test-slow
+pytestmark = pytest.mark.slow
+
 GGUF = "quantized/model-q8_0.gguf"
 
 

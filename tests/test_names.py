@@ -10,6 +10,7 @@ the reading side) fails here instead of printing "—".
 from __future__ import annotations
 
 import mlflow
+import pytest
 
 from quantpipe import names
 from quantpipe.names import Kind, Metric, Tag
@@ -50,6 +51,7 @@ def test_names_are_unique_within_each_group():
         assert len(spelled) == len(set(spelled)), group.__name__
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_every_metric_the_report_reads_is_one_the_pipeline_writes(cfg_factory, tmp_path):
     cfg = cfg_factory("+quant=gguf_q8_0")
     written = set(run(cfg))

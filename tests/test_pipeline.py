@@ -43,6 +43,7 @@ def test_int4_end_to_end_then_int8_reuses_the_merge(cfg_factory):
     assert m4["size_mb"] < m8["size_mb"]
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_fp16_baseline_differs_from_reference_only_by_rounding(cfg_factory):
     # the reference computes the FP16 weights in float32; the variant runs them in FP16
     m = run(cfg_factory("+quant=fp16"))
@@ -53,6 +54,7 @@ def test_fp16_baseline_differs_from_reference_only_by_rounding(cfg_factory):
     assert m["compression"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_failed_stage_marks_runs_failed_and_keeps_published_model(cfg_factory, tmp_path):
     cfg = cfg_factory("+quant=int8")
     run(cfg)

@@ -332,3 +332,9 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
     (scenario, best, reason), = recommend.same_size_gguf([plain, imat, tuned])
     assert best is tuned and "q4_k_m" in scenario and "100.60 MB" in reason
     assert "No tuned GGUF" in tables.tuned_vs_imatrix([plain, imat])
+    tuned["stages"][0]["metrics"] = {"tune_s": 400.0, "tune_won_autoround": 1.0, "tune_won_sensitivity": 0.0,
+                                     "tune_kld_calib_autoround": 0.018,
+                                     "tune_kld_calib_sensitivity": 0.02, "autoround_s": 240.0}
+    text = tables.tuned_vs_imatrix([plain, imat, tuned])
+    assert "published AutoRound's file" in text
+    assert "sensitivity 0.02000, autoround 0.01800" in text and "AutoRound 240 s" in text

@@ -201,3 +201,20 @@ def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
     # 256 calibration tokens can lose to plain there); the default model's figures are in the
     # report's tuned section
     assert tuned["kld_mean"] > 0 and plain["kld_mean"] > 0
+
+
+def test_methods_and_autoround_settings_are_checked_before_any_stage(monkeypatch, tmp_path):
+    from quantpipe.quantize.tuned import _check
+    with pytest.raises(ConfigError, match="quant.tune.methods"):
+        tune_settings({"methods": ["sensitivity", "gptq"]})
+    with pytest.raises(ConfigError, match="quant.tune.autoround.*unknown keys.*iter"):
+        tune_settings({"autoround": {"iter": 10}})
+    with pytest.raises(ConfigError, match="quant.tune.autoround.samples"):
+        tune_settings({"autoround": {"samples": 0}})
+    assert tune_settings({"autoround": {"iters": 50}})["autoround"]["seq_len"] == 512
+    # AutoRound runs in .venv-llmc: without it the config is refused with the make target
+    monkeypatch.setenv("QUANTPIPE_LLMC_PYTHON", str(tmp_path / "missing" / "python"))
+    options = {"type": "q4_k_m", "tune": {}, "imatrix": {}}
+    with pytest.raises(ConfigError, match="make llmc"):
+        _check(options)
+    _check({**options, "tune": {"methods": ["sensitivity"]}})  # no AutoRound: no venv needed

@@ -89,6 +89,16 @@ def calibration_settings(calibration: dict | None) -> dict:
 
 def run_oneshot(py: Path, src: Path, tmp: Path, text: str, spec: dict) -> dict:
     """llm-compressor's oneshot in the isolated venv, writing the folder into `tmp`."""
+    result = run_isolated(py, ONESHOT, src, tmp, text, spec, "llmc", "llm-compressor oneshot")
+    result["metrics"]["llmc_s"] = result.pop("wall_s")
+    return result
+
+
+def run_isolated(py: Path, script: Path, src: Path, tmp: Path, text: str, spec: dict,
+                 name: str, what: str) -> dict:
+    """`script` SPEC.json in the isolated venv (spec + src, dst=tmp and the calibration text as
+    a file); its progress reaches the terminal as it comes and tmp/logs/<name>.log; returns the
+    tmp/<name>_result.json it writes, with wall_s."""
     with tempfile.TemporaryDirectory() as work:
         text_file = Path(work) / "calibration.txt"
         text_file.write_text(text, encoding="utf-8")
@@ -98,10 +108,10 @@ def run_oneshot(py: Path, src: Path, tmp: Path, text: str, spec: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages only
         t0 = time.perf_counter()
         # in a subfolder: the published copies take the folder's files only (a log holds paths)
-        log_file = tmp / "logs" / "llmc.log"
+        log_file = tmp / "logs" / f"{name}.log"
         log_file.parent.mkdir()
         with open(log_file, "wb") as log_out:
-            proc = subprocess.Popen([py, ONESHOT, spec_file], stdout=log_out,
+            proc = subprocess.Popen([py, script, spec_file], stdout=log_out,
                                     stderr=subprocess.PIPE,
                                     env={**env, "TOKENIZERS_PARALLELISM": "false"})
             # its progress bars (one per layer: minutes on CPU) reach the terminal as they come
@@ -112,9 +122,9 @@ def run_oneshot(py: Path, src: Path, tmp: Path, text: str, spec: dict) -> dict:
             returncode = proc.wait()
     if returncode != 0:
         tail = log_file.read_text(errors="replace")[-4000:]
-        raise RuntimeError(f"llm-compressor oneshot failed (exit {returncode}):\n{tail}")
-    result = json.loads((tmp / "llmc_result.json").read_text())
-    result["metrics"]["llmc_s"] = time.perf_counter() - t0
+        raise RuntimeError(f"{what} failed (exit {returncode}):\n{tail}")
+    result = json.loads((tmp / f"{name}_result.json").read_text())
+    result["wall_s"] = time.perf_counter() - t0
     return result
 
 

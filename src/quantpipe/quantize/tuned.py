@@ -15,8 +15,13 @@ the calibration split (never the evaluation text) and writes it with stock llama
 5. allocation: KLD(mix) ~ KLD(top) + sum_g s_g * r(l_g), where r(l) is the all-at-level KLD
    rescaled to 1 at the lowest level and 0 at the top; a greedy knapsack buys the upgrade with
    the most predicted KLD per byte until the budget is spent;
-6. verification: the mix, llama.cpp's imatrix `quant.type` and plain `quant.type` are scored
-   on the same calibration windows; the lowest KLD within the budget is published.
+6. AutoRound (`tune.methods` names "autoround"; needs `make llmc`): intel's auto-round exports
+   the `quant.type` file itself, scales and minimums chosen from calibration activations
+   (optimised round-to-nearest with `tune.autoround.iters: 0`, sign-gradient rounding above);
+   run in .venv-llmc (quantpipe/quantize/autoround_gguf.py), cached in artifacts/autoround/;
+7. verification: the mix, AutoRound's file, llama.cpp's imatrix `quant.type` and plain
+   `quant.type` are scored on the same calibration windows; the lowest KLD within the budget is
+   published, and every candidate's KLD is logged (what lost, and by how much).
 
 Every KLD here is on calibration text; the held-out numbers come from the evaluation stage.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +42,19 @@ from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate import metrics as M
 from quantpipe.quantize.gguf import f16_gguf, ftype_of, gguf_publish, llama_quantize, smoke
+from quantpipe.quantize import options_checked_by
 from quantpipe.quantize.imatrix import cached_imatrix, imatrix_settings
+from quantpipe.quantize.llmc import llmc_python, run_isolated
 from quantpipe.tools import run_tool, tool_path
 
 log = logging.getLogger(__name__)
 # each level: (type for tensors whose rows are not a multiple of 256, type for those that are).
 # SmolLM2's 576 columns take the 32-block types, its 1536-column ffn_down the K-quants.
 LEVELS = [["iq4_nl", "q4_k"], ["q5_0", "q5_k"], ["q5_1", "q6_k"], ["q8_0", "q8_0"]]
+METHODS = ("sensitivity", "autoround")  # searched candidates; imatrix and plain always compete
+AUTOROUND = {"iters": 0, "samples": 32, "seq_len": 512}
 TUNE = {"max_minutes": 15.0, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
-        "levels": LEVELS}
+        "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
 RESERVE_S = 30.0  # left for the final quantisation + checks when max_minutes cuts the search
 
@@ -68,7 +78,28 @@ def tune_settings(tune: dict) -> dict:
     for lv in s["levels"]:
         for t in lv:
             _ggml_type(t)
+    methods = s["methods"]
+    if not isinstance(methods, list) or not set(methods) <= set(METHODS):
+        raise ConfigError("quant.tune.methods", f"{methods!r} is not a list of {list(METHODS)}",
+                          "e.g. quant.tune.methods=[sensitivity] (imatrix and plain always compete)")
+    s["autoround"] = ar = {**AUTOROUND, **(s["autoround"] or {})}
+    if unknown := set(ar) - set(AUTOROUND):
+        raise ConfigError("quant.tune.autoround", f"unknown keys {sorted(unknown)}",
+                          f"use only {sorted(AUTOROUND)}")
+    for key in AUTOROUND:
+        if not isinstance(ar[key], int) or ar[key] < (0 if key == "iters" else 1):
+            raise ConfigError(f"quant.tune.autoround.{key}", f"{ar[key]!r} is not a whole number "
+                              f">= {0 if key == 'iters' else 1}", "set a whole number")
     return s
+
+
+def _check(options: dict) -> None:
+    """Before any stage: the type, the search settings, the importance matrix's settings."""
+    ftype_of(options["type"])
+    s = tune_settings(_plain(options.get("tune") or {}))
+    imatrix_settings(_plain(options.get("imatrix") or {}))
+    if "autoround" in s["methods"]:
+        llmc_python()  # ConfigError naming `make llmc` when .venv-llmc is missing
 
 
 def _ggml_type(name: str):
@@ -276,6 +307,38 @@ def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: S
         choice[g], used = up, used + extra
 
 
+# --- AutoRound's GGUF export, a candidate ------------------------------------------------------
+
+AUTOROUND_RUNNER = Path(__file__).with_name("autoround_gguf.py")
+AUTOROUND_RECIPE = 1  # bump when autoround_gguf.py's output changes
+
+
+def autoround_version(py: Path) -> str:
+    import subprocess
+    r = subprocess.run([py, "-c", "from importlib.metadata import version as v; "
+                        "print(v('auto-round'), v('transformers'), v('gguf'))"],
+                       capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
+
+
+def autoround_candidate(src: Path, ctx, type: str, settings: dict, text: str,
+                        source: str) -> tuple[Path, dict, bool]:
+    """(AutoRound's `type` GGUF, its metrics, reused): cached per merged model, type, settings,
+    calibration text and auto-round version in artifacts/autoround/<fp>/."""
+    py = llmc_python()
+    spec = {"type": type.lower(), **settings, "threads": ctx.threads}
+    fp = art.fingerprint("autoround", AUTOROUND_RECIPE, ctx.src_fingerprint, spec,
+                         art.fingerprint(text), autoround_version(py))
+    folder, prov, reused = art.ensure_cached(
+        ctx.artifacts, "autoround", fp,
+        lambda tmp: run_isolated(py, AUTOROUND_RUNNER, src, tmp, text, spec, "autoround",
+                                 "AutoRound's GGUF export"),
+        {"merged": ctx.src_fingerprint, "calibration_source": source, "spec": spec})
+    log.info("tune: AutoRound %s %s", "reusing" if reused else "exported", folder)
+    return folder / "model.gguf", prov["result"]["metrics"], reused
+
+
+@options_checked_by(_check)
 def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: float | None = None,
                    imatrix: dict | None = None, tune: dict | None = None) -> dict:
     """The quant backend (conf/quant/gguf_tuned.yaml): see the module docstring."""
@@ -300,38 +363,56 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     search = Search(f16, matrix, tensors, overhead, scorer, work, ctx, type, deadline)
     levels, groups = s["levels"], groups_of(tensors, s["bands"])
 
-    all_at, sens, measured = sensitivities(search, groups, levels)
-    choice = allocate(groups, levels, all_at, sens, search, budget)
-    mix = at_level(groups, levels, choice)
-    candidates = {"sensitivity": (mix, search.score(mix)),
-                  "imatrix": (None, search.score(None)),
-                  "plain": ("plain", scorer.kld(plain))}
-    fits = {k: v for k, v in candidates.items()
-            if k != "sensitivity" or search.size(mix) <= budget}
+    # candidate -> (how to make it: a tensor-type mix, None = llama.cpp's imatrix mix, or a
+    # finished file; its calibration KLD)
+    candidates: dict[str, tuple] = {}
+    method_metrics: dict[str, float] = {}
+    if "autoround" in s["methods"]:  # first: its (cached) time counts against the search's
+        ar_file, ar_metrics, ar_reused = autoround_candidate(Path(src), ctx, type, s["autoround"],
+                                                             text, source)
+        method_metrics.update({**ar_metrics, "autoround_reused": float(ar_reused)})
+        candidates["autoround"] = (ar_file, scorer.kld(ar_file))
+    all_at, sens, measured, choice, mix = [], {}, 0, {}, None
+    if "sensitivity" in s["methods"]:
+        all_at, sens, measured = sensitivities(search, groups, levels)
+        choice = allocate(groups, levels, all_at, sens, search, budget)
+        mix = at_level(groups, levels, choice)
+        candidates["sensitivity"] = (mix, search.score(mix))
+    candidates["imatrix"] = (None, search.score(None))
+    candidates["plain"] = (plain, scorer.kld(plain))
+    sizes = {k: v[0].stat().st_size if isinstance(v[0], Path) else
+             search.size(v[0]) if v[0] is not None else None for k, v in candidates.items()}
+    # llama.cpp's own imatrix mix is the plain file's layout: within the budget by definition
+    fits = {k: v for k, v in candidates.items() if sizes[k] is None or sizes[k] <= budget}
     won = min(fits, key=lambda k: fits[k][1])
     out = dst / f"model-tuned-{type.lower()}.gguf"
-    if won == "plain":
+    how = candidates[won][0]
+    if how is plain:
         plain.rename(out)
+    elif isinstance(how, Path):  # AutoRound's cached file
+        shutil.copyfile(how, out)
     else:
-        search.quantise(candidates[won][0], out)
+        search.quantise(how, out)
     if out.stat().st_size > budget:
         raise RuntimeError(f"{out.name} is {out.stat().st_size} bytes, over the budget {budget}")
     tune_s = time.monotonic() - t0
     art.write_json(dst / "search.json", {
         "budget_bytes": budget, "calibration_source": source, "calib_tokens_scored": scorer.tokens,
+        "methods": s["methods"], "autoround": s["autoround"] if "autoround" in s["methods"] else None,
         "levels": levels, "kld_all_at_level": all_at, "group_kld_removed": sens,
         "groups_measured": measured, "choice": {g: levels[lv] for g, lv in choice.items()},
-        "kld_calib": {k: v[1] for k, v in candidates.items()}, "won": won, "tensor_types": mix})
+        "kld_calib": {k: v[1] for k, v in candidates.items()}, "bytes": sizes, "won": won,
+        "tensor_types": mix})
     for f in work.iterdir():
         f.unlink()
     work.rmdir()
-    metrics = {**imatrix_metrics, "budget_mb": budget / 2**20,
-               "tune_s": tune_s, "tune_candidates_scored": float(search.n_scored + 1),
+    metrics = {**imatrix_metrics, **method_metrics, "budget_mb": budget / 2**20,
+               "tune_s": tune_s, "tune_candidates_scored": float(search.n_scored + 1 + ("autoround" in candidates)),
                "tune_groups": float(len(groups)), "tune_groups_measured": float(measured),
                "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": _own_peak_mb(),
                "tune_calib_tokens": float(scorer.tokens),
                **{f"tune_kld_calib_{k}": v[1] for k, v in candidates.items()},
-               "tune_won_sensitivity": float(won == "sensitivity")}
+               **{f"tune_won_{k}": float(won == k) for k in candidates}}
     log.info("tune: %s won on calibration KLD (%s) in %.0f s, %d candidates", won,
              ", ".join(f"{k} {v[1]:.5f}" for k, v in candidates.items()), tune_s, search.n_scored)
     metrics.update(smoke(out, Path(src)))

@@ -440,16 +440,22 @@ def tuned_vs_imatrix(rows: list[dict]) -> str:
                        f"{metric(best, 'kld_mean', 5)} nats, ΔPPL {metric(best, 'delta_ppl_pct', 2)} "
                        f"%, {metric(best, 'size_mb', 2)} MB.")
         m = _tune_stage(t)
-        won = "its sensitivity-searched mix" if m.get("tune_won_sensitivity") else \
-            "a llama.cpp recipe (the searched mix scored worse)"
-        out.append(f"- The tuner published {won}; calibration-split KLD: searched "
-                   f"{num(m.get('tune_kld_calib_sensitivity'), 5)}, imatrix "
-                   f"{num(m.get('tune_kld_calib_imatrix'), 5)}, plain "
-                   f"{num(m.get('tune_kld_calib_plain'), 5)}; budget {num(m.get('budget_mb'), 2)} "
-                   f"MB; tuning {num(m.get('tune_s'), 0)} s, "
+        names = {"sensitivity": "its sensitivity-searched mix", "autoround": "AutoRound's file",
+                 "imatrix": "llama.cpp's imatrix recipe", "plain": "llama.cpp's plain recipe"}
+        won = next((v for k, v in names.items() if m.get(f"tune_won_{k}")), None)
+        if won is None:  # runs before the per-candidate flags: only the searched mix was flagged
+            won = names["sensitivity"] if m.get("tune_won_sensitivity") == 1.0 else \
+                "a llama.cpp recipe (the searched mix scored worse)"
+        calib = ", ".join(f"{k} {num(m[f'tune_kld_calib_{k}'], 5)}" for k in names
+                          if f"tune_kld_calib_{k}" in m)
+        ar = (f"; AutoRound {num(m.get('autoround_s'), 0)} s"
+              f"{' (cached)' if m.get('autoround_reused') else ''}, peak RSS "
+              f"{num(m.get('autoround_peak_rss_mb'), 0)} MB") if "autoround_s" in m else ""
+        out.append(f"- The tuner published {won}; calibration-split KLD: {calib}; budget "
+                   f"{num(m.get('budget_mb'), 2)} MB; tuning {num(m.get('tune_s'), 0)} s, "
                    f"{num(m.get('tune_candidates_scored'), 0)} candidates, peak RSS "
                    f"{num(m.get('tune_peak_rss_mb'), 0)} MB (llama-quantize "
-                   f"{num(m.get('tune_quantize_peak_rss_mb'), 0)} MB).")
+                   f"{num(m.get('tune_quantize_peak_rss_mb'), 0)} MB){ar}.")
         missing = {"plain", "calibrated"} - {how for _, how in trio}
         if missing:
             out.append(f"- No {' or '.join(sorted(missing))} {qtype} run on the same evaluation "
