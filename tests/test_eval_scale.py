@@ -140,8 +140,13 @@ def test_time_budget_scores_fewer_windows_and_says_so(cfg_factory):
     assert ev.data.tags["eval.scored"].startswith("1 of 3 windows")
 
 
-def test_budget_too_small_for_one_window_is_refused_before_scoring(cfg_factory):
-    cfg = cfg_factory("+quant=gguf_q4_0", "eval.max_minutes=0.000001")
-    with pytest.raises(ConfigError, match=r"eval.max_minutes: .* needs about .* one window"):
+@pytest.mark.parametrize("quant", ["gguf_q4_0", "int4"])
+def test_budget_too_small_for_one_window_is_refused_before_any_stage(cfg_factory, quant):
+    """The variant's evaluation time is estimated from the model's shape and the backend's
+    runtime and weight bytes (`eval_need`) before the merge: a 7B int4 on this CPU is refused in
+    a second, not after the merge and quantisation."""
+    cfg = cfg_factory(f"+quant={quant}", "eval.max_minutes=0.000001")
+    with pytest.raises(ConfigError, match=r"eval.max_minutes: the evaluation of .* needs about "
+                                          r".* one window"):
         run(cfg)
-    assert not Path(cfg.paths.artifacts, "reference").exists()  # refused before the reference
+    assert not Path(cfg.paths.artifacts, "merge").exists()  # refused before any stage

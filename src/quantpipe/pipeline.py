@@ -101,9 +101,9 @@ def preflight_memory(cfg: DictConfig) -> None:
               "merge.stream_above_gb=0 merges tensor by tensor in far less memory")]
     target = str(cfg.quant.backend.get("_target_", ""))
     module = importlib.import_module(target.rsplit(".", 1)[0]) if "." in target else None
+    options = {k: v for k, v in OmegaConf.to_container(cfg.quant.backend, resolve=True).items()
+               if not k.startswith("_")}
     if (need := getattr(module, "memory_need", None)) is not None:
-        options = {k: v for k, v in OmegaConf.to_container(cfg.quant.backend, resolve=True).items()
-                   if not k.startswith("_")}
         needs += need(shape, cfg.eval.n_ctx, **options)
     if cfg.eval.reference_runtime == "llama.cpp":
         ref = memory.estimate_gguf_file_runtime(shape.fp16_bytes, shape, cfg.eval.n_ctx)
@@ -116,6 +116,21 @@ def preflight_memory(cfg: DictConfig) -> None:
         memory.check(what, nbytes, cfg.memory.limit_gb, fix)
     log.info("memory: largest stage estimate %s, %s", memory.fmt_gib(max(n for _, n, _ in needs)),
              memory.available_note(cfg.memory.limit_gb))
+    if (need := getattr(module, "eval_need", None)) is not None:
+        preflight_time(cfg, shape, *need(shape, **options))
+
+
+def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
+    """The variant's evaluation against eval.max_minutes, before any stage: refused as the
+    evaluation itself would refuse it (the speed runs and one window over twice the budget),
+    from the backend's estimate of its runtime and weight bytes (`eval_need`)."""
+    from quantpipe import evaluate
+    what = f"the evaluation of {cfg.quant.name} ({runtime}, about {weights / 2**30:.1f} GiB)"
+    full = evaluate.estimate_seconds_for(weights, runtime, shape, cfg, cfg.eval.n_windows)
+    log.info("time: %s about %.0f min estimated for %d windows (eval.max_minutes=%s)", what,
+             full / 60, cfg.eval.n_windows, cfg.eval.max_minutes)
+    evaluate.refuse_over_budget(evaluate.estimate_seconds_for(weights, runtime, shape, cfg, 1),
+                                cfg, what)
 
 
 def set_threads(threads: int | None) -> None:

@@ -235,25 +235,35 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
 
 
 # Effective speed on this project's reference machine (2 cores, AVX2): prompt processing in
-# FLOP/s (2 x parameters per token) and decoding in weight bytes read per second. llama.cpp:
-# llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads (545 tok/s x 0.27 GFLOP; 12-15 GB/s);
-# transformers: FP16/bitsandbytes matmuls on CPU (README "Evaluation at scale").
-THROUGHPUT = {"llama.cpp": (140e9, 12e9), "transformers": (TRANSFORMERS_FLOPS, TRANSFORMERS_BPS)}
+# FLOP/s (2 x parameters per token) and decoding in weight bytes read per second ("file": the
+# variant's own bytes; "fp16": the model's FP16 bytes, for runtimes that compute in 16/32-bit
+# whatever the storage). llama.cpp: llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads
+# (545 tok/s x 0.27 GFLOP; 12-15 GB/s). transformers: the slowest of fp16 / int8 / nf4 measured
+# at 7B width by benchmarks/cpu_throughput.py (README "Evaluation at scale").
+THROUGHPUT = {"llama.cpp": (140e9, 12e9, "file"),
+              "transformers": (TRANSFORMERS_FLOPS, TRANSFORMERS_BPS, "fp16")}
 
 
 def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
                      n_windows: int, speed: bool = True) -> float:
-    """Rough wall time of one worker: loading (disk at ~1 GB/s), the chat sample and the speed
-    runs, then `n_windows` windows. Used for the ETA and to refuse what cannot fit the budget."""
+    """Rough wall time of one worker on `path`: see estimate_seconds_for."""
+    return estimate_seconds_for(weights_size(path), runtime, shape, cfg, n_windows, speed)
+
+
+def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig,
+                         n_windows: int, speed: bool = True) -> float:
+    """Rough wall time of one worker on `weights` bytes: loading (disk at ~1 GB/s), the chat
+    sample and the speed runs, then `n_windows` windows. Used for the ETA and, before any stage
+    and again before scoring, to refuse what cannot fit the budget."""
     e = cfg.eval
-    flops, bps = THROUGHPUT[runtime]
-    weights = weights_size(path)
+    flops, bps, decode_bytes = THROUGHPUT[runtime]
+    read = weights if decode_bytes == "file" else shape.fp16_bytes
     per_token = 2 * shape.n_params / flops
     t = weights / 1e9 + n_windows * e.n_ctx * per_token
     if speed:
         runs = e.speed.warmup + e.speed.repeats
-        t += runs * (e.speed.prompt_tokens * per_token + e.speed.new_tokens * weights / bps)
-        t += e.sample.max_new_tokens * weights / bps
+        t += runs * (e.speed.prompt_tokens * per_token + e.speed.new_tokens * read / bps)
+        t += e.sample.max_new_tokens * read / bps
     return t
 
 
@@ -264,10 +274,14 @@ def check_budget(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
     full = estimate_seconds(path, runtime, shape, cfg, n_windows, speed)
     log.info("%s: about %.0f min estimated for %d windows (eval.max_minutes=%s)", what,
              full / 60, n_windows, cfg.eval.max_minutes)
+    refuse_over_budget(estimate_seconds(path, runtime, shape, cfg, 1, speed), cfg, what)
+
+
+def refuse_over_budget(least_s: float, cfg: DictConfig, what: str) -> None:
+    """ConfigError when `least_s` (the speed runs and one window) is over twice the budget."""
     budget = _budget_s(cfg)
-    least = estimate_seconds(path, runtime, shape, cfg, 1, speed)
-    if budget is not None and least > 2 * budget:
-        raise ConfigError("eval.max_minutes", f"{what} needs about {least / 60:.0f} min for the "
+    if budget is not None and least_s > 2 * budget:
+        raise ConfigError("eval.max_minutes", f"{what} needs about {least_s / 60:.0f} min for the "
                           f"speed runs and one window alone (estimate), over twice the budget of "
                           f"{cfg.eval.max_minutes} min",
                           "raise eval.max_minutes, evaluate on a GPU or a faster machine, or "

@@ -15,6 +15,7 @@ Writes dst/model.gguf and dst/autoround_result.json (time, own peak RSS, samples
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -34,6 +35,8 @@ def own_peak_mb() -> float:
 
 
 def main(spec_path: str) -> None:
+    # its INFO lines name every tensor it writes (hundreds); warnings and progress bars remain
+    os.environ.setdefault("AR_LOG_LEVEL", "WARNING")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

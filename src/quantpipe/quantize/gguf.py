@@ -155,6 +155,11 @@ def _bits_upper(type: str) -> float:
     return min(16.0, float(digits) + 1.5) if digits else 16.0
 
 
+def eval_need(shape, type: str = "q4_k_m", **_) -> tuple[str, int]:
+    """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
+    return "llama.cpp", int(shape.n_params * _bits_upper(type) / 8)
+
+
 def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None
                 ) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): convert, (imatrix,) quantise,

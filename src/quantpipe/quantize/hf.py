@@ -21,6 +21,11 @@ def save_fp16(src: Path, dst: Path, ctx) -> dict:
     return {"artifact": ".", "runtime": "transformers", "metrics": {}}
 
 
+def eval_need(shape) -> tuple[str, int]:
+    """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
+    return "transformers", shape.fp16_bytes
+
+
 def memory_need(shape, n_ctx: int) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): evaluating FP16 on transformers."""
     from quantpipe import memory

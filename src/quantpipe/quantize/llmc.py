@@ -145,6 +145,23 @@ def swap_activations(folder: Path, dst: Path, acts: dict) -> None:
         save_file(tensors, dst / f.name, metadata={"format": "pt"})
 
 
+def eval_need(shape, **_) -> tuple[str, int]:
+    """(runtime, weight bytes) of the evaluation: transformers decompresses to FP16 on CPU."""
+    return "transformers", shape.fp16_bytes
+
+
+def memory_need(shape, n_ctx: int, **_) -> list[tuple[str, int, str]]:
+    """Peak RAM of this variant's stages (quantpipe.memory): the calibration holds the model in
+    float32 (COMPUTE_DTYPE), the evaluation the decompressed FP16 weights."""
+    from quantpipe import memory
+    fix = ("calibrate on a machine with more memory (llm-compressor on a GPU), or drop this "
+           "variant; GGUF variants quantise in far less")
+    return [(f"llm-compressor calibration ({COMPUTE_DTYPE})",
+             memory.estimate_hf_runtime(2 * shape.fp16_bytes, shape, n_ctx), fix),
+            ("the evaluation of the decompressed folder (transformers)",
+             memory.estimate_hf_runtime(shape.fp16_bytes, shape, n_ctx), fix)]
+
+
 def plain(value):
     """Hydra hands a partial's arguments over as DictConfig / ListConfig: plain JSON-able data."""
     from omegaconf import OmegaConf
