@@ -150,3 +150,20 @@ def test_budget_too_small_for_one_window_is_refused_before_any_stage(cfg_factory
                                           r".* one window"):
         run(cfg)
     assert not Path(cfg.paths.artifacts, "merge").exists()  # refused before any stage
+
+
+def test_at_7b_int4_is_refused_up_front_and_q4_k_m_admitted(tmp_path):
+    """The measured throughputs (benchmarks/cpu_throughput.py) at a 7B shape and the default
+    protocol: bitsandbytes NF4 decodes at ~10 s a token on 2 cores, so its speed runs and chat
+    sample alone overrun twice eval.max_minutes; q4_k_m on llama.cpp fits."""
+    from quantpipe import pipeline
+    from quantpipe.quantize import bnb, gguf
+    from tests.conftest import make_cfg
+    shape = memory.Shape(n_params=6_880_000_000, stored_bytes=13_760_000_000,
+                         largest=32000 * 4096, vocab=32000, layers=32, kv_dim=4096)
+    cfg = make_cfg(tmp_path, ["+quant=int4"])
+    with pytest.raises(ConfigError, match=r"eval.max_minutes: the evaluation of int4 "
+                                          r"\(transformers-bitsandbytes"):
+        pipeline.preflight_time(cfg, shape, *bnb.eval_need(shape, quant_type="nf4"))
+    cfg = make_cfg(tmp_path, ["+quant=gguf_q4_k_m"])
+    pipeline.preflight_time(cfg, shape, *gguf.eval_need(shape, type="q4_k_m"))

@@ -45,7 +45,6 @@ EVAL_RECIPE = "eval-3"
 # the runtimes' libraries: a new llama.cpp or transformers recomputes the cached figures
 LIBRARIES = ("llama_cpp_python", "transformers", "bitsandbytes", "torch", "numpy")
 REFERENCE_RUNTIMES = ("llama.cpp", "transformers", "transformers-float32")
-TRANSFORMERS_FLOPS, TRANSFORMERS_BPS = 20e9, 3e9
 SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
               Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX, Metric.PEAK_RSS_MB,
               Metric.PEAK_GPU_MB)
@@ -236,23 +235,38 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
 
 # Effective speed on this project's reference machine (2 cores, AVX2): prompt processing in
 # FLOP/s (2 x parameters per token) and decoding in weight bytes read per second ("file": the
-# variant's own bytes; "fp16": the model's FP16 bytes, for runtimes that compute in 16/32-bit
-# whatever the storage). llama.cpp: llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads
-# (545 tok/s x 0.27 GFLOP; 12-15 GB/s). transformers: the slowest of fp16 / int8 / nf4 measured
-# at 7B width by benchmarks/cpu_throughput.py (README "Evaluation at scale").
+# variant's own bytes; "fp16": the model's FP16 bytes, for runtimes that dequantise to compute).
+# llama.cpp: llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads (545 tok/s x 0.27 GFLOP;
+# 12-15 GB/s). transformers: benchmarks/cpu_throughput.py at 7B width (README "Evaluation at
+# scale"): FP16 27.7 GFLOP/s, 20.4 GB/s; bitsandbytes int8 / nf4 (float32 compute) 52 GFLOP/s,
+# and 1.5-1.7 GB/s of FP16 bytes decoding, 1.0 GB/s once the benchmark's unquantised lm_head
+# is taken out (its share of a 7B is 3 %, of the benchmark's 2 layers a third).
 THROUGHPUT = {"llama.cpp": (140e9, 12e9, "file"),
-              "transformers": (TRANSFORMERS_FLOPS, TRANSFORMERS_BPS, "fp16")}
+              "transformers": (27e9, 20e9, "fp16"),
+              "transformers-bitsandbytes": (52e9, 1.0e9, "fp16")}
+
+
+def speed_profile(path: Path, runtime: str) -> str:
+    """The THROUGHPUT entry of a variant: its runtime, or transformers-bitsandbytes for a
+    bitsandbytes folder (decoding dequantises every weight, every token)."""
+    config = Path(path) / "config.json"
+    if runtime == "transformers" and config.is_file():
+        q = json.loads(config.read_text()).get("quantization_config") or {}
+        if q.get("quant_method") == "bitsandbytes":
+            return "transformers-bitsandbytes"
+    return runtime
 
 
 def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
                      n_windows: int, speed: bool = True) -> float:
     """Rough wall time of one worker on `path`: see estimate_seconds_for."""
-    return estimate_seconds_for(weights_size(path), runtime, shape, cfg, n_windows, speed)
+    return estimate_seconds_for(weights_size(path), speed_profile(path, runtime), shape, cfg,
+                                n_windows, speed)
 
 
 def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig,
                          n_windows: int, speed: bool = True) -> float:
-    """Rough wall time of one worker on `weights` bytes: loading (disk at ~1 GB/s), the chat
+    """Rough wall time of one worker on `weights` bytes (`runtime` a THROUGHPUT key): loading (disk at ~1 GB/s), the chat
     sample and the speed runs, then `n_windows` windows. Used for the ETA and, before any stage
     and again before scoring, to refuse what cannot fit the budget."""
     e = cfg.eval

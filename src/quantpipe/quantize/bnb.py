@@ -117,7 +117,7 @@ def _packed(shape, bits: int) -> int:
 
 def eval_need(shape, **options) -> tuple[str, int]:
     """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
-    return "transformers", _packed(shape, _bits(options))
+    return "transformers-bitsandbytes", _packed(shape, _bits(options))
 
 
 def memory_need(shape, n_ctx: int, **options) -> list[tuple[str, int, str]]:

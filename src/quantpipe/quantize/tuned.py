@@ -58,7 +58,9 @@ AUTOROUND = {"iters": 0, "samples": 32, "seq_len": 512}
 TUNE = {"max_minutes": 15.0, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
         "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
-RESERVE_S = 30.0  # left for the final quantisation + checks when max_minutes cuts the search
+# what is left after the search when max_minutes cuts it: the mix, imatrix and plain files
+# scored (3 candidates), the published file written and smoke-loaded (about one more)
+RESERVE_CANDIDATES = 4
 
 
 def tune_settings(tune: dict) -> dict:
@@ -206,7 +208,7 @@ class Search:
     def __init__(self, f16, matrix, tensors, overhead, scorer, work, ctx, target, deadline):
         self.f16, self.matrix, self.tensors, self.overhead = f16, matrix, tensors, overhead
         self.scorer, self.work, self.ctx, self.target = scorer, work, ctx, target
-        self.deadline, self.n_scored, self.peak_mb = deadline, 0, 0.0
+        self.deadline, self.n_scored, self.peak_mb, self.scoring_s = deadline, 0, 0.0, 0.0
 
     def size(self, types: dict[str, str]) -> int:
         return self.overhead + sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
@@ -226,15 +228,20 @@ class Search:
         self.peak_mb = max(self.peak_mb, r.peak_rss_mb)
 
     def score(self, types: dict[str, str] | None) -> float:
+        t0 = time.monotonic()
         out = self.work / "candidate.gguf"
         self.quantise(types, out)
         kld = self.scorer.kld(out)
         out.unlink()
         self.n_scored += 1
+        self.scoring_s += time.monotonic() - t0
         return kld
 
     def out_of_time(self) -> bool:
-        return time.monotonic() > self.deadline
+        """Past the deadline once the candidates still to come after the search (the reserve, at
+        the mean time a candidate has taken) are counted."""
+        mean = self.scoring_s / max(self.n_scored, 1)
+        return time.monotonic() + RESERVE_CANDIDATES * mean > self.deadline
 
 
 def at_level(groups: dict[str, list[Tensor]], levels: list, choice: dict[str, int]) -> dict:
@@ -255,16 +262,24 @@ def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[floa
     deadline leaves each kind some measurements; a group left unmeasured gets the median KLD per
     weight of the measured groups of its kind (of all groups, if its kind has none; with none
     measured, the KLD all groups remove together, per weight)."""
+    from tqdm import tqdm
     top = len(levels) - 1
-    all_at = [search.score(at_level(groups, levels, dict.fromkeys(groups, lv)))
-              for lv in range(len(levels))]
+    bar = tqdm(total=len(levels) + len(groups), desc="tune: sensitivity search", unit="candidate",
+               leave=True)
+    all_at = []
+    for lv in range(len(levels)):
+        all_at.append(search.score(at_level(groups, levels, dict.fromkeys(groups, lv))))
+        bar.update()
     s: dict[str, float] = {}
     order = sorted(groups, key=lambda g: (_band(g), -sum(t.n for t in groups[g])))
     for g in order:
         if search.out_of_time():
+            bar.set_postfix_str("quant.tune.max_minutes reached")
             break
         choice = {**dict.fromkeys(groups, 0), g: top}
         s[g] = max(all_at[0] - search.score(at_level(groups, levels, choice)), 0.0)
+        bar.update()
+    bar.close()
     measured = len(s)
     if measured < len(groups):
         log.warning("tune: max_minutes reached after %d of %d groups; the rest are estimated",
@@ -351,7 +366,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     tool_path(ctx.tools, "llama-quantize")
     tool_path(ctx.tools, "llama-imatrix")
     t0 = time.monotonic()
-    deadline = t0 + 60 * s["max_minutes"] - RESERVE_S
+    deadline = t0 + 60 * s["max_minutes"]
     f16 = f16_gguf(Path(src), ctx)
     work = dst / "work"
     work.mkdir()
@@ -409,7 +424,8 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
         f.unlink()
     work.rmdir()
     metrics = {**imatrix_metrics, **method_metrics, "budget_mb": budget / 2**20,
-               "tune_s": tune_s, "tune_candidates_scored": float(search.n_scored + 1 + ("autoround" in candidates)),
+               "tune_s": tune_s, "tune_candidates_scored":
+                   float(search.n_scored + 1 + ("autoround" in candidates)),
                "tune_groups": float(len(groups)), "tune_groups_measured": float(measured),
                "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": _own_peak_mb(),
                "tune_calib_tokens": float(scorer.tokens),
