@@ -87,6 +87,20 @@ def test_publishers_of_one_name_take_turns(tmp_path):
     no_temps(tmp_path)
 
 
+def test_publishing_the_same_cached_file_again_leaves_no_temporary(tmp_path):
+    """A re-run publishes the file it published before: the temporary hard link and the
+    published name are then links to one inode, which rename(2) leaves both in place."""
+    cached = tmp_path / "cache" / "model.gguf"
+    cached.parent.mkdir()
+    cached.write_bytes(b"GGUF" + bytes(64))
+    out = tmp_path / "quantized" / "model-q4_k_m.gguf"
+    art.publish(cached, out)
+    art.publish(cached, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".model-q4_k_m.gguf.lock",
+                                                             "model-q4_k_m.gguf"]
+    assert out.read_bytes() == cached.read_bytes()
+
+
 def test_sqlite_store_takes_concurrent_writers(tmp_path):
     """Four processes create the store together, then each logs a run with 40 metric steps and
     20 params at the same time: no 'database is locked', nothing lost."""

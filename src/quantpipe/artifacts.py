@@ -139,6 +139,9 @@ def _tmp_sibling(final: Path, tag: str) -> Path:
 def replace_path(src: Path, final: Path) -> None:
     """Move `src` to `final`, replacing what is there. A file is replaced atomically
     (os.replace); a folder is swapped with two renames, the old one deleted only afterwards."""
+    if src.is_file() and final.is_file() and os.path.samefile(src, final):
+        src.unlink()  # rename(2) of two links to one file does nothing: src would stay behind
+        return
     if src.is_file() or not final.exists():
         os.replace(src, final)
         return
