@@ -317,7 +317,8 @@ def test_retention_table_and_the_no_fine_tune_case():
 
 def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner():
     plain = row("gguf_q4_k_m", "dynamic", size_mb=100.6, kld_mean=0.043, delta_ppl_pct=7.8)
-    imat = row("gguf_imatrix_q4_k_m", "static", size_mb=100.6, kld_mean=0.035, delta_ppl_pct=6.0,
+    # llama.cpp's imatrix file: a few hundred bytes of metadata over plain's, the same size
+    imat = row("gguf_imatrix_q4_k_m", "static", size_mb=100.6003, kld_mean=0.035, delta_ppl_pct=6.0,
                kld_ci95_low=0.031, kld_ci95_high=0.039)
     tuned = row("gguf_tuned_q4_k_m", "static", size_mb=99.9, kld_mean=0.025, delta_ppl_pct=4.1)
     tuned["stages"] = [{"metrics": {"tune_s": 300.0, "tune_won_sensitivity": 1.0,
@@ -331,6 +332,7 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
     assert "sensitivity-searched mix" in text
     (scenario, best, reason), = recommend.same_size_gguf([plain, imat, tuned])
     assert best is tuned and "q4_k_m" in scenario and "100.60 MB" in reason
+    assert "gguf_imatrix_q4_k_m 0.03500" in reason  # compared at one size
     assert "No tuned GGUF" in tables.tuned_vs_imatrix([plain, imat])
     tuned["stages"][0]["metrics"] = {"tune_s": 400.0, "tune_won_autoround": 1.0, "tune_won_sensitivity": 0.0,
                                      "tune_kld_calib_autoround": 0.018,

@@ -104,6 +104,9 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
     return out + same_size_gguf(cpu) + gpu_serving(cpu, gpu)
 
 
+SAME_SIZE = 1.001  # sizes within 0.1 % compete as one size
+
+
 def same_size_gguf(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
     """Where a tuned GGUF ran: the lowest held-out KLD among the variants no larger than the plain
     one of its comparison group (quant.compare: plain, imatrix and tuned compete at one size)."""
@@ -115,8 +118,10 @@ def same_size_gguf(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
         limit = min((r["metrics"]["size_mb"] for r in plain), default=t["metrics"].get("size_mb"))
         if limit is None:
             continue
+        # within 0.1 %: llama.cpp's imatrix file carries a few hundred bytes more metadata than
+        # plain's (the matrix's name and dataset), not a larger model
         fits = [r for r in cpu if r["family"] == t["family"]
-                and r["metrics"].get("size_mb", float("inf")) <= limit + 1e-9]
+                and r["metrics"].get("size_mb", float("inf")) <= limit * SAME_SIZE]
         r = _pick(fits, "kld_mean")
         out.append((f"GGUF at the {qtype} size", r, "no GGUF with a KLD" if r is None else
                     f"lowest held-out KLD of the GGUFs no larger than plain {qtype} "
