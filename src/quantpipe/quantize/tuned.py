@@ -58,9 +58,9 @@ AUTOROUND = {"iters": 0, "samples": 32, "seq_len": 512}
 TUNE = {"max_minutes": 15.0, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
         "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
-# what is left after the search when max_minutes cuts it: the mix, imatrix and plain files
-# scored (3 candidates), the published file written and smoke-loaded (about one more)
-RESERVE_CANDIDATES = 4
+# what is left after the search when max_minutes cuts it: the mix scored, the published file
+# written and smoke-loaded (about one more candidate's time)
+RESERVE_CANDIDATES = 2
 
 
 def tune_settings(tune: dict) -> dict:
@@ -209,6 +209,7 @@ class Search:
         self.f16, self.matrix, self.tensors, self.overhead = f16, matrix, tensors, overhead
         self.scorer, self.work, self.ctx, self.target = scorer, work, ctx, target
         self.deadline, self.n_scored, self.peak_mb, self.scoring_s = deadline, 0, 0.0, 0.0
+        self.last_bytes = 0  # the file size of the last candidate scored
 
     def size(self, types: dict[str, str]) -> int:
         return self.overhead + sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
@@ -232,6 +233,7 @@ class Search:
         out = self.work / "candidate.gguf"
         self.quantise(types, out)
         kld = self.scorer.kld(out)
+        self.last_bytes = out.stat().st_size
         out.unlink()
         self.n_scored += 1
         self.scoring_s += time.monotonic() - t0
@@ -381,30 +383,36 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     levels, groups = s["levels"], groups_of(tensors, s["bands"])
 
     # candidate -> (how to make it: a tensor-type mix, None = llama.cpp's imatrix mix, or a
-    # finished file; its calibration KLD)
-    candidates: dict[str, tuple] = {}
+    # finished file; its calibration KLD); sizes in bytes, as written
+    candidates: dict[str, tuple] = {"plain": (plain, scorer.kld(plain))}
+    sizes = {"plain": plain.stat().st_size}
+    candidates["imatrix"] = (None, search.score(None))
+    sizes["imatrix"] = search.last_bytes
+    # every mix is written with --imatrix too: it carries the imatrix file's extra metadata
+    search.overhead += sizes["imatrix"] - sizes["plain"]
     method_metrics: dict[str, float] = {}
-    if "autoround" in s["methods"]:  # first: its (cached) time counts against the search's
+    if "autoround" in s["methods"]:  # before the search: its (cached) time counts against it
         ar_file, ar_metrics, ar_reused = autoround_candidate(Path(src), ctx, type, s["autoround"],
                                                              text, source)
         method_metrics.update({**ar_metrics, "autoround_reused": float(ar_reused)})
         candidates["autoround"] = (ar_file, scorer.kld(ar_file))
+        sizes["autoround"] = ar_file.stat().st_size
     all_at, sens, measured, choice, mix = [], {}, 0, {}, None
     if "sensitivity" in s["methods"]:
         all_at, sens, measured = sensitivities(search, groups, levels)
         choice = allocate(groups, levels, all_at, sens, search, budget)
         mix = at_level(groups, levels, choice)
         candidates["sensitivity"] = (mix, search.score(mix))
-    candidates["imatrix"] = (None, search.score(None))
-    candidates["plain"] = (plain, scorer.kld(plain))
-    sizes = {k: v[0].stat().st_size if isinstance(v[0], Path) else
-             search.size(v[0]) if v[0] is not None else None for k, v in candidates.items()}
-    # llama.cpp's own imatrix mix is the plain file's layout: within the budget by definition
-    fits = {k: v for k, v in candidates.items() if sizes[k] is None or sizes[k] <= budget}
+        sizes["sensitivity"] = search.last_bytes
+    fits = {k: v for k, v in candidates.items() if sizes[k] <= budget}
+    if not fits:
+        raise ConfigError("quant.budget_mb", f"no candidate fits {budget / 2**20:.2f} MiB "
+                          f"(bytes: {sizes})", "raise quant.budget_mb, or null for the plain "
+                          "file's size")
     won = min(fits, key=lambda k: fits[k][1])
     out = dst / f"model-tuned-{type.lower()}.gguf"
     how = candidates[won][0]
-    if how is plain:
+    if won == "plain":
         plain.rename(out)
     elif isinstance(how, Path):  # AutoRound's cached file
         shutil.copyfile(how, out)
