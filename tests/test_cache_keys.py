@@ -49,6 +49,7 @@ def test_a_new_library_version_rebuilds_the_stages_it_makes(cfg_factory, monkeyp
     assert len(list((Path(cfg.paths.artifacts) / Stage.MERGE).glob("[!.]*"))) == 2
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_a_new_converter_converts_the_f16_gguf_again(tmp_path, tiny_base, monkeypatch):
     ctx = QuantContext(artifacts=tmp_path, tools=Path("/nonexistent"), src_fingerprint="tiny",
                        threads=1)

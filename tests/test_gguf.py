@@ -52,6 +52,7 @@ def test_metadata_keeps_tokenizer_template_and_provenance(files, tiny_base):
     assert meta["general.architecture"] == "llama"
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_provenance_is_written_by_the_converter_not_a_second_copy(tmp_path, tiny_base):
     """The F16 is llama.cpp's converter output with the key added, byte for byte what stamping
     the plain conversion with gguf's own copy_with_new_metadata gives, in one write."""

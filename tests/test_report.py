@@ -64,6 +64,7 @@ def search(client, cfg, filter_string):
     return client.search_runs([exp.experiment_id], filter_string=filter_string)
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_sweep_is_one_parent_run_over_its_variants(store):
     root, client, cfg = store
     (sweep,) = search(client, cfg, "tags.`quantpipe.kind` = 'sweep'")
@@ -113,6 +114,7 @@ def check_table(md: str, section: str, runs: dict, columns: dict[str, str],
     return checked
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_report_numbers_are_the_mlflow_metrics(store, tmp_path):
     from pipelines.report import main
     root, client, cfg = store
@@ -161,6 +163,7 @@ def test_report_numbers_are_the_mlflow_metrics(store, tmp_path):
         assert text in md, text
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_gate_failure_is_never_champion(store):
     root, client, cfg = store
     (q4,) = search(client, cfg, "tags.`quant.name` = 'gguf_q4_0'")
@@ -179,6 +182,7 @@ def test_gate_failure_is_never_champion(store):
     assert any(Path(files).iterdir())
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_unknown_sweep_id_names_the_option(store):
     root, client, cfg = store
     with pytest.raises(ConfigError, match="--sweep"):
@@ -329,7 +333,7 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
     assert [ln.split("|")[2].strip() for ln in lines] == ["plain", "calibrated", "tuned"]
     assert "[0.03100, 0.03900]" in lines[1] and "—" in lines[2]  # CI only where logged
     assert "Lowest held-out KLD: **gguf_tuned_q4_k_m** (tuned)" in text
-    assert "sensitivity-searched mix" in text
+    assert "published the sensitivity candidate" in text
     (scenario, best, reason), = recommend.same_size_gguf([plain, imat, tuned])
     assert best is tuned and "q4_k_m" in scenario and "100.60 MB" in reason
     assert "gguf_imatrix_q4_k_m 0.03500" in reason  # compared at one size
@@ -338,5 +342,5 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
                                      "tune_kld_calib_autoround": 0.018,
                                      "tune_kld_calib_sensitivity": 0.02, "autoround_s": 240.0}
     text = tables.tuned_vs_imatrix([plain, imat, tuned])
-    assert "published AutoRound's file" in text
-    assert "sensitivity 0.02000, autoround 0.01800" in text and "AutoRound 240 s" in text
+    assert "published the autoround candidate" in text
+    assert "autoround 0.01800, sensitivity 0.02000" in text and "AutoRound 240 s" in text

@@ -83,6 +83,7 @@ main()
 '''
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_parallel_multirun_hangs_jobs_under_one_sweep_run(tmp_path):
     app = tmp_path / "app.py"
     app.write_text(APP.format(conf=str(CONF)))

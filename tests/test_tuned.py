@@ -59,6 +59,7 @@ def test_byte_costs_follow_block_sizes_and_576_columns_take_32_blocks():
         tensor_bytes(q, "q4_k")
 
 
+@pytest.mark.slow  # over 15 s (whole pipeline runs or a sweep): make test-slow
 def test_byte_model_matches_llama_cpp_files(tmp_path, tiny_base):
     """The size the search predicts for a mix is the size llama.cpp writes: every tensor of a
     real q4_k_m file costs what tensor_bytes says for its type, and the rest is overhead."""

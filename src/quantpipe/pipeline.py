@@ -85,8 +85,6 @@ def preflight_memory(cfg: DictConfig) -> None:
     """Every stage's estimated peak RAM against what the machine has, before any stage runs:
     the merge, the variant's own stages (its backend's `memory_need`), the FP16 reference. The
     embedded default (135M parameters) is not checked: it needs under 2 GB anywhere."""
-    import importlib
-
     from quantpipe import base, memory
     if cfg.model.path is None:
         return
@@ -99,10 +97,7 @@ def preflight_memory(cfg: DictConfig) -> None:
     needs = [("the LoRA merge" + (" (streamed)" if streams else " (in RAM, float32)"),
               memory.estimate_merge(shape, streams),
               "merge.stream_above_gb=0 merges tensor by tensor in far less memory")]
-    target = str(cfg.quant.backend.get("_target_", ""))
-    module = importlib.import_module(target.rsplit(".", 1)[0]) if "." in target else None
-    options = {k: v for k, v in OmegaConf.to_container(cfg.quant.backend, resolve=True).items()
-               if not k.startswith("_")}
+    module, options = backend_module(cfg)
     if (need := getattr(module, "memory_need", None)) is not None:
         needs += need(shape, cfg.eval.n_ctx, **options)
     if cfg.eval.reference_runtime == "llama.cpp":
@@ -118,6 +113,17 @@ def preflight_memory(cfg: DictConfig) -> None:
              memory.available_note(cfg.memory.limit_gb))
     if (need := getattr(module, "eval_need", None)) is not None:
         preflight_time(cfg, shape, *need(shape, **options))
+
+
+def backend_module(cfg: DictConfig) -> tuple[Any, dict]:
+    """The module of the variant's backend function (where its memory_need / eval_need live)
+    and the backend's options, `_target_` and friends left out."""
+    import importlib
+    target = str(cfg.quant.backend.get("_target_", ""))
+    module = importlib.import_module(target.rsplit(".", 1)[0]) if "." in target else None
+    return module, {k: v for k, v in OmegaConf.to_container(cfg.quant.backend,
+                                                            resolve=True).items()
+                    if not k.startswith("_")}
 
 
 def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
@@ -282,9 +288,14 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
         text, source = load_text(ds["text_file"], ds["split"], ds["key"])
         tracking.log_dataset(ds["name"], text, source, context="calibration")
     path = folder / result["artifact"]
-    return {"path": path.resolve(), "fingerprint": fp, "folder": folder,
-            "runtime": result["runtime"], "speed": result.get("speed", {"native": True}),
-            "publish": result.get("publish", {})}
+    variant = {"path": path.resolve(), "fingerprint": fp, "folder": folder,
+               "runtime": result["runtime"], "speed": result.get("speed", {"native": True}),
+               "publish": result.get("publish", {})}
+    module, options = backend_module(cfg)
+    if (need := getattr(module, "eval_need", None)) is not None:  # its speed profile
+        from quantpipe import memory
+        variant["throughput"] = need(memory.shape_of(Path(merged["path"])), **options)[0]
+    return variant
 
 
 def check_result(result: dict, target: str) -> dict:

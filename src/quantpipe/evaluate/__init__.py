@@ -200,7 +200,9 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     shape = memory.shape_of(merged["path"])
     ids, bos = prepare_ids(cfg, merged["path"], text)
     # the variant's budget first: refused before the reference is scored for it
-    check_budget(vpath, runtime, shape, cfg, len(windows(ids, e.n_ctx, e.n_windows, bos)),
+    # the backend's speed profile (a THROUGHPUT key, e.g. transformers-bitsandbytes) if it names one
+    check_budget(vpath, variant.get("throughput", runtime), shape, cfg,
+                 len(windows(ids, e.n_ctx, e.n_windows, bos)),
                  f"the evaluation of {vpath.name}")
     ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
     base_nll = score_base(cfg, base, merged, {**_protocol(cfg), "bos": bos}, ref, shape, text_fp)
@@ -233,7 +235,8 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
             "task_answers": result.get("task_answers")}
 
 
-# Effective speed on this project's reference machine (2 cores, AVX2): prompt processing in
+# Effective speed on this project's reference machine, per runtime or backend speed profile
+# (a backend's eval_need names its key) (2 cores, AVX2): prompt processing in
 # FLOP/s (2 x parameters per token) and decoding in weight bytes read per second ("file": the
 # variant's own bytes; "fp16": the model's FP16 bytes, for runtimes that dequantise to compute).
 # llama.cpp: llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads (545 tok/s x 0.27 GFLOP;
@@ -246,22 +249,10 @@ THROUGHPUT = {"llama.cpp": (140e9, 12e9, "file"),
               "transformers-bitsandbytes": (52e9, 1.0e9, "fp16")}
 
 
-def speed_profile(path: Path, runtime: str) -> str:
-    """The THROUGHPUT entry of a variant: its runtime, or transformers-bitsandbytes for a
-    bitsandbytes folder (decoding dequantises every weight, every token)."""
-    config = Path(path) / "config.json"
-    if runtime == "transformers" and config.is_file():
-        q = json.loads(config.read_text()).get("quantization_config") or {}
-        if q.get("quant_method") == "bitsandbytes":
-            return "transformers-bitsandbytes"
-    return runtime
-
-
 def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
                      n_windows: int, speed: bool = True) -> float:
     """Rough wall time of one worker on `path`: see estimate_seconds_for."""
-    return estimate_seconds_for(weights_size(path), speed_profile(path, runtime), shape, cfg,
-                                n_windows, speed)
+    return estimate_seconds_for(weights_size(path), runtime, shape, cfg, n_windows, speed)
 
 
 def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig,

@@ -440,14 +440,11 @@ def tuned_vs_imatrix(rows: list[dict]) -> str:
                        f"{metric(best, 'kld_mean', 5)} nats, ΔPPL {metric(best, 'delta_ppl_pct', 2)} "
                        f"%, {metric(best, 'size_mb', 2)} MB.")
         m = _tune_stage(t)
-        names = {"sensitivity": "its sensitivity-searched mix", "autoround": "AutoRound's file",
-                 "imatrix": "llama.cpp's imatrix recipe", "plain": "llama.cpp's plain recipe"}
-        won = next((v for k, v in names.items() if m.get(f"tune_won_{k}")), None)
-        if won is None:  # runs before the per-candidate flags: only the searched mix was flagged
-            won = names["sensitivity"] if m.get("tune_won_sensitivity") == 1.0 else \
-                "a llama.cpp recipe (the searched mix scored worse)"
-        calib = ", ".join(f"{k} {num(m[f'tune_kld_calib_{k}'], 5)}" for k in names
-                          if f"tune_kld_calib_{k}" in m)
+        calib = {k.removeprefix("tune_kld_calib_"): v for k, v in m.items()
+                 if k.startswith("tune_kld_calib_")}
+        won = next((k for k in calib if m.get(f"tune_won_{k}")), None)
+        won = f"the {won} candidate" if won else "a candidate other than its searched mix"
+        calib = ", ".join(f"{k} {num(v, 5)}" for k, v in calib.items())
         ar = (f"; AutoRound {num(m.get('autoround_s'), 0)} s"
               f"{' (cached)' if m.get('autoround_reused') else ''}, peak RSS "
               f"{num(m.get('autoround_peak_rss_mb'), 0)} MB") if "autoround_s" in m else ""
