@@ -204,7 +204,7 @@ def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
     assert tuned["kld_mean"] > 0 and plain["kld_mean"] > 0
 
 
-def test_methods_and_autoround_settings_are_checked_before_any_stage(monkeypatch, tmp_path):
+def test_methods_and_autoround_settings_are_checked_before_any_stage():
     from quantpipe.quantize.tuned import _check
     with pytest.raises(ConfigError, match="quant.tune.methods"):
         tune_settings({"methods": ["sensitivity", "gptq"]})
@@ -213,9 +213,16 @@ def test_methods_and_autoround_settings_are_checked_before_any_stage(monkeypatch
     with pytest.raises(ConfigError, match="quant.tune.autoround.samples"):
         tune_settings({"autoround": {"samples": 0}})
     assert tune_settings({"autoround": {"iters": 50}})["autoround"]["seq_len"] == 512
-    # AutoRound runs in .venv-llmc: without it the config is refused with the make target
+    with pytest.raises(ConfigError, match="quant.tune.methods"):  # the composed-config check
+        _check({"type": "q4_k_m", "tune": {"methods": ["gptq"]}, "imatrix": {}})
+
+
+def test_autoround_without_its_venv_names_make_llmc(monkeypatch, tmp_path):
+    """AutoRound runs in .venv-llmc: without it the candidate stops with the make target."""
+    from quantpipe.quantize import QuantContext
+    from quantpipe.quantize.tuned import autoround_candidate
     monkeypatch.setenv("QUANTPIPE_LLMC_PYTHON", str(tmp_path / "missing" / "python"))
-    options = {"type": "q4_k_m", "tune": {}, "imatrix": {}}
+    ctx = QuantContext(artifacts=tmp_path, tools=tmp_path, src_fingerprint="x", threads=None)
     with pytest.raises(ConfigError, match="make llmc"):
-        _check(options)
-    _check({**options, "tune": {"methods": ["sensitivity"]}})  # no AutoRound: no venv needed
+        autoround_candidate(tmp_path, ctx, "q4_k_m", {"iters": 0, "samples": 1, "seq_len": 8},
+                            "text", "calib")
