@@ -40,6 +40,7 @@ import numpy as np
 from quantpipe import artifacts as art
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
+from quantpipe.memory import own_peak_mb
 from quantpipe.evaluate import metrics as M
 from quantpipe.quantize.gguf import eval_need as gguf_eval_need
 from quantpipe.quantize.gguf import f16_gguf, ftype_of, gguf_publish, llama_quantize, smoke
@@ -435,7 +436,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
                "tune_s": tune_s, "tune_candidates_scored":
                    float(search.n_scored + 1 + ("autoround" in candidates)),
                "tune_groups": float(len(groups)), "tune_groups_measured": float(measured),
-               "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": _own_peak_mb(),
+               "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": own_peak_mb(),
                "tune_calib_tokens": float(scorer.tokens),
                **{f"tune_kld_calib_{k}": v[1] for k, v in candidates.items()},
                **{f"tune_won_{k}": float(won == k) for k in candidates}}
@@ -472,12 +473,3 @@ def _plain(value):
     """Hydra hands the backend DictConfig / ListConfig: plain dicts and lists for JSON."""
     from omegaconf import OmegaConf
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
-
-
-def _own_peak_mb() -> float:
-    """This process's VmHWM (it holds the scoring runtime; the pipeline's own libraries too)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
