@@ -14,6 +14,7 @@ import pytest
 
 from quantpipe.errors import ConfigError
 from quantpipe.registry import CHAMPION, publish_to_registry
+from quantpipe.tracking import log_model
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +38,13 @@ def reg(store, request):
     smallest = {"name": name, "champion_by": "size_mb", "champion_mode": "min"}
 
     def publish(quant: str, passed: bool, merged: str = "m1", rule: dict | None = None,
-                **metrics: float):
+                fingerprint: str | None = None, **metrics: float):
         """A variant run whose publish run logs the model, registered as the pipeline does."""
         with mlflow.start_run(run_name=quant) as variant:
             with mlflow.start_run(run_name="publish", nested=True) as pub:
-                mlflow.log_artifact(str(root / "model.gguf"), "model")
-                return publish_to_registry({**smallest, **(rule or {})}, pub.info.run_id,
+                uri = log_model(root / "model.gguf", 300, "model",
+                                fingerprint or f"{name}-{quant}-{merged}-{len(metrics)}-{passed}")
+                return publish_to_registry({**smallest, **(rule or {})}, pub.info.run_id, uri,
                                            variant.info.run_id, quant, merged, passed, metrics)
 
     def champion() -> str | None:
@@ -101,3 +103,25 @@ def test_bad_criterion_is_refused_before_registering(reg, bad, key):
     with pytest.raises(ConfigError, match=f"registry.{key}"):
         reg.publish("q4_0", True, rule=bad, size_mb=86.0)
     assert reg.client.search_model_versions(f"name = '{reg.name}'") == []
+
+
+def test_the_same_model_published_again_is_stored_once_and_still_downloads(reg, store):
+    """An unchanged re-run publishes the same files: its run points at the first copy
+    (model/same_as.json) instead of adding another to the store, and the registry version made
+    by the re-run downloads the first run's files. Once those files are gone, a copy is made."""
+    first, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
+    again, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
+    assert again.run_id != first.run_id and again.source == first.source
+    assert [a.path for a in reg.client.list_artifacts(again.run_id, "model")] == \
+        ["model/same_as.json"]
+    (copy,) = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.name}@{CHAMPION}")
+                   ).rglob("*.gguf")
+    assert copy.read_bytes() == reg.model.read_bytes()
+    root, _ = store
+    assert len([p for p in (root / "art").rglob("model.gguf")
+                if first.run_id in str(p) or again.run_id in str(p)]) == 1
+    import shutil
+    shutil.rmtree(Path(reg.client.get_run(first.run_id).info.artifact_uri.removeprefix("file://"))
+                  / "model")
+    third, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
+    assert third.source == f"runs:/{third.run_id}/model"

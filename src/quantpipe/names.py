@@ -43,6 +43,7 @@ class Tag:
     REUSED = "quantpipe.reused"             # "true" | "false" | "external" (a user's folder)
     ARTIFACT = "quantpipe.artifact"         # the stage's output, relative to paths.root
     PUBLISHED = "quantpipe.published"       # the published model, relative to paths.root
+    MODEL_FINGERPRINT = "quantpipe.model_fingerprint"  # publish run holding a copy of this model
     ERROR = "quantpipe.error"
     RECOVERED = "quantpipe.recovered"
     PID = "quantpipe.pid"

@@ -345,10 +345,11 @@ def stage_publish(cfg: DictConfig, variant: dict, metrics: dict[str, float]) -> 
         out = Path(cfg.paths.quantized)
         final = art.publish(variant["path"], out / str(cfg.quant.publish))
         publish_extras(variant, out)
-        tracking.log_file_or_reference(final, cfg.tracking.log_model_max_mb, "model")
+        model_uri = tracking.log_model(final, cfg.tracking.log_model_max_mb, "model",
+                                       variant["fingerprint"])
         published = art.portable_path(final, cfg.paths.root)  # resolved against paths.root
         mlflow.set_tag(Tag.PUBLISHED, published)
-        publish_to_registry(cfg.registry, publish_run.info.run_id,
+        publish_to_registry(cfg.registry, publish_run.info.run_id, model_uri,
                             publish_run.data.tags[Tag.PARENT_RUN], str(cfg.quant.name),
                             art.read_provenance(variant["folder"])["inputs"]["merged"], passed,
                             metrics)

@@ -2,8 +2,9 @@
 the alias `champion` points at the best version that passed the quality gate.
 
 Called by the publish stage (quantpipe.pipeline.stage_publish); configured under `registry:` in
-conf/config.yaml (name, champion_by, champion_mode). A version's source is the publish run's
-`model` artefact, `runs:/<publish run>/model`: the HF folder or GGUF file, or, above
+conf/config.yaml (name, champion_by, champion_mode). A version's source is the `model` artefact
+of the publish run that first logged those files, `runs:/<run>/model` (an unchanged re-run
+points at the earlier copy, quantpipe.tracking.log_model): the HF folder or GGUF file, or, above
 tracking.log_model_max_mb, files.json with their paths and sha256. The version carries the
 variant's metrics and gate result as tags, so the champion can be chosen before the variant run
 has finished. Versions compete only with versions of the same merged model (tag
@@ -29,10 +30,11 @@ CHAMPION = "champion"
 MODES = ("min", "max")
 
 
-def register_variant(name: str, publish_run_id: str, variant_run_id: str, quant_name: str,
-                     merged_fingerprint: str, passed: bool, metrics: Mapping[str, float]
-                     ) -> ModelVersion:
-    """A new version of `name` whose source is the publish run's `model` artefact."""
+def register_variant(name: str, publish_run_id: str, model_uri: str, variant_run_id: str,
+                     quant_name: str, merged_fingerprint: str, passed: bool,
+                     metrics: Mapping[str, float]) -> ModelVersion:
+    """A new version of `name` made by the publish run, whose source is `model_uri` (that run's
+    `model` artefact, or the earlier run's copy of the same files)."""
     client = MlflowClient()
     try:
         client.create_registered_model(name, description="Quantised variants of one merged "
@@ -43,8 +45,7 @@ def register_variant(name: str, publish_run_id: str, variant_run_id: str, quant_
     tags = {Tag.QUANT_NAME: quant_name, Tag.GATE: Gate.PASSED if passed else Gate.FAILED,
             Tag.MERGED_FINGERPRINT: merged_fingerprint, Tag.VARIANT_RUN_ID: variant_run_id,
             **{f"{Tag.METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}}
-    version = client.create_model_version(name, f"runs:/{publish_run_id}/model",
-                                          run_id=publish_run_id, tags=tags)
+    version = client.create_model_version(name, model_uri, run_id=publish_run_id, tags=tags)
     client.set_tag(variant_run_id, Tag.REGISTRY_VERSION, f"{name}/{version.version}")
     return version
 
@@ -98,8 +99,8 @@ def update_champion(name: str, merged_fingerprint: str, by: str, mode: str
     return best
 
 
-def publish_to_registry(registry_cfg: Mapping, publish_run_id: str, variant_run_id: str,
-                        quant_name: str, merged_fingerprint: str, passed: bool,
+def publish_to_registry(registry_cfg: Mapping, publish_run_id: str, model_uri: str,
+                        variant_run_id: str, quant_name: str, merged_fingerprint: str, passed: bool,
                         metrics: Mapping[str, float]) -> tuple[ModelVersion, ModelVersion | None]:
     """Register the variant, then re-elect the champion. Returns (version, champion)."""
     name, by = str(registry_cfg["name"]), str(registry_cfg["champion_by"])
@@ -107,7 +108,7 @@ def publish_to_registry(registry_cfg: Mapping, publish_run_id: str, variant_run_
     if by not in metrics:
         raise ConfigError("registry.champion_by", f"{by!r} is not a variant metric",
                           f"choose one of: {', '.join(sorted(metrics))}")
-    version = register_variant(name, publish_run_id, variant_run_id, quant_name,
+    version = register_variant(name, publish_run_id, model_uri, variant_run_id, quant_name,
                                merged_fingerprint, passed, metrics)
     champion = update_champion(name, merged_fingerprint, by, str(registry_cfg["champion_mode"]))
     return version, champion

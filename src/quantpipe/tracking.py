@@ -168,17 +168,46 @@ def log_dataset(name: str, text: str, source: str, context: str) -> None:
     mlflow.log_input(ds, context=context)
 
 
-def log_file_or_reference(path: Path, max_mb: float, artifact_path: str) -> None:
-    """Log small model files as artefacts; above `max_mb` log their paths and sha256 instead
-    (MLflow copies every artefact: a 14 GB model would be stored twice)."""
+def log_model(path: Path, max_mb: float, artifact_path: str, fingerprint: str) -> str:
+    """Log a published model to the active run and return its URI (`runs:/<run>/<path>`).
+    Small models are copied in, once: a model whose fingerprint an earlier finished run already
+    holds (an unchanged sweep publishes the same files again) is logged as a pointer to that
+    copy, `<artifact_path>/same_as.json`, and its URI is returned (a sweep of the default
+    formats would otherwise add 1.6 GB of identical copies to the store each time). Above
+    `max_mb` the paths and sha256 are logged instead (a 14 GB model would be stored twice)."""
     from quantpipe.artifacts import file_sha256, size_bytes
     path = Path(path)
-    if size_bytes(path) <= max_mb * 2**20:
-        (mlflow.log_artifacts if path.is_dir() else mlflow.log_artifact)(str(path), artifact_path)
-        return
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    mlflow.log_dict({str(p): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files},
-                    f"{artifact_path}/files.json")
+    run_id = mlflow.active_run().info.run_id
+    if size_bytes(path) > max_mb * 2**20:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        mlflow.log_dict({str(p): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                         for p in files}, f"{artifact_path}/files.json")
+        return f"runs:/{run_id}/{artifact_path}"
+    if (holder := _run_holding(fingerprint, artifact_path)) is not None:
+        mlflow.log_dict({"run_id": holder, "uri": f"runs:/{holder}/{artifact_path}",
+                         Tag.MODEL_FINGERPRINT: fingerprint}, f"{artifact_path}/same_as.json")
+        return f"runs:/{holder}/{artifact_path}"
+    (mlflow.log_artifacts if path.is_dir() else mlflow.log_artifact)(str(path), artifact_path)
+    mlflow.set_tag(Tag.MODEL_FINGERPRINT, fingerprint)  # this run now holds the copy
+    return f"runs:/{run_id}/{artifact_path}"
+
+
+def _run_holding(fingerprint: str, artifact_path: str) -> str | None:
+    """The newest finished run of this experiment that holds a copy of the model with this
+    fingerprint and still has its files, or None."""
+    client = mlflow.MlflowClient()
+    active = mlflow.active_run().info
+    runs = client.search_runs([active.experiment_id], max_results=5,
+                              filter_string=f"tags.`{Tag.MODEL_FINGERPRINT}` = '{fingerprint}' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        try:
+            if client.list_artifacts(run.info.run_id, artifact_path):
+                return run.info.run_id
+        except (OSError, mlflow.exceptions.MlflowException):
+            continue  # its files are gone (deleted by hand, or another store)
+    return None
 
 
 def start_sweep_run(config: DictConfig) -> str:
