@@ -344,3 +344,13 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
     text = tables.tuned_vs_imatrix([plain, imat, tuned])
     assert "published the autoround candidate" in text
     assert "autoround 0.01800, sensitivity 0.02000" in text and "AutoRound 240 s" in text
+
+
+def test_a_failed_scale_run_is_printed_without_this_hosts_folders():
+    row = {"name": "gguf_q4_k_m", "metrics": {"fp16_gb": 13.76},
+           "tags": {"scale.size": "7b", "quantpipe.error": "ConfigError: disk: "
+                    "/work/bench/pipeline-7b/root/artifacts has 1.4 GiB free, "
+                    "'/tmp/x/model-f16.gguf' needs 13.8 GiB -> free space"}}
+    text = tables.scale([row])
+    assert "/work" not in text and "/tmp" not in text
+    assert "…/artifacts has 1.4 GiB free" in text and "'…/model-f16.gguf'" in text

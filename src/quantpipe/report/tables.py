@@ -7,6 +7,7 @@ back and checks that).
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import defaultdict
 
 from quantpipe.names import Metric, Tag
@@ -185,11 +186,18 @@ def scale(rows: list[dict]) -> str:
         quality = (f"{num(m.get('delta_ppl_pct'), 2, sign=True)} % / {num(m.get('kld_mean'), 4)} / "
                    f"{num(m.get('decode_tok_s'), 2)} ({num(m.get('eval_windows_scored'), 0)} of "
                    f"{num(m.get('eval_windows_planned'), 0)} windows)" if "ppl" in m
-                   else r["tags"].get("quantpipe.error", r["tags"].get("scale.status", "?"))[:200])
+                   else without_host_paths(r["tags"].get(Tag.ERROR,
+                                                         r["tags"].get("scale.status", "?")))[:200])
         body.append([r["tags"].get("scale.size", "?"), num(m.get("fp16_gb"), 2), r["name"],
                      *cells, quality])
     return table(["size", "FP16 GB", "variant", *SCALE_STAGES,
                   "ΔPPL % / KLD / decode tok/s (scored)"], body)
+
+
+def without_host_paths(text: str) -> str:
+    """An error text as the report prints it: each absolute path cut to `…/<its last part>`
+    (a benchmark's refusal names its work folder, which is this host's, not the reader's)."""
+    return re.sub(r"(?<![\w.])/(?:[^\s/:'\",;()]+/)*([^\s/:'\",;()]+)", r"…/\1", text)
 
 
 def _values(rows: list[dict], get) -> dict[str, list[str]]:
