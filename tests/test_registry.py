@@ -105,23 +105,28 @@ def test_bad_criterion_is_refused_before_registering(reg, bad, key):
     assert reg.client.search_model_versions(f"name = '{reg.name}'") == []
 
 
-def test_the_same_model_published_again_is_stored_once_and_still_downloads(reg, store):
-    """An unchanged re-run publishes the same files: its run points at the first copy
-    (model/same_as.json) instead of adding another to the store, and the registry version made
-    by the re-run downloads the first run's files. Once those files are gone, a copy is made."""
+def test_the_same_model_published_again_is_stored_once_and_registered_once(reg, store):
+    """An unchanged re-run publishes the same files: its publish run points at the first copy
+    (model/same_as.json) instead of adding another to the store, and the registry keeps the
+    version it has (it grows with changes, not runs), which still downloads. Once the first
+    run's files are gone, the next run copies them again and registers a new version."""
+    root, exp = store
     first, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
-    again, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
-    assert again.run_id != first.run_id and again.source == first.source
-    assert [a.path for a in reg.client.list_artifacts(again.run_id, "model")] == \
+    again, champ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
+    assert again.version == first.version == champ.version
+    (second_publish,) = reg.client.search_runs(
+        [exp], "attributes.run_name = 'publish'", order_by=["attributes.start_time DESC"],
+        max_results=1)
+    assert second_publish.info.run_id != first.run_id
+    assert [a.path for a in reg.client.list_artifacts(second_publish.info.run_id, "model")] == \
         ["model/same_as.json"]
     (copy,) = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.name}@{CHAMPION}")
                    ).rglob("*.gguf")
     assert copy.read_bytes() == reg.model.read_bytes()
-    root, _ = store
-    assert len([p for p in (root / "art").rglob("model.gguf")
-                if first.run_id in str(p) or again.run_id in str(p)]) == 1
+    changed, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=85.0)  # new figures
+    assert int(changed.version) > int(first.version) and changed.source == first.source
     import shutil
     shutil.rmtree(Path(reg.client.get_run(first.run_id).info.artifact_uri.removeprefix("file://"))
                   / "model")
-    third, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=86.0)
-    assert third.source == f"runs:/{third.run_id}/model"
+    third, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=85.0)
+    assert third.source == f"runs:/{third.run_id}/model" != first.source

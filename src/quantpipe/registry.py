@@ -5,7 +5,9 @@ Called by the publish stage (quantpipe.pipeline.stage_publish); configured under
 conf/config.yaml (name, champion_by, champion_mode). A version's source is the `model` artefact
 of the publish run that first logged those files, `runs:/<run>/model` (an unchanged re-run
 points at the earlier copy, quantpipe.tracking.log_model): the HF folder or GGUF file, or, above
-tracking.log_model_max_mb, files.json with their paths and sha256. The version carries the
+tracking.log_model_max_mb, files.json with their paths and sha256. An unchanged re-run (same
+source, gate result and metrics as the variant's newest version) registers nothing new: the
+registry grows with changes, not with runs. The version carries the
 variant's metrics and gate result as tags, so the champion can be chosen before the variant run
 has finished. Versions compete only with versions of the same merged model (tag
 merged.fingerprint), and only the newest version of each quant.name counts, so re-running a
@@ -32,9 +34,11 @@ MODES = ("min", "max")
 
 def register_variant(name: str, publish_run_id: str, model_uri: str, variant_run_id: str,
                      quant_name: str, merged_fingerprint: str, passed: bool,
-                     metrics: Mapping[str, float]) -> ModelVersion:
+                     metrics: Mapping[str, float]) -> tuple[ModelVersion, bool]:
     """A new version of `name` made by the publish run, whose source is `model_uri` (that run's
-    `model` artefact, or the earlier run's copy of the same files)."""
+    `model` artefact, or the earlier run's copy of the same files); or, when the newest version
+    of this variant already has that source, gate result and metrics (an unchanged re-run), that
+    version. Returns (version, whether it is new)."""
     client = MlflowClient()
     try:
         client.create_registered_model(name, description="Quantised variants of one merged "
@@ -43,11 +47,25 @@ def register_variant(name: str, publish_run_id: str, model_uri: str, variant_run
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     tags = {Tag.QUANT_NAME: quant_name, Tag.GATE: Gate.PASSED if passed else Gate.FAILED,
-            Tag.MERGED_FINGERPRINT: merged_fingerprint, Tag.VARIANT_RUN_ID: variant_run_id,
+            Tag.MERGED_FINGERPRINT: merged_fingerprint,
             **{f"{Tag.METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()}}
-    version = client.create_model_version(name, model_uri, run_id=publish_run_id, tags=tags)
+    newest = max(_versions(client, name, merged_fingerprint, quant_name),
+                 key=lambda v: int(v.version), default=None)
+    new = not (newest is not None and newest.source == model_uri
+               and {k: newest.tags.get(k) for k in tags} == tags)
+    version = newest if not new else client.create_model_version(
+        name, model_uri, run_id=publish_run_id, tags={**tags, Tag.VARIANT_RUN_ID: variant_run_id})
     client.set_tag(variant_run_id, Tag.REGISTRY_VERSION, f"{name}/{version.version}")
-    return version
+    return version, new
+
+
+def _versions(client: MlflowClient, name: str, merged_fingerprint: str,
+              quant_name: str | None = None) -> list[ModelVersion]:
+    """The versions of `name` built from one merged model (of one variant, if named)."""
+    query = f"name = '{name}' and tags.`{Tag.MERGED_FINGERPRINT}` = '{merged_fingerprint}'"
+    if quant_name is not None:
+        query += f" and tags.`{Tag.QUANT_NAME}` = '{quant_name}'"
+    return list(client.search_model_versions(query))
 
 
 def contenders(versions: Iterable[ModelVersion], merged_fingerprint: str) -> list[ModelVersion]:
@@ -84,8 +102,8 @@ def update_champion(name: str, merged_fingerprint: str, by: str, mode: str
                     ) -> ModelVersion | None:
     """Point `champion` at the best passing contender; remove it when none passes."""
     client = MlflowClient()
-    versions = client.search_model_versions(f"name = '{name}'")
-    best = best_passing(contenders(versions, merged_fingerprint), by, mode)
+    best = best_passing(contenders(_versions(client, name, merged_fingerprint),
+                                   merged_fingerprint), by, mode)
     if best is None:
         try:
             client.delete_registered_model_alias(name, CHAMPION)
@@ -108,7 +126,13 @@ def publish_to_registry(registry_cfg: Mapping, publish_run_id: str, model_uri: s
     if by not in metrics:
         raise ConfigError("registry.champion_by", f"{by!r} is not a variant metric",
                           f"choose one of: {', '.join(sorted(metrics))}")
-    version = register_variant(name, publish_run_id, model_uri, variant_run_id, quant_name,
-                               merged_fingerprint, passed, metrics)
+    version, new = register_variant(name, publish_run_id, model_uri, variant_run_id, quant_name,
+                                    merged_fingerprint, passed, metrics)
+    if not new:  # an unchanged re-run: the contest is as it was
+        log.info("registry %s: %s unchanged, version %s", name, quant_name, version.version)
+        try:
+            return version, MlflowClient().get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return version, None  # no variant of this merged model passes the gate
     champion = update_champion(name, merged_fingerprint, by, str(registry_cfg["champion_mode"]))
     return version, champion
