@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock, lock_path
@@ -211,11 +211,13 @@ def publish(src: Path, final: Path) -> Path:
     return final
 
 
-def ensure_cached(artifacts_root: Path, stage: str, fp: str, build, provenance: dict | None = None,
+def ensure_cached(artifacts_root: Path, stage: str, fp: str, build,
+                  provenance: Callable[[], dict] | dict | None = None,
                   need_bytes: int = 0, margin_bytes: int = 0) -> tuple[Path, dict, bool]:
     """Return (folder, provenance, reused) for `artifacts/<stage>/<fp>`, building it with
     `build(tmp_folder) -> dict` when no finished folder exists. The dict `build` returns is
-    stored in provenance.json under "result". A process that finds another one building the same
+    stored in provenance.json under "result", beside `provenance` (or what it returns, when
+    callable: only a build needs it). A process that finds another one building the same
     entry waits for its lock and then reuses the result. Before building, the disk must have
     `need_bytes + margin_bytes` free (else ConfigError, nothing written)."""
     folder = cache_dir(artifacts_root, stage, fp)
@@ -229,7 +231,8 @@ def ensure_cached(artifacts_root: Path, stage: str, fp: str, build, provenance: 
         check_free_space(folder.parent, need_bytes, margin_bytes, f"the {stage} stage")
         with atomic_path(folder) as tmp:
             result = build(tmp) or {}
-            prov = {"stage": stage, "fingerprint": fp, "result": result, **(provenance or {})}
+            extra = provenance() if callable(provenance) else provenance
+            prov = {"stage": stage, "fingerprint": fp, "result": result, **(extra or {})}
             (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
     return folder, prov, False
 

@@ -140,10 +140,15 @@ def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch's intra-op threads for the stages run in this process (merge, training, bnb)."""
-    if threads:
-        import torch
+    """torch's intra-op threads for the stages run in this process (merge, training, bnb).
+    torch is not imported for this: its import is 3 s of a run that reuses every stage. If it
+    is not loaded yet, OMP_NUM_THREADS sets them when a stage first imports it."""
+    if not threads:
+        return
+    if (torch := sys.modules.get("torch")) is not None:
         torch.set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _summary(m: dict[str, float]) -> str:
@@ -193,16 +198,22 @@ def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], di
                  inputs: dict[str, str], need_bytes: int = 0) -> tuple[Path, dict]:
     """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact.
     `need_bytes` estimates its output: the disk must hold it plus disk.margin_gb first."""
+    params = {f"input.{k}": v for k, v in inputs.items()}
     with tracking.stage_run(name, **{Tag.FINGERPRINT: fp}):
-        mlflow.log_params({f"input.{k}": v for k, v in inputs.items()})
-        folder, prov, reused = art.ensure_cached(
-            Path(cfg.paths.artifacts), name, fp,
-            lambda tmp: art.portable(build(tmp), cfg.paths.root), _provenance(cfg, inputs),
-            need_bytes=need_bytes, margin_bytes=int(cfg.disk.margin_gb * 2**30))
+        try:
+            folder, prov, reused = art.ensure_cached(
+                Path(cfg.paths.artifacts), name, fp,
+                lambda tmp: art.portable(build(tmp), cfg.paths.root),
+                lambda: _provenance(cfg, inputs),
+                need_bytes=need_bytes, margin_bytes=int(cfg.disk.margin_gb * 2**30))
+        except BaseException:
+            mlflow.log_params(params)  # what the failed stage was given
+            raise
         log.info("%s: %s %s", name, "reusing" if reused else "built", folder)
-        mlflow.set_tag(Tag.REUSED, str(reused).lower())
-        mlflow.set_tag(Tag.ARTIFACT, art.portable_path(folder, cfg.paths.root))
-        mlflow.log_metrics(prov["result"].get("metrics", {}))
+        # one write to the store, not four: 60 stage runs of a sweep each write these
+        tracking.log_batch(params=params, metrics=prov["result"].get("metrics", {}),
+                           tags={Tag.REUSED: str(reused).lower(),
+                                 Tag.ARTIFACT: art.portable_path(folder, cfg.paths.root)})
         mlflow.log_dict(prov, "provenance.json")
     return folder, prov
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -69,12 +70,37 @@ def setup(tracking: DictConfig) -> str:
         else:
             exp_id = exp.experiment_id
         mark_model_training(mlflow.MlflowClient(), exp_id)
+        if uri.startswith("sqlite:///"):
+            write_ahead_log(db)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
 
+def write_ahead_log(db: Path) -> None:
+    """Put the SQLite store in write-ahead-log mode (kept in the file). A commit then syncs the
+    log once, where the default rollback journal syncs the journal and the database: an
+    unchanged sweep commits ~400 times, and took 27-32 s before, 21-26 s after (make sweep, 3
+    runs each). WAL needs every process on one host (SQLite's shared memory), as this store
+    does anyway; jobs on several hosts log to a server (tracking=remote). A store another
+    process holds busy keeps its mode: this is a speed-up, not a requirement."""
+    import sqlite3
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as e:
+        log.debug("%s stays in its journal mode (%s)", db, e)
+
+
 def package_version(name: str) -> str:
     """The installed version of distribution `name`, or "absent"."""
+    return _installed_version(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _installed_version(name: str) -> str:
+    """Read once per process: reading a distribution's metadata takes ~10 ms, and every stage
+    of every job of a sweep asks for the same ones (1.4 s of an unchanged sweep)."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -127,6 +153,20 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
     container = OmegaConf.to_container(cfg, resolve=True)
     root = OmegaConf.select(cfg, "paths.root")
     return dict(walk(portable(container, root) if root else container, ""))
+
+
+def log_batch(params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None,
+              tags: dict[str, str] | None = None) -> None:
+    """Params, metrics and tags on the active run in one request to the store (each fluent
+    log_* call is its own transaction: ~15 ms on SQLite, a round trip to a server)."""
+    from mlflow.entities import Metric as MetricEntity
+    from mlflow.entities import Param, RunTag
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(
+        mlflow.active_run().info.run_id,
+        metrics=[MetricEntity(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()])
 
 
 @contextlib.contextmanager

@@ -49,13 +49,11 @@ def mark_model_training(client: MlflowClient, experiment_id: str) -> None:
             client.set_experiment_tag(experiment_id, key, value)
 
 
-def comparison_rows(client: MlflowClient, experiment: str, sweep_id: str) -> list[dict]:
+def comparison_rows(variants: list[dict]) -> list[dict]:
     """One row per variant of the sweep (the report's selection): name, gate, metrics, run id."""
-    from quantpipe.report.query import select
-    sel = select(client, experiment, sweep_id)
     return [{"variant": r["name"], "gate": r["gate"] or "-",
              **{k: r["metrics"].get(k) for k in TABLE_METRICS}, "run_id": r["run_id"]}
-            for r in sel.variants]
+            for r in variants]
 
 
 def log_sweep_comparison(client: MlflowClient, sweep_id: str) -> None:
@@ -67,11 +65,10 @@ def log_sweep_comparison(client: MlflowClient, sweep_id: str) -> None:
     from quantpipe.report.query import select
     run = client.get_run(sweep_id)
     experiment = client.get_experiment(run.info.experiment_id).name
-    rows = comparison_rows(client, experiment, sweep_id)
-    if not rows:
-        return
-    client.log_table(sweep_id, pd.DataFrame(rows), TABLE_FILE)
     variants = select(client, experiment, sweep_id).variants
+    if not variants:
+        return
+    client.log_table(sweep_id, pd.DataFrame(comparison_rows(variants)), TABLE_FILE)
     with tempfile.TemporaryDirectory() as tmp:
         size = plots.size_vs_delta_ppl(variants, recommend.pareto_front(variants),
                                        Path(tmp) / "size_vs_delta_ppl.png")
