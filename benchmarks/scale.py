@@ -21,6 +21,7 @@ largest child it ran: the converter, an evaluation worker), and the pipeline pro
 peak sampled from outside.
 
     .venv/bin/python benchmarks/scale.py --pipeline --sizes 1b,7b --quants gguf_q4_k_m,int4
+    .venv/bin/python benchmarks/scale.py --log-results /path/pipeline-results.json   # log a file
 
 Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
 largest single process). RSS counts the pages of memory-mapped input files the step has read
@@ -429,7 +430,15 @@ def main() -> None:
     ap.add_argument("--quants", default="gguf_q4_k_m,int4", help="variants for --pipeline")
     ap.add_argument("--override", action="append", default=[],
                     help="extra Hydra override for --pipeline (repeatable)")
+    ap.add_argument("--log-results", type=Path, metavar="JSON",
+                    help="only log a --pipeline results file (<workdir>/pipeline-results.json, "
+                         "e.g. of a run made from another checkout) to this project's MLflow")
     args = ap.parse_args()
+    if args.log_results:
+        results = json.loads(args.log_results.read_text())
+        print(pipeline_table(results))
+        log_pipeline_mlflow(results)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_dir(args.workdir)
