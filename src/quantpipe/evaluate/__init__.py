@@ -244,11 +244,7 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
 # scale"): FP16 27.7 GFLOP/s, 20.4 GB/s; bitsandbytes int8 / nf4 (float32 compute) 52 GFLOP/s,
 # and 1.5-1.7 GB/s of FP16 bytes decoding, 1.0 GB/s once the benchmark's unquantised lm_head
 # is taken out (its share of a 7B is 3 %, of the benchmark's 2 layers a third).
-# llama.cpp-k-quants: K-quant and i-quant GGUFs score slower than F16 on this AVX2 CPU. The 7B
-# pipeline run (benchmarks/scale.py --pipeline, 512-token windows) took 54 s a window on the
-# F16 reference (130 GFLOP/s) and 68 s on q4_k_m (104 GFLOP/s), decoding at 11.8 GB/s.
 THROUGHPUT = {"llama.cpp": (140e9, 12e9, "file"),
-              "llama.cpp-k-quants": (104e9, 12e9, "file"),
               "transformers": (27e9, 20e9, "fp16"),
               "transformers-bitsandbytes": (52e9, 1.0e9, "fp16")}
 

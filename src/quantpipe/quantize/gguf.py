@@ -156,12 +156,8 @@ def _bits_upper(type: str) -> float:
 
 
 def eval_need(shape, type: str = "q4_k_m", **_) -> tuple[str, int]:
-    """(speed profile, weight bytes) of the evaluation, for the time estimate before any stage:
-    K-quants (q4_k_m, q6_k, ...) and i-quants score slower than F16, q8_0 or q4_0 on CPU
-    (quantpipe.evaluate.THROUGHPUT)."""
-    t = type.lower()
-    profile = "llama.cpp-k-quants" if "_k" in t or t.startswith("iq") else "llama.cpp"
-    return profile, int(shape.n_params * _bits_upper(type) / 8)
+    """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
+    return "llama.cpp", int(shape.n_params * _bits_upper(type) / 8)
 
 
 def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None
