@@ -248,7 +248,6 @@ PIPELINE_STAGES = ("merge", "quantise", "evaluate", "publish")
 
 def bench_pipeline(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
     """The real pipeline on a synthetic base + LoRA, one child process per variant."""
-    import mlflow
     folder = work / f"pipeline-{size}"
     base, lora, root = folder / "base", folder / "lora", folder / "root"
     if args.keep and (lora / "adapter_config.json").is_file():  # a kept earlier run: go on
@@ -271,31 +270,42 @@ def bench_pipeline(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
         except RuntimeError as e:
             print(f"[{size}] {quant}: {e}", flush=True)
             m = {"failed": str(e)}
-        mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
-        found = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
-                                   filter_string=f"tags.`quant.name` = '{quant}' and "
-                                   "tags.`quantpipe.kind` = 'variant'", max_results=1)
-        if not found:  # refused before its MLflow run started (bad config): nothing to read
+        rec = pipeline_record(root, size, n, quant, m)
+        if rec is None:  # refused before its MLflow run started (bad config): nothing to read
             continue
-        variant = found[0]
-        stages = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
-                                    filter_string="tags.`mlflow.parentRunId` = "
-                                    f"'{variant.info.run_id}'")
-        rec = {"size": size, "params_b": n / 1e9, "fp16_gb": fp16_gb, "quant": quant,
-               "status": variant.info.status, "process": m, "metrics": variant.data.metrics,
-               "error": variant.data.tags.get("quantpipe.error"), "stages": {}}
-        for r in stages:
-            st = r.data.tags.get("quantpipe.stage")
-            if st:
-                rec["stages"][st] = {"seconds": r.data.metrics.get("stage_seconds"),
-                                     "peak_rss_gb": r.data.metrics.get("stage_peak_rss_mb", 0) * 2**20 / GB,
-                                     "reused": r.data.tags.get("quantpipe.reused", "false"),
-                                     "status": r.info.status}
         print(pipeline_row(rec), flush=True)
         out.append(rec)
     if not args.keep:
         shutil.rmtree(folder)
     return out
+
+
+def pipeline_record(root: Path, size: str, n: int, quant: str, process: dict) -> dict | None:
+    """The newest `quant` variant run in `root`'s MLflow store, with its stage runs' time and
+    peak RSS, as one results record (None if it has no run)."""
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    found = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
+                               filter_string=f"tags.`quant.name` = '{quant}' and "
+                               "tags.`quantpipe.kind` = 'variant'", max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    if not found:
+        return None
+    variant = found[0]
+    stages = mlflow.search_runs(experiment_names=["day3-quantisation"], output_format="list",
+                                filter_string="tags.`mlflow.parentRunId` = "
+                                f"'{variant.info.run_id}'")
+    rec = {"size": size, "params_b": n / 1e9, "fp16_gb": 2 * n / GB, "quant": quant,
+           "status": variant.info.status, "process": process, "metrics": variant.data.metrics,
+           "error": variant.data.tags.get("quantpipe.error"), "stages": {}}
+    for r in stages:
+        st = r.data.tags.get("quantpipe.stage")
+        if st:
+            rec["stages"][st] = {"seconds": r.data.metrics.get("stage_seconds"),
+                                 "peak_rss_gb": r.data.metrics.get("stage_peak_rss_mb", 0) * 2**20 / GB,
+                                 "reused": r.data.tags.get("quantpipe.reused", "false"),
+                                 "status": r.info.status}
+    return rec
 
 
 def pipeline_row(r: dict) -> str:
