@@ -183,3 +183,29 @@ def test_kill_during_merge_leaves_no_merge(tmp_path, tiny_base, tiny_adapter):
     assert not [e for e in (tmp_path / "artifacts" / "merge").iterdir()
                 if not e.name.startswith(".")]
     no_half_written_finals(tmp_path)
+
+
+def test_a_killed_pipeline_takes_its_evaluation_worker_with_it(tmp_path):
+    """The worker calls recovery.die_with_parent first thing: when the process that started it
+    is killed (kill -9 too), the kernel ends the worker, instead of leaving it scoring at full
+    CPU with nobody to read its result."""
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, sys, time; from quantpipe.recovery import die_with_parent; "
+             f"die_with_parent({{ppid}}); open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(120)")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, subprocess, sys, time; "
+         f"subprocess.Popen([sys.executable, '-c', {child!r}.format(ppid=os.getpid())]); "
+         "time.sleep(120)"], cwd=PROJECT_ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and \
+            Path(f"/proc/{worker}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the worker outlived its killed parent"
+        time.sleep(0.1)

@@ -161,3 +161,20 @@ def recover(cfg) -> None:
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         mark_dead_runs(exp.experiment_id)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when `parent_pid`, the process that started it, dies: Linux's
+    prctl(PR_SET_PDEATHSIG, SIGKILL). An evaluation worker outlives a killed pipeline otherwise
+    and scores on at full CPU for as long as its budget lasts, with nobody to read the result
+    (seen: a 3B int4 worker ran 20 minutes after its pipeline was killed). Elsewhere it does
+    nothing; a parent already gone before the call ends this process at once."""
+    import ctypes
+    import signal
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: a killed pipeline may leave its worker running
+    if os.getppid() != parent_pid:  # it died before the call: no signal will come
+        os._exit(1)

@@ -82,7 +82,7 @@ def run_worker(spec: dict, need: int, limit_gb: float | None, what: str) -> None
     A worker ended by a signal is explained: SIGKILL is almost always the kernel's OOM killer."""
     memory.check(what, need, limit_gb, _memory_fix(spec))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
+        json.dump({**spec, "parent_pid": os.getpid()}, f)
     try:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.Popen([sys.executable, "-m", "quantpipe.evaluate.worker", f.name],

@@ -211,6 +211,9 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("parent_pid"):
+        from quantpipe.recovery import die_with_parent
+        die_with_parent(spec["parent_pid"])  # a killed pipeline takes its worker with it
     ids = np.load(spec["ids"])
     wins = M.windows(ids, spec["n_ctx"], spec["n_windows"], spec["bos"])
     t0 = time.perf_counter()
