@@ -5,7 +5,8 @@ mlruns/. Real processes throughout (threads would share the locks' file descript
 
 Cache entries are built once (a file lock per entry: the second process waits, then reuses);
 a published name is swapped by one process at a time; MLflow's SQLite store takes concurrent
-writers (its 20 s busy timeout) once its creation is serialised (tracking.setup).
+writers (its 20 s busy timeout) once its creation is serialised (tracking.setup); a dataset two
+runs log at the same moment is inserted once and linked to both (tracking.log_dataset).
 """
 from __future__ import annotations
 
@@ -125,6 +126,35 @@ def test_sqlite_store_takes_concurrent_writers(tmp_path):
         assert len(client.get_metric_history(r.info.run_id, "loss")) == 40
     db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_runs_logging_one_dataset_at_once_all_get_it(tmp_path):
+    """Four runs log the same 25 evaluation texts on a shared 0.1 s clock, as two identical
+    pipelines started together do. MLflow's store looks a dataset up, then inserts it: without
+    tracking.log_dataset's retry most processes here died on the unique key (5 of 6 in one
+    try); with it each run holds all 25 inputs and the experiment one row per text."""
+    code = """
+        import sys, time
+        import mlflow
+        from tests.conftest import make_cfg
+        from quantpipe import tracking
+        tracking.setup(make_cfg(sys.argv[1], ["+quant=int8"]).tracking)
+        start = float(sys.argv[3])
+        with mlflow.start_run(run_name=f"writer{sys.argv[2]}"):
+            for i in range(25):
+                time.sleep(max(0.0, start + 0.1 * i - time.time()))
+                tracking.log_dataset("eval-text", f"text {i}", "/data/eval.txt#eval", "evaluation")
+    """
+    import time
+    start = time.time() + 10  # after every process has imported MLflow and opened the store
+    finish([spawn(code, tmp_path, i, start) for i in range(4)])
+    tracking.setup(make_cfg(tmp_path, ["+quant=int8"]).tracking)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 4
+    for r in runs:
+        assert len(mlflow.get_run(r.info.run_id).inputs.dataset_inputs) == 25
+    db = sqlite3.connect(tmp_path / "mlruns" / "mlflow.db")
+    assert db.execute("SELECT COUNT(*) FROM datasets").fetchone() == (25,)
 
 
 @pytest.mark.slow  # ~40 s: two whole runs; the mechanisms are each tested above in ~1 s

@@ -205,7 +205,26 @@ def log_dataset(name: str, text: str, source: str, context: str) -> None:
     path, _, split = source.partition("#")
     ds = mlflow.data.from_pandas(pd.DataFrame({"text": [text]}), source=path,
                                  name=f"{name}[{split}]" if split else name)
-    mlflow.log_input(ds, context=context)
+    for attempt in range(DATASET_RETRIES):
+        try:
+            mlflow.log_input(ds, context=context)
+            return
+        except mlflow.exceptions.MlflowException as e:
+            if attempt == DATASET_RETRIES - 1 or not _lost_insert_race(e):
+                raise
+            log.debug("dataset %s: another run inserted it first; linking to theirs", ds.name)
+
+
+DATASET_RETRIES = 3
+
+
+def _lost_insert_race(e: Exception) -> bool:
+    """MLflow's store looks a dataset up by (experiment, name, digest) and inserts it when
+    absent, in two statements: two pipelines logging the same text at the same moment both
+    miss it and the second insert fails on the unique key (SQLite: "UNIQUE constraint failed",
+    PostgreSQL: "duplicate key value violates unique constraint"). Nothing was written (the
+    transaction rolled back) and the dataset now exists, so trying again links to it."""
+    return "unique constraint" in str(e).lower()
 
 
 def log_model(path: Path, max_mb: float, artifact_path: str, fingerprint: str) -> str:
