@@ -167,3 +167,28 @@ def test_at_7b_int4_is_refused_up_front_and_q4_k_m_admitted(tmp_path):
         pipeline.preflight_time(cfg, shape, *bnb.eval_need(shape, quant_type="nf4"))
     cfg = make_cfg(tmp_path, ["+quant=gguf_q4_k_m"])
     pipeline.preflight_time(cfg, shape, *gguf.eval_need(shape, type="q4_k_m"))
+
+
+def test_the_time_estimate_counts_generation_prompts_and_tasks(tmp_path):
+    """Greedy continuations and task answers are decoded token by token, each token reading
+    the weights once: at a 3B shape with bitsandbytes NF4 (FP16 bytes at ~1 GB/s) the default
+    8 x 16 generation tokens add about 13 minutes, and a tasks file its prompts x
+    eval.tasks_max_new_tokens more."""
+    from quantpipe.evaluate import THROUGHPUT, estimate_seconds_for
+    from quantpipe.quantize import bnb
+    from tests.conftest import make_cfg
+    shape = memory.Shape(n_params=3_210_000_000, stored_bytes=6_420_000_000,
+                         largest=128256 * 3072, vocab=128256, layers=28, kv_dim=1024)
+    runtime, weights = bnb.eval_need(shape, quant_type="nf4")
+    decode_token = shape.fp16_bytes / THROUGHPUT[runtime][1]
+    quiet = make_cfg(tmp_path, ["+quant=int4", "eval.generation.prompts=0"])
+    default = make_cfg(tmp_path, ["+quant=int4"])
+    added = (estimate_seconds_for(weights, runtime, shape, default, 1)
+             - estimate_seconds_for(weights, runtime, shape, quiet, 1))
+    assert added > 8 * 16 * decode_token and added / 60 > 10
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "2+2?", "reference": "4"}\n\n' * 5)
+    with_tasks = make_cfg(tmp_path, ["+quant=int4", f"eval.tasks_file={tasks}"])
+    assert (estimate_seconds_for(weights, runtime, shape, with_tasks, 1)
+            - estimate_seconds_for(weights, runtime, shape, default, 1)
+            == pytest.approx(5 * 64 * decode_token))

@@ -128,8 +128,9 @@ def backend_module(cfg: DictConfig) -> tuple[Any, dict]:
 
 def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
     """The variant's evaluation against eval.max_minutes, before any stage: refused as the
-    evaluation itself would refuse it (the speed runs and one window over twice the budget),
-    from the backend's estimate of its runtime and weight bytes (`eval_need`)."""
+    evaluation itself would refuse it (the speed runs, generation prompts and one window over
+    twice the budget), from the backend's estimate of its runtime and weight bytes
+    (`eval_need`)."""
     from quantpipe import evaluate
     what = f"the evaluation of {cfg.quant.name} ({runtime}, about {weights / 2**30:.1f} GiB)"
     full = evaluate.estimate_seconds_for(weights, runtime, shape, cfg, cfg.eval.n_windows)

@@ -257,19 +257,38 @@ def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictCon
 
 def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig,
                          n_windows: int, speed: bool = True) -> float:
-    """Rough wall time of one worker on `weights` bytes (`runtime` a THROUGHPUT key): loading (disk at ~1 GB/s), the chat
-    sample and the speed runs, then `n_windows` windows. Used for the ETA and, before any stage
-    and again before scoring, to refuse what cannot fit the budget."""
+    """Rough wall time of one worker on `weights` bytes (`runtime` a THROUGHPUT key): loading
+    (disk at ~1 GB/s), the chat sample and the speed runs, then `n_windows` windows, the
+    greedy continuations of the generation prompts and the answers to eval.tasks_file's prompts
+    (both decoded token by token: at 3B on CPU, bitsandbytes' 8 x 16 generation tokens alone
+    are ~13 min). Used for the ETA and, before any stage and again before scoring, to refuse
+    what cannot fit the budget."""
     e = cfg.eval
     flops, bps, decode_bytes = THROUGHPUT[runtime]
     read = weights if decode_bytes == "file" else shape.fp16_bytes
     per_token = 2 * shape.n_params / flops
-    t = weights / 1e9 + n_windows * e.n_ctx * per_token
+    decode_token = read / bps
+    g = e.generation
+    t = (weights / 1e9 + n_windows * e.n_ctx * per_token
+         + g.prompts * (g.prompt_tokens * per_token + g.new_tokens * decode_token)
+         + n_tasks(e.tasks_file) * e.tasks_max_new_tokens * decode_token)
     if speed:
         runs = e.speed.warmup + e.speed.repeats
-        t += runs * (e.speed.prompt_tokens * per_token + e.speed.new_tokens * read / bps)
-        t += e.sample.max_new_tokens * read / bps
+        t += runs * (e.speed.prompt_tokens * per_token + e.speed.new_tokens * decode_token)
+        t += e.sample.max_new_tokens * decode_token
     return t
+
+
+def n_tasks(tasks_file: str | None) -> int:
+    """Prompts in an eval.tasks_file (its non-blank lines; 0 without one or if unreadable: the
+    file is checked, with a clear error, where it is loaded)."""
+    if not tasks_file:
+        return 0
+    try:
+        with open(tasks_file, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+    except (OSError, UnicodeDecodeError):
+        return 0
 
 
 def check_budget(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig, n_windows: int,
@@ -283,12 +302,13 @@ def check_budget(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
 
 
 def refuse_over_budget(least_s: float, cfg: DictConfig, what: str) -> None:
-    """ConfigError when `least_s` (the speed runs and one window) is over twice the budget."""
+    """ConfigError when `least_s` (the speed runs, generation prompts and one window) is over
+    twice the budget."""
     budget = _budget_s(cfg)
     if budget is not None and least_s > 2 * budget:
         raise ConfigError("eval.max_minutes", f"{what} needs about {least_s / 60:.0f} min for the "
-                          f"speed runs and one window alone (estimate), over twice the budget of "
-                          f"{cfg.eval.max_minutes} min",
+                          f"speed runs, generation prompts and one window alone (estimate), over "
+                          f"twice the budget of {cfg.eval.max_minutes} min",
                           "raise eval.max_minutes, evaluate on a GPU or a faster machine, or "
                           "drop this variant; GGUF variants run several times faster on CPU")
 
