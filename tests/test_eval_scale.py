@@ -164,7 +164,7 @@ def test_at_7b_int4_is_refused_up_front_and_q4_k_m_admitted(tmp_path):
     cfg = make_cfg(tmp_path, ["+quant=int4"])
     with pytest.raises(ConfigError, match=r"eval.max_minutes: the evaluation of int4 "
                                           r"\(transformers-bitsandbytes"):
-        pipeline.preflight_time(cfg, shape, *bnb.eval_need(shape, quant_type="nf4"))
+        pipeline.preflight_time(cfg, shape, *bnb.quantize_int4.eval_need(shape, quant_type="nf4"))
     cfg = make_cfg(tmp_path, ["+quant=gguf_q4_k_m"])
     pipeline.preflight_time(cfg, shape, *gguf.eval_need(shape, type="q4_k_m"))
 
@@ -179,7 +179,7 @@ def test_the_time_estimate_counts_generation_prompts_and_tasks(tmp_path):
     from tests.conftest import make_cfg
     shape = memory.Shape(n_params=3_210_000_000, stored_bytes=6_420_000_000,
                          largest=128256 * 3072, vocab=128256, layers=28, kv_dim=1024)
-    runtime, weights = bnb.eval_need(shape, quant_type="nf4")
+    runtime, weights = bnb.quantize_int4.eval_need(shape, quant_type="nf4")
     decode_token = shape.fp16_bytes / THROUGHPUT[runtime][1]
     quiet = make_cfg(tmp_path, ["+quant=int4", "eval.generation.prompts=0"])
     default = make_cfg(tmp_path, ["+quant=int4"])
@@ -192,3 +192,20 @@ def test_the_time_estimate_counts_generation_prompts_and_tasks(tmp_path):
     assert (estimate_seconds_for(weights, runtime, shape, with_tasks, 1)
             - estimate_seconds_for(weights, runtime, shape, default, 1)
             == pytest.approx(5 * 64 * decode_token))
+
+
+def test_bitsandbytes_needs_follow_the_backend_not_its_options(tmp_path):
+    """An int8 config that leaves `threshold` to bitsandbytes' default is still estimated as
+    8-bit (the needs hang on the backend function, not on which options a config spells out)."""
+    from quantpipe import pipeline
+    from tests.conftest import make_cfg
+    shape = memory.Shape(n_params=1_000_000_000, stored_bytes=2_000_000_000,
+                         largest=32000 * 2048, vocab=32000, layers=16, kv_dim=512)
+    for overrides, bits in ((["+quant=int8"], 8), (["+quant=int8", "~quant.backend.threshold"], 8),
+                            (["+quant=int4"], 4)):
+        cfg = make_cfg(tmp_path, overrides)
+        need, options = pipeline.backend_need(cfg, "memory_need")
+        assert [what for what, _, _ in need(shape, 512, **options)][0] == \
+            f"bitsandbytes {bits}-bit quantisation"
+        need, options = pipeline.backend_need(cfg, "eval_need")
+        assert need(shape, **options)[1] == shape.fp16_bytes * bits // 16 + 4 * shape.largest

@@ -97,8 +97,8 @@ def preflight_memory(cfg: DictConfig) -> None:
     needs = [("the LoRA merge" + (" (streamed)" if streams else " (in RAM, float32)"),
               memory.estimate_merge(shape, streams),
               "merge.stream_above_gb=0 merges tensor by tensor in far less memory")]
-    module, options = backend_module(cfg)
-    if (need := getattr(module, "memory_need", None)) is not None:
+    need, options = backend_need(cfg, "memory_need")
+    if need is not None:
         needs += need(shape, cfg.eval.n_ctx, **options)
     if cfg.eval.reference_runtime == "llama.cpp":
         ref = memory.estimate_gguf_file_runtime(shape.fp16_bytes, shape, cfg.eval.n_ctx)
@@ -111,19 +111,25 @@ def preflight_memory(cfg: DictConfig) -> None:
         memory.check(what, nbytes, cfg.memory.limit_gb, fix)
     log.info("memory: largest stage estimate %s, %s", memory.fmt_gib(max(n for _, n, _ in needs)),
              memory.available_note(cfg.memory.limit_gb))
-    if (need := getattr(module, "eval_need", None)) is not None:
+    need, options = backend_need(cfg, "eval_need")
+    if need is not None:
         preflight_time(cfg, shape, *need(shape, **options))
 
 
-def backend_module(cfg: DictConfig) -> tuple[Any, dict]:
-    """The module of the variant's backend function (where its memory_need / eval_need live)
-    and the backend's options, `_target_` and friends left out."""
+def backend_need(cfg: DictConfig, name: str) -> tuple[Callable | None, dict]:
+    """The variant backend's `memory_need` or `eval_need` (`name`): the backend function's own
+    attribute, else its module's (None if neither has one), and the backend's options,
+    `_target_` and friends left out."""
     import importlib
     target = str(cfg.quant.backend.get("_target_", ""))
-    module = importlib.import_module(target.rsplit(".", 1)[0]) if "." in target else None
-    return module, {k: v for k, v in OmegaConf.to_container(cfg.quant.backend,
-                                                            resolve=True).items()
-                    if not k.startswith("_")}
+    need = None
+    if "." in target:
+        module_name, fn_name = target.rsplit(".", 1)
+        module = importlib.import_module(module_name)
+        need = getattr(getattr(module, fn_name, None), name, None) or getattr(module, name, None)
+    return need, {k: v for k, v in OmegaConf.to_container(cfg.quant.backend,
+                                                          resolve=True).items()
+                  if not k.startswith("_")}
 
 
 def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
@@ -303,8 +309,8 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     variant = {"path": path.resolve(), "fingerprint": fp, "folder": folder,
                "runtime": result["runtime"], "speed": result.get("speed", {"native": True}),
                "publish": result.get("publish", {})}
-    module, options = backend_module(cfg)
-    if (need := getattr(module, "eval_need", None)) is not None:  # its speed profile
+    need, options = backend_need(cfg, "eval_need")
+    if need is not None:  # its speed profile
         from quantpipe import memory
         variant["throughput"] = need(memory.shape_of(Path(merged["path"])), **options)[0]
     return variant

@@ -107,27 +107,29 @@ def quantize_int4(src: Path, dst: Path, ctx, quant_type: str = "nf4", double_qua
     return save_and_verify(load_quantised(Path(src), qc), Path(src), dst)
 
 
-def _bits(options: dict) -> int:
-    return 8 if "threshold" in options else 4  # int8's option (LLM.int8's outlier threshold)
-
-
 def _packed(shape, bits: int) -> int:
     return shape.fp16_bytes * bits // 16 + 2 * 2 * shape.largest  # embeddings stay FP16
 
 
-def eval_need(shape, **options) -> tuple[str, int]:
+def eval_need(shape, bits: int) -> tuple[str, int]:
     """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
-    return "transformers-bitsandbytes", _packed(shape, _bits(options))
+    return "transformers-bitsandbytes", _packed(shape, bits)
 
 
-def memory_need(shape, n_ctx: int, **options) -> list[tuple[str, int, str]]:
+def memory_need(shape, n_ctx: int, bits: int) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): quantising with bitsandbytes, then
     evaluating the packed folder on transformers."""
     from quantpipe import memory
-    bits = _bits(options)
     packed = _packed(shape, bits)
     fix = ("run this variant on a machine with more memory (or a GPU), or drop it from the "
            "sweep; GGUF variants quantise and evaluate in far less")
     return [(f"bitsandbytes {bits}-bit quantisation", memory.estimate_bnb_quantize(shape, bits), fix),
             (f"the evaluation of the {bits}-bit variant (transformers)",
              memory.estimate_hf_runtime(packed, shape, n_ctx), fix)]
+
+
+# each backend's own needs (quantpipe.pipeline.backend_need looks on the function first):
+# the bit width is the function's, whatever options its config spells out
+for _backend, _bits in ((quantize_int8, 8), (quantize_int4, 4)):
+    _backend.eval_need = lambda shape, _b=_bits, **_: eval_need(shape, _b)
+    _backend.memory_need = lambda shape, n_ctx, _b=_bits, **_: memory_need(shape, n_ctx, _b)
