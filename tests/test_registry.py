@@ -5,6 +5,7 @@ publish runs that really logged a `model` artefact, numbers chosen to make each 
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -130,3 +131,23 @@ def test_the_same_model_published_again_is_stored_once_and_registered_once(reg, 
                   / "model")
     third, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=85.0)
     assert third.source == f"runs:/{third.run_id}/model" != first.source
+
+
+def test_a_model_above_the_copy_limit_is_logged_as_relative_paths_and_hashes(store, tmp_path):
+    """Above tracking.log_model_max_mb the model is not copied: files.json names each file
+    relative to the folder it was published in (no host path in the store) with its size and
+    sha256."""
+    import hashlib
+    root, exp = store
+    folder = tmp_path / "quantized" / "model-int4"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(bytes(2048))
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    with mlflow.start_run(experiment_id=exp, run_name="big") as run:
+        uri = log_model(folder, 0.001, "model", "fp-big")
+    assert uri == f"runs:/{run.info.run_id}/model"
+    files = mlflow.artifacts.load_dict(f"{uri}/files.json")
+    assert files == {f"model-int4/{f.name}": {"bytes": f.stat().st_size, "sha256":
+                     hashlib.sha256(f.read_bytes()).hexdigest()} for f in folder.iterdir()}
+    assert str(tmp_path) not in json.dumps(files)

@@ -233,13 +233,15 @@ def log_model(path: Path, max_mb: float, artifact_path: str, fingerprint: str) -
     holds (an unchanged sweep publishes the same files again) is logged as a pointer to that
     copy, `<artifact_path>/same_as.json`, and its URI is returned (a sweep of the default
     formats would otherwise add 1.6 GB of identical copies to the store each time). Above
-    `max_mb` the paths and sha256 are logged instead (a 14 GB model would be stored twice)."""
+    `max_mb` the files' paths (relative to the folder the model was published in: no host
+    path) and sha256 are logged instead (a 14 GB model would be stored twice)."""
     from quantpipe.artifacts import file_sha256, size_bytes
     path = Path(path)
     run_id = mlflow.active_run().info.run_id
     if size_bytes(path) > max_mb * 2**20:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        mlflow.log_dict({str(p): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        mlflow.log_dict({p.relative_to(path.parent).as_posix():
+                         {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                          for p in files}, f"{artifact_path}/files.json")
         return f"runs:/{run_id}/{artifact_path}"
     if (holder := _run_holding(fingerprint, artifact_path)) is not None:
