@@ -5,9 +5,9 @@ Called by the publish stage (quantpipe.pipeline.stage_publish); configured under
 conf/config.yaml (name, champion_by, champion_mode). A version's source is the `model` artefact
 of the publish run that first logged those files, `runs:/<run>/model` (an unchanged re-run
 points at the earlier copy, quantpipe.tracking.log_model): the HF folder or GGUF file, or, above
-tracking.log_model_max_mb, files.json with their paths (relative to quantized/) and sha256. An unchanged re-run (same
-source, gate result and metrics as the variant's newest version) registers nothing new: the
-registry grows with changes, not with runs. The version carries the
+tracking.log_model_max_mb, files.json with their paths (relative to quantized/) and sha256. An
+unchanged re-run (same source, gate result and metrics as the variant's newest version)
+registers nothing new: the registry grows with changes, not with runs. The version carries the
 variant's metrics and gate result as tags, so the champion can be chosen before the variant run
 has finished. Versions compete only with versions of the same merged model (tag
 merged.fingerprint), and only the newest version of each quant.name counts, so re-running a
