@@ -354,3 +354,16 @@ def test_a_failed_scale_run_is_printed_without_this_hosts_folders():
     text = tables.scale([row])
     assert "/work" not in text and "/tmp" not in text
     assert "…/artifacts has 1.4 GiB free" in text and "'…/model-f16.gguf'" in text
+
+
+def test_a_long_refusal_is_printed_whole_up_to_its_fix():
+    """A refusal's `what` is printed whole (the 7B int4 time refusal is 190 characters), its
+    fix left to the run; a longer text is cut at a word, marked with an ellipsis."""
+    what = ("ConfigError: eval.max_minutes: the evaluation of int4 (transformers-bitsandbytes, "
+            "about 4.0 GiB) needs about 74 min for the speed runs, generation prompts and one "
+            "window alone (estimate), over twice the budget of 15 min")
+    row = {"name": "int4", "metrics": {"fp16_gb": 13.76},
+           "tags": {"scale.size": "7b", "quantpipe.error": what + " -> raise eval.max_minutes"}}
+    assert what + " |" in tables.scale([row]) and "raise" not in tables.scale([row])
+    cell = tables.short_error("word " * 100)
+    assert cell.endswith("word …") and len(cell) <= 302

@@ -186,12 +186,18 @@ def scale(rows: list[dict]) -> str:
         quality = (f"{num(m.get('delta_ppl_pct'), 2, sign=True)} % / {num(m.get('kld_mean'), 4)} / "
                    f"{num(m.get('decode_tok_s'), 2)} ({num(m.get('eval_windows_scored'), 0)} of "
                    f"{num(m.get('eval_windows_planned'), 0)} windows)" if "ppl" in m
-                   else without_host_paths(r["tags"].get(Tag.ERROR,
-                                                         r["tags"].get("scale.status", "?")))[:200])
+                   else short_error(r["tags"].get(Tag.ERROR, r["tags"].get("scale.status", "?"))))
         body.append([r["tags"].get("scale.size", "?"), num(m.get("fp16_gb"), 2), r["name"],
                      *cells, quality])
     return table(["size", "FP16 GB", "variant", *SCALE_STAGES,
                   "ΔPPL % / KLD / decode tok/s (scored)"], body)
+
+
+def short_error(text: str, limit: int = 300) -> str:
+    """A refusal as a table cell: what is wrong, without the fix (`key: what -> fix`: the fix is
+    the run's own advice), without host paths, cut at a word boundary past `limit` characters."""
+    text = without_host_paths(text.split(" -> ", 1)[0].strip())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
 
 
 def without_host_paths(text: str) -> str:
