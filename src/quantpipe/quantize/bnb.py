@@ -7,6 +7,7 @@ saved folder reproduces the in-memory model's logits.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -111,12 +112,12 @@ def _packed(shape, bits: int) -> int:
     return shape.fp16_bytes * bits // 16 + 2 * 2 * shape.largest  # embeddings stay FP16
 
 
-def eval_need(shape, bits: int) -> tuple[str, int]:
+def eval_need(shape, bits: int, **_) -> tuple[str, int]:
     """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
     return "transformers-bitsandbytes", _packed(shape, bits)
 
 
-def memory_need(shape, n_ctx: int, bits: int) -> list[tuple[str, int, str]]:
+def memory_need(shape, n_ctx: int, bits: int, **_) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): quantising with bitsandbytes, then
     evaluating the packed folder on transformers."""
     from quantpipe import memory
@@ -131,5 +132,5 @@ def memory_need(shape, n_ctx: int, bits: int) -> list[tuple[str, int, str]]:
 # each backend's own needs (quantpipe.pipeline.backend_need looks on the function first):
 # the bit width is the function's, whatever options its config spells out
 for _backend, _bits in ((quantize_int8, 8), (quantize_int4, 4)):
-    _backend.eval_need = lambda shape, _b=_bits, **_: eval_need(shape, _b)
-    _backend.memory_need = lambda shape, n_ctx, _b=_bits, **_: memory_need(shape, n_ctx, _b)
+    _backend.eval_need = functools.partial(eval_need, bits=_bits)
+    _backend.memory_need = functools.partial(memory_need, bits=_bits)
