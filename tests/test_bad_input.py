@@ -228,6 +228,17 @@ def test_eval_text_missing(world):
             match="does not exist")
 
 
+def test_tasks_file_missing_or_malformed_is_refused_before_the_stages(world, tmp_path):
+    """Checked in the preflight, not when the evaluation first reads it: no stage run starts."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "2+2?"}\n')
+    for name, match in (("no-such.jsonl", "does not exist"),
+                        ("bad.jsonl", "line 1 lacks a string prompt or reference")):
+        refused(world, f"eval.tasks_file={tmp_path}/{name}", key="eval.tasks_file", match=match)
+        failed = variant_runs(world["cfg"]())[0].info.run_id
+        assert not mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{failed}'")
+
+
 def test_eval_text_shorter_than_one_window(world, tmp_path):
     (tmp_path / "short.txt").write_text("Too short to score.")
     refused(world, f"eval.text_file={tmp_path}/short.txt", key="eval.text_file",

@@ -69,8 +69,10 @@ def require_quant(cfg: DictConfig) -> DictConfig:
 def preflight(cfg: DictConfig) -> None:
     """Bad input that can be seen in a second, refused before hours of merging and converting:
     output folders that cannot be written, a publish name leading out of paths.quantized, a
-    backend's own check of its arguments (e.g. an unknown llama.cpp type), a missing eval text."""
+    backend's own check of its arguments (e.g. an unknown llama.cpp type), a missing eval text
+    or a tasks file that is not JSONL of prompts and references."""
     from quantpipe.data import load_text
+    from quantpipe.evaluate.tasks import load_tasks
     from quantpipe.quantize import check_backend
     art.check_writable(Path(cfg.paths.artifacts), "paths.artifacts")
     art.check_writable(Path(cfg.paths.quantized), "paths.quantized")
@@ -78,6 +80,7 @@ def preflight(cfg: DictConfig) -> None:
     check_backend(cfg.quant)
     if cfg.eval.text_file is not None:
         load_text(cfg.eval.text_file, "eval", "eval.text_file")
+    load_tasks(cfg.eval.tasks_file)
     preflight_memory(cfg)
 
 

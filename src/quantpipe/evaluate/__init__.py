@@ -280,15 +280,8 @@ def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: D
 
 
 def n_tasks(tasks_file: str | None) -> int:
-    """Prompts in an eval.tasks_file (its non-blank lines; 0 without one or if unreadable: the
-    file is checked, with a clear error, where it is loaded)."""
-    if not tasks_file:
-        return 0
-    try:
-        with open(tasks_file, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip())
-    except (OSError, UnicodeDecodeError):
-        return 0
+    """Prompts in an eval.tasks_file (0 without one; ConfigError on a bad file)."""
+    return len(load_tasks(tasks_file) or [])
 
 
 def check_budget(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig, n_windows: int,
