@@ -128,11 +128,15 @@ def test_time_budget_scores_fewer_windows_and_says_so(cfg_factory):
     run(cfg_factory("+quant=gguf_q4_0"))  # builds the variant, so its estimate can be read
     [gguf] = Path(cfg_factory().paths.artifacts, "quantise").glob("*/model-q4_0.gguf")
     [merged] = Path(cfg_factory().paths.artifacts, "merge").glob("*/config.json")
-    probe = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3")
+    # generation shrunk like the speed runs (SHRINK): the estimate counts its decoded tokens,
+    # and at the default 8 x 16 they would lift the budget past a real window
+    small = ("eval.n_windows=3", "eval.generation.prompts=1", "eval.generation.new_tokens=4",
+             "eval.generation.match_k=4")
+    probe = cfg_factory("+quant=gguf_q4_0", *small)
     least = estimate_seconds(gguf, "llama.cpp", memory.shape_of(merged.parent), probe, 1)
     # a budget the up-front estimate accepts (least <= 2 x budget) but that one real window
     # (tens of ms: 32 rows of 49k-token log-softmax) already uses up
-    cfg = cfg_factory("+quant=gguf_q4_0", "eval.n_windows=3", f"eval.max_minutes={least / 60:.3g}")
+    cfg = cfg_factory("+quant=gguf_q4_0", *small, f"eval.max_minutes={least / 60:.3g}")
     m = run(cfg)
     assert m["eval_windows_scored"] == 1 and m["eval_windows_planned"] == 3
     [ev] = [r for r in runs(cfg) if r.data.tags.get("quantpipe.stage") == "evaluate"
