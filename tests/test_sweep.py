@@ -8,8 +8,12 @@ that conf/config.yaml wires in. The pipeline itself runs in tests/test_report.py
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 import subprocess
 import sys
+import textwrap
+import time
 
 import mlflow
 import pytest
@@ -127,3 +131,62 @@ def test_a_sweep_job_refused_by_its_settings_is_a_failed_variant(tmp_path):
                                                          "ConfigError: quant.type: 'q9_z'")
                for n, r in jobs.items())
     assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_a_sweep_whose_run_cannot_be_started_launches_no_job(tmp_path):
+    """Hydra turns a callback's exception into a warning: a sweep whose MLflow run could not be
+    created (the tracking server is down) would run every job as a loose run outside any sweep.
+    It stops instead, before any job, saying why."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([sys.executable, "-m", "pipelines.run", "hydra.mode=MULTIRUN",
+                          "+quant=int8,gguf_q4_0", "tracking=remote",
+                          f"tracking.uri=http://127.0.0.1:{port}", f"paths.root={tmp_path}"],
+                         capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300,
+                         env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                              "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    assert res.returncode != 0
+    assert "the sweep run could not be started on http://127.0.0.1" in res.stderr + res.stdout
+    assert not list(tmp_path.glob("multirun/*/*/[01]_*"))  # no job folder
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.slow  # starts a real MLflow server (~10 s)
+def test_processes_starting_together_on_a_server_share_one_experiment(tmp_path):
+    """Four processes (two sweeps and their jobs, say) set up a new experiment on a tracking
+    server at the same moment, 15 times. Nothing serialises them there, as the lock beside a
+    SQLite store does: the ones that lose the creation race (RESOURCE_ALREADY_EXISTS) or the
+    experiment-tag race (a unique key) take what the winner made. Without that, one of two
+    sweeps started together lost its sweep run (tests/test_cluster.py, once in CI)."""
+    from tests.test_ui import free_port, stop, wait_healthy
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--backend-store-uri",
+                               f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+                               str(tmp_path / "art")], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    code = """
+        import sys, time
+        from tests.conftest import make_cfg
+        from quantpipe import tracking
+        for i in range(15):  # 15 new experiments, each set up by all four on a 0.2 s clock
+            cfg = make_cfg(sys.argv[1], ["+quant=int8", "tracking=remote", f"tracking.uri="
+                                         f"http://127.0.0.1:{sys.argv[2]}",
+                                         f"tracking.experiment=race-{i}"])
+            time.sleep(max(0.0, float(sys.argv[3]) + 0.2 * i - time.time()))
+            print(tracking.setup(cfg.tracking))
+    """
+    try:
+        wait_healthy(port, server)
+        start = time.time() + 8  # after the imports
+        procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(tmp_path),
+                                   str(port), str(start)], cwd=PROJECT_ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(4)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+        ids = [o.strip().splitlines()[-15:] for o in outs]
+        assert all(i == ids[0] for i in ids) and len(set(ids[0])) == 15  # one id per experiment
+    finally:
+        stop(server)

@@ -7,10 +7,13 @@ sweep starts: that import alone is 2-4 s of a command line refused for a typo.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 class SweepCallback(Callback):
@@ -23,7 +26,13 @@ class SweepCallback(Callback):
             exit_on_user_error(e)  # SystemExit: Hydra turns a callback's exceptions into warnings
             raise
         from quantpipe import tracking  # MLflow: 2-4 s to import
-        tracking.start_sweep_run(config)
+        try:
+            tracking.start_sweep_run(config)
+        except Exception as e:  # the jobs would log as loose runs, outside any sweep: stop here
+            exit_on_user_error(e)
+            log.exception("the sweep run could not be started on %s; no job was launched",
+                          config.tracking.uri)
+            raise SystemExit(1) from e
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from quantpipe import tracking

