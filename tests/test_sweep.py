@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -137,9 +136,8 @@ def test_a_sweep_whose_run_cannot_be_started_launches_no_job(tmp_path):
     """Hydra turns a callback's exception into a warning: a sweep whose MLflow run could not be
     created (the tracking server is down) would run every job as a loose run outside any sweep.
     It stops instead, before any job, saying why."""
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.test_ui import free_port
+    port = free_port()  # nothing listens on it
     res = subprocess.run([sys.executable, "-m", "pipelines.run", "hydra.mode=MULTIRUN",
                           "+quant=int8,gguf_q4_0", "tracking=remote",
                           f"tracking.uri=http://127.0.0.1:{port}", f"paths.root={tmp_path}"],
