@@ -189,8 +189,9 @@ def made_by(module: Any) -> dict[str, Any]:
 def quantise_key(backend_cfg: Any) -> Any:
     """The backend's settings as the quantise stage's cache key: any `text_file` a backend
     names (a calibration text) enters by its content digest, not its path (an edited file
-    rebuilds; the same text elsewhere does not). null means the default split, which the
-    recipe already decides."""
+    rebuilds; the same text elsewhere does not). null (the default calibration mix) and
+    `builtin:<name>` enter by the digest of the text they stand for, so a changed default
+    rebuilds too."""
     if isinstance(backend_cfg, dict):
         return {k: (_content(v) if k == "text_file" else quantise_key(v))
                 for k, v in backend_cfg.items()}
@@ -198,9 +199,10 @@ def quantise_key(backend_cfg: Any) -> Any:
 
 
 def _content(path: str | None) -> str | None:
+    from quantpipe.data import load_text
     try:
-        return art.file_sha256(Path(path)) if path else path
-    except OSError:  # missing: the backend's own check names it
+        return art.fingerprint(load_text(path, "calib", "text_file")[0])
+    except ConfigError:  # missing or unreadable: the backend's own check names it
         return path
 
 

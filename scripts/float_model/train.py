@@ -1,0 +1,146 @@
+"""Train the float subject (`model=float`) from scratch on a GPU: a small Llama whose weights
+were never quantised, so format comparisons on it are not tilted toward any block grid.
+
+    python scripts/float_model/train.py --corpus DIR --tokenizer DIR --out DIR [--steps N]
+
+DIR of --corpus holds corpus.txt.xz (scripts/float_model/corpus.py); --tokenizer a folder with
+SmolLM2's tokenizer.json (the embedded default base's, so llama.cpp's converter knows it). The
+shape is chosen for a 64 MiB limit on what comes back from the GPU machine and on what the
+repository should carry: hidden 256 (a multiple of 256, so llama.cpp's K-quants apply to every
+tensor, unlike SmolLM2's 576), 8 layers, GQA 4/2 heads, SwiGLU 768, tied embeddings; 19 M
+parameters, 38 MB in FP16 (one safetensors file). bf16 autocast with float32 master weights, AdamW, cosine schedule;
+1 % of the corpus is held out for the validation loss. Saves FP16 safetensors, the tokenizer, and
+train_log.json (losses, tokens, time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import math
+import shutil
+import time
+from pathlib import Path
+
+
+def tokenise(corpus: Path, tok_dir: Path, max_chars: int | None = None):
+    import numpy as np
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    text = lzma.open(corpus / "corpus.txt.xz", "rt", encoding="utf-8").read(max_chars or -1)
+    # documents of ~64 kB, tokenised in parallel batches (the tokenizers library's own threads)
+    chunks = [text[i:i + 65536] for i in range(0, len(text), 65536)]
+    ids = [np.asarray(e.ids, dtype=np.uint16) for e in tok.encode_batch(chunks)]
+    return np.concatenate(ids), tok.token_to_id("<|endoftext|>")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script only")
+    ap.add_argument("--max-minutes", type=float, default=7.0,
+                    help="stop training early (and say so in train_log.json) after this long")
+    ap.add_argument("--max-chars", type=int, default=None, help="use the corpus's first N chars")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    ids, eos = tokenise(args.corpus, args.tokenizer, args.max_chars)
+    n_val = len(ids) // 100
+    train, val = torch.from_numpy(ids[:-n_val].astype(np.int64)), \
+        torch.from_numpy(ids[-n_val:].astype(np.int64))
+    print(f"tokens: {len(ids):,} (val {n_val:,}), tokenised in {time.time() - t0:.0f} s", flush=True)
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768,
+                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=eos,
+                      torch_dtype="float16")
+    dev = torch.device(args.device)
+    model = LlamaForCausalLM(cfg).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    other = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": other, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), fused=dev.type == "cuda")
+    warm = max(1, args.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return args.lr * (step + 1) / warm
+        p = (step - warm) / max(1, args.steps - warm)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    g = torch.Generator().manual_seed(args.seed)
+
+    def batch(data):
+        starts = torch.randint(0, len(data) - args.seq - 1, (args.batch,), generator=g)
+        x = torch.stack([data[s:s + args.seq] for s in starts.tolist()])
+        return x.to(dev, non_blocking=True)
+
+    @torch.no_grad()
+    def val_loss(n=16) -> float:
+        model.eval()
+        losses = []
+        for i in range(n):
+            s = i * (len(val) - args.seq - 1) // n
+            x = torch.stack([val[s + j * 8:s + j * 8 + args.seq] for j in range(8)]).to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                losses.append(model(input_ids=x, labels=x).loss.item())
+        model.train()
+        return float(np.mean(losses))
+
+    log = []
+    t1 = time.time()
+    done = args.steps
+    for step in range(args.steps):
+        if time.time() - t1 > 60 * args.max_minutes:
+            done = step
+            print(f"stopped at step {step}: --max-minutes {args.max_minutes}", flush=True)
+            break
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step)
+        x = batch(train)
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 250 == 0 or step == args.steps - 1:
+            row = {"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step),
+                   "s": round(time.time() - t1, 1)}
+            if step % 1000 == 0 or step == args.steps - 1:
+                row["val_loss"] = round(val_loss(), 4)
+            log.append(row)
+            print(row, flush=True)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    log.append({"step": done, "val_loss": round(val_loss(), 4)})
+    model.to(torch.float16).save_pretrained(args.out, max_shard_size="100MB")  # one file
+    for f in args.tokenizer.iterdir():
+        shutil.copy(f, args.out / f.name)
+    (args.out / "train_log.json").write_text(json.dumps({
+        "params": n_params, "steps": done, "steps_planned": args.steps, "batch": args.batch, "seq": args.seq,
+        "lr": args.lr, "tokens_seen": done * args.batch * args.seq,
+        "corpus_tokens": int(len(ids)), "val_tokens": int(n_val),
+        "train_s": round(time.time() - t1, 1),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "log": log}, indent=1))
+    print("saved", sorted(p.name for p in args.out.iterdir()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
