@@ -88,8 +88,25 @@ def preflight(cfg: DictConfig) -> None:
     for key, text_file in _text_files(options, "quant.backend"):
         load_text(text_file, "calib", key)
     load_tasks(cfg.eval.tasks_file)
+    preflight_adapter(cfg)
     check_eval_text(cfg)
     preflight_memory(cfg)
+
+
+def preflight_adapter(cfg: DictConfig) -> None:
+    """A user's adapter folder (adapter.path) is a peft folder whose target modules the base
+    has, by the names in the base's safetensors headers (the shapes are checked by the merge,
+    which reads the tensors)."""
+    from quantpipe import adapter, base, streaming
+    if cfg.adapter.name == "none" or cfg.adapter.path is None:
+        return
+    path = adapter.validate_adapter_folder(Path(cfg.adapter.path), cfg.model.allow_pickle)
+    if cfg.model.path is None:
+        return  # the embedded base's names are known once the base stage has built it
+    shards = streaming.shard_files(base.validate_hf_folder(Path(cfg.model.path), "model.path",
+                                                           cfg.model.allow_pickle))
+    if shards:
+        streaming.check_targets(path, {k for s in shards for k in streaming.read_header(s)})
 
 
 def _text_files(options: Any, prefix: str) -> list[tuple[str, str]]:
