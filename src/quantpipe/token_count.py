@@ -7,8 +7,8 @@ merge and the quantisation (17 s on the default model, about 10 minutes at 7B).
 
 The count comes from the tokenizer the evaluation will use: the user's model folder's
 (model.path; the merge keeps the base's tokenizer), or for the embedded default, the GGUF's own
-(quantpipe.base.gguf_tokenizer, the one the base stage saves), so it is known before the base
-stage has run. Counts are cached under paths.artifacts/token-count/ by the text's digest and the
+vocabulary, which tokenises as the tokenizer the base stage saves from it, so it is known before
+the base stage has run. Counts are cached under paths.artifacts/token-count/ by the text's digest and the
 tokenizer's, so a run with a text already counted loads no tokenizer.
 """
 from __future__ import annotations
