@@ -176,7 +176,8 @@ def test_an_eval_text_shorter_than_one_window_is_refused_before_any_stage(store,
                     "(eval.n_ctx=512) -> use a longer text or a smaller eval.n_ctx"), line
     assert stage_runs(store) == []
     assert not (store / "artifacts" / "base").exists()
-    counts = [json.loads(p.read_text()) for p in (store / "artifacts" / "token-count").glob("*.json")]
+    counts = [json.loads(p.read_text())["result"] for p in
+              (store / "artifacts" / "token-count").glob("*/provenance.json")]
     assert {"tokens": n} in counts
 
 

@@ -8,13 +8,12 @@ merge and the quantisation (17 s on the default model, about 10 minutes at 7B).
 The count comes from the tokenizer the evaluation will use: the user's model folder's
 (model.path; the merge keeps the base's tokenizer), or for the embedded default, the GGUF's own
 vocabulary, which tokenises as the tokenizer the base stage saves from it, so it is known before
-the base stage has run. Counts are cached under paths.artifacts/token-count/ by the text's digest and the
-tokenizer's, so a run with a text already counted loads no tokenizer.
+the base stage has run. Counts are cached under paths.artifacts/token-count/ by the text's
+digest and the tokenizer's, so a run with a text already counted loads no tokenizer.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -51,15 +50,11 @@ def count_tokens(cfg: DictConfig, text: str) -> int:
     from quantpipe.tracking import versions_of  # a new tokenizer library may split otherwise
     key = art.fingerprint(CACHE, hashlib.sha256(text.encode()).hexdigest(), tokenizer_fp,
                           versions_of(("tokenizers", "transformers", "llama_cpp_python")))
-    entry = Path(cfg.paths.artifacts) / CACHE / f"{key}.json"
-    try:
-        return int(json.loads(entry.read_text())["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # not counted yet (or a damaged entry): count again
-    n = counter(text)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    art.write_json(entry, {"tokens": n})
-    return n
+    # a cache entry like a stage's (artifacts/token-count/<key>/provenance.json): one process
+    # counts, another starting with the same text waits for it and reads its count
+    _, prov, _ = art.ensure_cached(Path(cfg.paths.artifacts), CACHE, key,
+                                   lambda tmp: {"tokens": counter(text)})
+    return int(prov["result"]["tokens"])
 
 
 def tokenizer_of(cfg: DictConfig) -> tuple[str, Callable[[str], int]]:
