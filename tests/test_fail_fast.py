@@ -157,9 +157,12 @@ def test_a_paths_root_that_cannot_be_created_is_one_line(tmp_path):
 
 
 def test_llama_cpp_tools_are_found_in_the_checkout_whatever_paths_root(tmp_path):
+    from quantpipe.artifacts import portable_path
     cfg = make_cfg(tmp_path)
     assert Path(cfg.paths.tools) == PROJECT_ROOT / "build" / "llama.cpp" / "bin"
     assert Path(cfg.paths.artifacts) == tmp_path / "artifacts"
+    # what the run's params and provenance say of it: no folder of this host
+    assert portable_path(cfg.paths.tools, cfg.paths.root) == "build/llama.cpp/bin"
 
 
 # --- before any stage ------------------------------------------------------------------------
