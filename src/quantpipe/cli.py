@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from quantpipe.errors import ConfigError
 
@@ -71,6 +71,16 @@ def exit_on_user_error(e: BaseException) -> None:
         h.flush()
     print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
+
+
+def stop(e: BaseException) -> NoReturn:
+    """End the command from inside a Hydra callback, which would turn an exception into a
+    warning and go on: bad input in one line (exit 2); with HYDRA_FULL_ERROR=1, or for a bug,
+    the traceback (exit 2 for bad input, 1 for a bug)."""
+    exit_on_user_error(e)
+    import traceback
+    traceback.print_exception(e)
+    raise SystemExit(EXIT_USER_ERROR if isinstance(e, user_error_types()) else 1) from e
 
 
 def log_job_error(log: logging.Logger, e: BaseException) -> None:

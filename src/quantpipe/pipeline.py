@@ -67,21 +67,55 @@ def require_quant(cfg: DictConfig) -> DictConfig:
 
 
 def preflight(cfg: DictConfig) -> None:
-    """Bad input that can be seen in a second, refused before hours of merging and converting:
+    """Bad input that can be seen in seconds, refused before hours of merging and converting:
     output folders that cannot be written, a publish name leading out of paths.quantized, a
-    backend's own check of its arguments (e.g. an unknown llama.cpp type), a missing eval text
-    or a tasks file that is not JSONL of prompts and references."""
+    backend's own check of its arguments (e.g. an unknown llama.cpp type) and of this machine
+    (its `check_machine`: llama.cpp's tools, llm-compressor's environment), a calibration text
+    that is missing, a tasks file that is not JSONL of prompts and references, an eval text
+    missing or shorter than one window (counted with the model's tokenizer, cached by digest),
+    and the memory and time the stages will need."""
     from quantpipe.data import load_text
     from quantpipe.evaluate.tasks import load_tasks
     from quantpipe.quantize import check_backend
+    from quantpipe.token_count import check_eval_text
     art.check_writable(Path(cfg.paths.artifacts), "paths.artifacts")
     art.check_writable(Path(cfg.paths.quantized), "paths.quantized")
     art.inside(Path(cfg.paths.quantized), str(cfg.quant.publish), "quant.publish")
     check_backend(cfg.quant)
-    if cfg.eval.text_file is not None:
-        load_text(cfg.eval.text_file, "eval", "eval.text_file")
+    check, options = backend_need(cfg, "check_machine")
+    if check is not None:
+        check(Path(cfg.paths.tools), **options)
+    for key, text_file in _text_files(options, "quant.backend"):
+        load_text(text_file, "calib", key)
     load_tasks(cfg.eval.tasks_file)
+    preflight_adapter(cfg)
+    check_eval_text(cfg)
     preflight_memory(cfg)
+
+
+def preflight_adapter(cfg: DictConfig) -> None:
+    """A user's adapter folder (adapter.path) is a peft folder whose target modules the base
+    has, by the names in the base's safetensors headers (the shapes are checked by the merge,
+    which reads the tensors)."""
+    from quantpipe import adapter, base, streaming
+    if cfg.adapter.name == "none" or cfg.adapter.path is None:
+        return
+    path = adapter.validate_adapter_folder(Path(cfg.adapter.path), cfg.model.allow_pickle)
+    if cfg.model.path is None:
+        return  # the embedded base's names are known once the base stage has built it
+    shards = streaming.shard_files(base.validate_hf_folder(Path(cfg.model.path), "model.path",
+                                                           cfg.model.allow_pickle))
+    if shards:
+        streaming.check_targets(path, {k for s in shards for k in streaming.read_header(s)})
+
+
+def _text_files(options: Any, prefix: str) -> list[tuple[str, str]]:
+    """(config key, path) of every `text_file` a backend's options set (calibration texts)."""
+    if not isinstance(options, dict):
+        return []
+    found = [(f"{prefix}.text_file", options["text_file"])] if options.get("text_file") else []
+    return found + [kv for k, v in options.items() if k != "text_file"
+                    for kv in _text_files(v, f"{prefix}.{k}")]
 
 
 def preflight_memory(cfg: DictConfig) -> None:

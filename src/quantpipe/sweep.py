@@ -19,12 +19,11 @@ log = logging.getLogger(__name__)
 class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from quantpipe import schema
-        from quantpipe.cli import exit_on_user_error
+        from quantpipe.cli import exit_on_user_error, stop
         try:  # a bad value shared by every variant fails once, before the sweep run exists
             schema.check(config, with_quant=False)
         except Exception as e:
-            exit_on_user_error(e)  # SystemExit: Hydra turns a callback's exceptions into warnings
-            raise
+            stop(e)  # SystemExit: Hydra turns a callback's exceptions into warnings
         from quantpipe import tracking  # MLflow: 2-4 s to import
         try:
             tracking.start_sweep_run(config)

@@ -50,6 +50,7 @@ def setup(tracking: DictConfig) -> str:
     race ("table already exists"). After that, SQLite's own locking (MLflow sets a 20 s busy
     timeout) serialises their writes."""
     uri = str(tracking.uri)
+    check_server(uri)  # before MLflow's client, which retries a dead server for ~4 minutes
     lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -66,6 +67,54 @@ def setup(tracking: DictConfig) -> str:
             write_ahead_log(db)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+SERVER_TIMEOUT_S = 3.0  # per request; a tracking server on the same site answers in ms
+SERVER_FIX = ("start it (`make cluster-up` starts one on this machine; `make ui` serves mlruns/ "
+              "on http://127.0.0.1:5000), set MLFLOW_TRACKING_URI to one that runs, or log to "
+              "the local store: tracking=default")
+# what `mlflow server` answers without credentials: /health, then (a server under a path prefix
+# may route only its API) one search of the REST API
+PROBES = ("/health", "/api/2.0/mlflow/experiments/search?max_results=1")
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """An http(s) tracking URI answers like an MLflow server within seconds, or a ConfigError
+    naming it. Without this, MLflow's client retries a refused connection for about 4 minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES 7, backoff factor 2) and then fails with a traceback per
+    retry layer. 401/403 count as an answer (a server behind a login: MLflow sends the
+    credentials); a 404 or 5xx to both probes does not (a proxy or another service there).
+    The requests run in a daemon thread, so a name lookup that hangs is bounded too."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import threading
+    outcome: list[str | None] = []
+    t = threading.Thread(target=lambda: outcome.append(_probe(uri.rstrip("/"), timeout)),
+                         daemon=True, name="tracking-probe")
+    t.start()
+    t.join(len(PROBES) * timeout + 1)
+    why = outcome[0] if outcome else f"does not answer within {len(PROBES) * timeout:g} s"
+    if why is not None:
+        raise ConfigError("tracking.uri", f"the tracking server {uri} {why}", SERVER_FIX)
+
+
+def _probe(base: str, timeout: float) -> str | None:
+    """None when `base` answers as an MLflow server, else why not (`does not answer (...)`)."""
+    import urllib.error
+    import urllib.request
+    why = None
+    for path in PROBES:
+        try:
+            urllib.request.urlopen(base + path, timeout=timeout).close()
+            return None
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                return None
+            why = (f"answers HTTP {e.code} to GET {path}: not an MLflow tracking server, or "
+                   "a failing one")
+        except Exception as e:  # URLError (refused, unknown host), a timeout, a malformed URI
+            return f"does not answer ({getattr(e, 'reason', None) or e})"
+    return why
 
 
 def _experiment_id(tracking: DictConfig) -> str:

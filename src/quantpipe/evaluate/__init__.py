@@ -213,6 +213,7 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "metrics.json"
         run_worker({**base_spec, "mode": "variant", "artifact": str(vpath),
+                    "desc": f"score {cfg.quant.name}",  # a folder variant is named by its digest
                     "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
                     "runtime": runtime,
                     "out": str(out), "text": text if runtime == "llama.cpp" else None,

@@ -177,7 +177,7 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
     scored_per_window = len(wins[0]) - M.first_scored(len(wins[0])) - 1
     wins = wins[: len(ref["nll"]) // scored_per_window]  # the windows the reference scored
     nll, kld, agree, offset = [], [], [], 0
-    for logp, target in score(rt, wins, f"score {Path(spec['artifact']).name}",
+    for logp, target in score(rt, wins, spec.get("desc") or f"score {Path(spec['artifact']).name}",
                               spec.get("max_seconds")):
         n = len(target)
         nll.append(-np.take_along_axis(logp, target[:, None], -1)[:, 0])

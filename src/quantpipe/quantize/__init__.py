@@ -16,7 +16,10 @@ format-specific the pipeline needs, so pipeline, evaluation and report name no f
     publish      {"aliases": [names also published], "hooks": {artifact path: "module.fn"}}
 
 A backend function may carry `.check(**arguments)`, called before any work (preflight) to refuse
-bad arguments in a second. Adding a format means adding a YAML file in conf/quant/ and, at most,
+bad arguments in a second. A backend (its function or module) may also define
+`check_machine(tools, **options)`: what this machine must have for it, looked for before the
+first stage (quantpipe.pipeline.preflight): llama.cpp's tools in `tools` (paths.tools), an
+isolated environment (`make llmc`). Adding a format means adding a YAML file in conf/quant/ and, at most,
 one module here.
 
 A backend checks its own options before any stage runs (`check_backend`, called by

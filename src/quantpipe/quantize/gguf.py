@@ -160,6 +160,15 @@ def eval_need(shape, type: str = "q4_k_m", **_) -> tuple[str, int]:
     return "llama.cpp", int(shape.n_params * _bits_upper(type) / 8)
 
 
+def check_machine(tools: Path, imatrix: dict | None = None, **_) -> None:
+    """Before any stage: an importance matrix needs llama.cpp's llama-imatrix and
+    llama-quantize in paths.tools (make tools); the plain types need no tool."""
+    if imatrix:
+        from quantpipe.tools import tool_path
+        for name in ("llama-imatrix", "llama-quantize"):
+            tool_path(tools, name)
+
+
 def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None
                 ) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): convert, (imatrix,) quantise,

@@ -150,6 +150,11 @@ def eval_need(shape, **_) -> tuple[str, int]:
     return "transformers", shape.fp16_bytes
 
 
+def check_machine(tools: Path, **_) -> None:
+    """Before any stage: llm-compressor's own environment exists (make llmc)."""
+    llmc_python()
+
+
 def memory_need(shape, n_ctx: int, **_) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): the calibration holds the model in
     float32 (COMPUTE_DTYPE), the evaluation the decompressed FP16 weights."""

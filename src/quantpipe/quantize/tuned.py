@@ -103,8 +103,8 @@ def _check(options: dict) -> None:
     ftype_of(options["type"])
     tune_settings(_plain(options.get("tune") or {}))
     imatrix_settings(_plain(options.get("imatrix") or {}))
-    # .venv-llmc itself is looked for when AutoRound runs (as for the llm-compressor variants):
-    # `make pipeline`/`make sweep` build it first, and a config stays valid without it
+    # the tools and .venv-llmc are this machine's, not the config's: check_machine looks for
+    # them before the first stage (`make pipeline`/`make sweep` build both first)
 
 
 def _ggml_type(name: str):
@@ -452,6 +452,15 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
 def eval_need(shape, type: str = "q4_k_m", **_) -> tuple[str, int]:
     """(runtime, weight bytes) of the evaluation: a GGUF of about `type`'s size."""
     return gguf_eval_need(shape, type)
+
+
+def check_machine(tools: Path, tune: dict | None = None, **_) -> None:
+    """Before any stage: llama.cpp's llama-quantize and llama-imatrix (make tools), and, when
+    AutoRound competes, llm-compressor's environment (make llmc)."""
+    for name in ("llama-quantize", "llama-imatrix"):
+        tool_path(tools, name)
+    if "autoround" in tune_settings(_plain(tune or {}))["methods"]:
+        llmc_python()
 
 
 def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None,
