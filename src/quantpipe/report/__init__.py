@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantpipe.report import plots, recommend, tables
+from quantpipe.report import plots, recommend, subjects, tables
 from quantpipe.report.query import Selection
 
 
@@ -24,6 +24,8 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
         name = f"**{row['name']}** (run {tables.short(row['run_id'])})" if row else "none"
         parts.append(f"- **{scenario}**: {name}: {reason}.")
     parts.append(f"- **Fine-tune**: {recommend.finetune_note(cpu)}.")
+    for note in subjects.ranking_notes(sel.everything):
+        parts.append(f"- **Subjects**: {note} (see \"Verdicts across subjects and texts\").")
     if champion:
         parts.append(f"- **Registry**: {champion}.")
     parts += ["## Comparison (CPU)", tables.comparison(cpu),
@@ -33,6 +35,13 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "FP16 resampled together). Variants whose intervals overlap cannot be told apart "
               "on this text (a conservative reading: a pair not named below differs):",
               *tables.indistinguishable(cpu),
+              "## Verdicts across subjects and texts",
+              "Each calibrated variant against its round-to-nearest control and the best "
+              "uncalibrated variant of its group, on every base model (subject) and evaluation "
+              "text it was scored on (the newest finished run of each; `builtin:ood` is text "
+              "from another domain than the calibration set). \"beats\" = the KLD 95 % "
+              "intervals lie apart.",
+              subjects.section(sel.everything),
               "## Fine-tune retention and generation agreement",
               tables.finetune_and_generation(cpu),
               "Fine-tune kept % = 100 · (PPL_base − PPL_variant) / (PPL_base − PPL_FP16 merged), "

@@ -31,6 +31,9 @@ class Selection:
     deploy: list[dict] = field(default_factory=list)   # newest deploy (make smoke) run per format
     bench: dict | None = None   # newest `make bench` run (GGUF stage vs llama.cpp's tools)
     scale: list[dict] = field(default_factory=list)  # benchmarks/scale.py --pipeline, per size
+    # every finished variant run of the experiment, newest first (any sweep, subject or eval
+    # text): the verdicts across subjects and texts (report/subjects.py)
+    everything: list[dict] = field(default_factory=list)
 
 
 def as_row(run: Run) -> dict[str, Any]:
@@ -122,8 +125,10 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
         client, exp.experiment_id, f"{kind} = 'benchmark' and "
         "tags.`benchmark.name` = 'scale_pipeline'")], "scale.size", "quant.name")
     scale.sort(key=lambda r: (r["metrics"].get("fp16_gb", 0.0), r["name"]))
+    everything = [as_row(r) for r in _search(
+        client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and attributes.status = 'FINISHED'")]
     return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
-                     as_row(bench[0]) if bench else None, scale)
+                     as_row(bench[0]) if bench else None, scale, everything)
 
 
 def order(rows: list[dict]) -> list[dict]:

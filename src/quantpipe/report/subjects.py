@@ -1,0 +1,147 @@
+"""Verdicts across subjects and texts: the same variants ranked on each base model (subject) and
+each evaluation text, read from every finished variant run of the experiment.
+
+A calibrated method earns its place only if it beats, with 95 % intervals apart, both its
+round-to-nearest control (the config's `control` key, e.g. the same int4 scheme without
+calibration) and the best dynamic (uncalibrated) variant of its `compare` group, on text unlike
+its calibration set too. A ranking measured on a base whose weights sit on a 4-bit block grid
+(metric grid_aligned_pct) can favour formats that re-express that grid, so where the subjects
+disagree the verdict trusts the least grid-aligned one. Runs are told apart by parameters
+(model.name, eval.text_file, quant.compare, quant.control) and metrics only: no format is named
+here.
+"""
+from __future__ import annotations
+
+from quantpipe.names import Metric
+from quantpipe.report.tables import NA, ci95, interval, metric, table
+
+DEFAULT_TEXT = "the eval split"
+
+
+def _p(row: dict, key: str) -> str | None:
+    v = row["params"].get(key)
+    return None if v in (None, "None", "null", "") else v
+
+
+def subject(row: dict) -> str:
+    return _p(row, "model.name") or "?"
+
+
+def text(row: dict) -> str:
+    return _p(row, "eval.text_file") or DEFAULT_TEXT
+
+
+def cells(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """{(subject, text): {variant name: newest finished run}} (rows come newest first)."""
+    out: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault((subject(r), text(r)), {}).setdefault(r["name"], r)
+    return out
+
+
+def _beats(a: dict, b: dict) -> bool | None:
+    """True: a's KLD interval lies wholly below b's; False: not; None: no intervals."""
+    ia, ib = ci95(a, "kld"), ci95(b, "kld")
+    if ia is None or ib is None:
+        return None
+    return ia[1] < ib[0]
+
+
+def _best_dynamic(runs: dict[str, dict], group: str | None) -> dict | None:
+    peers = [r for r in runs.values() if group and _p(r, "quant.compare") == group
+             and r["method"] == "dynamic" and Metric.KLD_MEAN in r["metrics"]]
+    return min(peers, key=lambda r: r["metrics"][Metric.KLD_MEAN], default=None)
+
+
+def judged(rows: list[dict]) -> list[dict]:
+    """One verdict per calibrated variant with a control, per subject and text."""
+    out = []
+    for (subj, txt), runs in sorted(cells(rows).items()):
+        for r in sorted(runs.values(), key=lambda r: r["name"]):
+            control = runs.get(_p(r, "quant.control") or "")
+            if control is None or Metric.KLD_MEAN not in r["metrics"]:
+                continue
+            dyn = _best_dynamic(runs, _p(r, "quant.compare"))
+            out.append({"subject": subj, "text": txt, "row": r, "control": control,
+                        "dynamic": dyn, "beats_control": _beats(r, control),
+                        "beats_dynamic": _beats(r, dyn) if dyn else None})
+    return out
+
+
+def _yes(v: bool | None) -> str:
+    return NA if v is None else ("yes" if v else "**no**")
+
+
+def section(rows: list[dict]) -> str:
+    verdicts = judged(rows)
+    if not verdicts:
+        return ("No calibrated variant with a `control` was scored (e.g. `make sweep "
+                "SWEEP=rtn_w4a16,gptq_w4a16,awq_w4a16`, with `eval.text_file=builtin:ood` for a "
+                "second text).")
+    body = []
+    for v in verdicts:
+        r, c, d = v["row"], v["control"], v["dynamic"]
+        gain = (c["metrics"].get(Metric.KLD_MEAN, 0) / r["metrics"][Metric.KLD_MEAN]
+                if r["metrics"][Metric.KLD_MEAN] else None)
+        body.append([v["subject"], f"`{v['text']}`", f"**{r['name']}**",
+                     metric(r, Metric.KLD_MEAN, 4), interval(r, "kld", 4),
+                     f"{c['name']} {metric(c, Metric.KLD_MEAN, 4)} {interval(c, 'kld', 4)}",
+                     NA if gain is None else f"{gain:.2f}×", _yes(v["beats_control"]),
+                     f"{d['name']} {metric(d, Metric.KLD_MEAN, 4)}" if d else NA,
+                     _yes(v["beats_dynamic"]), metric(r, Metric.DELTA_PPL_PCT, 2)])
+    header = ["subject", "eval text", "calibrated", "KLD", "KLD 95 % CI", "control (RTN)",
+              "control KLD / KLD", "beats control", "best dynamic peer", "beats it", "ΔPPL %"]
+    return table(header, body) + "\n\n" + "\n".join(f"- {n}" for n in notes(verdicts, rows))
+
+
+def notes(verdicts: list[dict], rows: list[dict]) -> list[str]:
+    out = []
+    by_method: dict[tuple[str, str], list[dict]] = {}
+    for v in verdicts:
+        by_method.setdefault((v["subject"], v["row"]["name"]), []).append(v)
+    for (subj, name), vs in sorted(by_method.items()):
+        won = [v["text"] for v in vs if v["beats_control"] and v["beats_dynamic"] is not False]
+        if len(vs) > 1 and 0 < len(won) < len(vs):
+            out.append(f"{subj}: {name} wins on {', '.join(f'`{t}`' for t in won)} only: do not "
+                       "pick it for text unlike that")
+        elif vs and not won:
+            out.append(f"{subj}: {name} does not beat its control with intervals apart on any "
+                       "text scored")
+    out += ranking_notes(rows)
+    return out or ["every calibrated variant beat its control on every text scored"]
+
+
+def ranking_notes(rows: list[dict]) -> list[str]:
+    """Say where the KLD ranking of the variants both subjects ran differs, and which subject
+    the verdict trusts (the one least on a 4-bit grid)."""
+    grid = {}
+    for r in rows:
+        if Metric.GRID_ALIGNED_PCT in r["metrics"]:
+            grid.setdefault(subject(r), r["metrics"][Metric.GRID_ALIGNED_PCT])
+    by_text: dict[str, dict[str, dict[str, dict]]] = {}
+    for (subj, txt), runs in cells(rows).items():
+        by_text.setdefault(txt, {})[subj] = runs
+    out = []
+    for txt, subjects in sorted(by_text.items()):
+        if len(subjects) < 2:
+            continue
+        common = set.intersection(*(set(k for k, r in runs.items()
+                                        if Metric.KLD_MEAN in r["metrics"])
+                                    for runs in subjects.values()))
+        common.discard("fp16")
+        if len(common) < 2:
+            continue
+        ranks = {s: [n for n in sorted(common, key=lambda n: runs[n]["metrics"][Metric.KLD_MEAN])]
+                 for s, runs in subjects.items()}
+        shown = "; ".join(f"{s}: {' < '.join(r)}" for s, r in sorted(ranks.items()))
+        if len({tuple(r) for r in ranks.values()}) == 1:
+            out.append(f"`{txt}`: both subjects rank the {len(common)} shared variants alike "
+                       f"by KLD ({shown})")
+            continue
+        trusted = min(ranks, key=lambda s: grid.get(s, 100.0))
+        out.append(f"`{txt}`: the subjects rank the shared variants differently by KLD "
+                   f"({shown}). Trusted: **{trusted}** (grid-aligned "
+                   f"{grid.get(trusted, float('nan')):.1f} % of blocks, the others "
+                   + ", ".join(f"{s} {grid[s]:.1f} %" for s in ranks if s != trusted and s in grid)
+                   + "): a base on a 4-bit grid favours the formats that re-express it")
+    return out
