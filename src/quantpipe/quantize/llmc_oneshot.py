@@ -86,7 +86,9 @@ def config_groups(model, spec: dict) -> tuple[dict, dict]:
         by_key.setdefault((g, which), set()).add(layer_pattern(name) if which < 0 else
                                                  "re:" + re.escape(name) + "$")
     groups = {}
-    for i, ((g, which), targets) in enumerate(sorted(by_key.items(), reverse=True)):
+    # the scheme's own groups first (larger groups first), then the overrides in their order
+    for i, ((g, which), targets) in enumerate(sorted(by_key.items(),
+                                                     key=lambda kv: (kv[0][1], -kv[0][0]))):
         w = {**weights, "group_size": g} if g else weights
         groups[f"group_{i}"] = {"targets": sorted(targets), "weights": w,
                                 "input_activations": overrides[which]["input_activations"]
