@@ -15,6 +15,12 @@ llm-compressor version) in artifacts/llmc/. `serve_activations` swaps the activa
 that cached result without recalibrating: w8a8_int8_dynamic is w8a8_int8's very weights with
 dynamic per-token activation scales (static input scales dropped), so the two differ only in
 how activations are scaled.
+
+Logged on the quantise stage, from the oneshot's checks on calibration windows: `calib_kld`
+(output error against the float model; GPTQ and AWQ must stay below their round-to-nearest
+control rtn_w4a16) and, where activations are quantised, every Linear input's range and int8
+error (per tensor, per token, with the calibrated scale): the table
+llmc/activation_int8_error.csv, the worst layer as tag llmc.act_worst_layer and act_* metrics.
 """
 from __future__ import annotations
 
@@ -37,11 +43,15 @@ log = logging.getLogger(__name__)
 ONESHOT = Path(__file__).with_name("llmc_oneshot.py")
 CALIBRATION = {"text_file": None, "samples": 64, "seq_len": 256}
 STATIC_INPUT_KEYS = (".input_scale", ".input_zero_point")
+# the oneshot's scores of the quantised model on calibration windows (calib_kld, ...)
+CALIB_SCORE_PREFIX = ("calib_kld", "calib_top1", "calib_tokens_scored")
 # speed of a folder run by transformers on CPU: decompressed weights, fp16 matmuls
 SPEED_KEYS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
 
 
-RECIPE = 2  # 2: calibration computed in float32 (COMPUTE_DTYPE); bump when the folder changes
+# 2: calibration computed in float32 (COMPUTE_DTYPE); 3: the result holds the calibration-text
+# output error and the Linear inputs' int8 error. Bump when the folder or the result changes
+RECIPE = 3
 LIBRARIES = ("transformers", "compressed-tensors")  # the main venv's, that load the folder
 
 
@@ -145,6 +155,50 @@ def swap_activations(folder: Path, dst: Path, acts: dict) -> None:
         save_file(tensors, dst / f.name, metadata={"format": "pt"})
 
 
+def served_error(rows: list[dict], serve_activations: dict | None) -> list[dict]:
+    """Each Linear input's int8 error under the scheme the folder is served with: the oneshot's
+    own (calibrated static scale, or dynamic), or per token / per tensor where
+    `serve_activations` swaps in dynamic scales."""
+    if not serve_activations:
+        return rows
+    key = "relmse_token" if serve_activations.get("strategy") == "token" else "relmse_tensor"
+    return [{**r, "relmse_served": r[key]} for r in rows]
+
+
+def activation_summary(rows: list[dict]) -> tuple[dict, str | None]:
+    """Metrics of the Linear inputs' int8 error (llmc_oneshot.InputStats) and the worst layer,
+    by the error of the scale it is served with; none where activations are not quantised."""
+    if not rows:
+        return {}, None
+    worst = max(rows, key=lambda r: r["relmse_served"])
+    served = [r["relmse_served"] for r in rows]
+    return {"act_layers_quantised": float(len(rows)),
+            "act_relmse_served_worst": worst["relmse_served"],
+            "act_relmse_served_mean": sum(served) / len(served),
+            "act_relmse_tensor_worst": max(r["relmse_tensor"] for r in rows),
+            "act_relmse_token_worst": max(r["relmse_token"] for r in rows),
+            "act_worst_absmax_over_p999": worst["absmax_over_p999"]}, worst["layer"]
+
+
+ACT_COLUMNS = ("layer", "absmax", "p999", "absmax_over_p999", "channel_max_over_median",
+               "static_scale_absmax", "relmse_tensor", "relmse_token", "relmse_static",
+               "relmse_served")
+
+
+def log_activations(rows: list[dict], worst: str | None) -> None:
+    """The per-layer table (CSV, worst first) and the worst layer's name on the active run."""
+    import mlflow
+    if not rows or mlflow.active_run() is None:
+        return
+    lines = [",".join(ACT_COLUMNS)]
+    for r in sorted(rows, key=lambda r: -r["relmse_served"]):
+        lines.append(",".join("" if r.get(c) is None else
+                              (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
+                              for c in ACT_COLUMNS))
+    mlflow.log_text("\n".join(lines) + "\n", "llmc/activation_int8_error.csv")
+    mlflow.set_tag("llmc.act_worst_layer", worst)
+
+
 def eval_need(shape, **_) -> tuple[str, int]:
     """(runtime, weight bytes) of the evaluation: transformers decompresses to FP16 on CPU."""
     return "transformers", shape.fp16_bytes
@@ -175,17 +229,32 @@ def plain(value):
 
 def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
                   input_activations: dict | None = None, serve_activations: dict | None = None,
-                  ignore: tuple = ("lm_head",), calibration: dict | None = None) -> dict:
+                  ignore: tuple = ("lm_head",), calibration: dict | None = None,
+                  activation_overrides: list | None = None, save_format: str | None = None) -> dict:
+    """`activation_overrides`: [{targets: [names or re:regexes], input_activations: scheme or
+    null}], the layers named served with other activations than `input_activations` (e.g.
+    those whose inputs one static int8 scale cannot hold: dynamic per token, or 16-bit).
+    `save_format`: the compressed-tensors format of the folder (null: the one llm-compressor
+    infers, pack-quantized for int4 weights, int-quantized for W8A8)."""
     py = llmc_python()
-    modifiers, weights, input_activations, serve_activations, ignore, calibration = map(
-        plain, (modifiers, weights, input_activations, serve_activations, ignore, calibration))
+    (modifiers, weights, input_activations, serve_activations, ignore, calibration,
+     activation_overrides) = map(plain, (modifiers, weights, input_activations, serve_activations,
+                                         ignore, calibration, activation_overrides))
     s = calibration_settings(calibration)
     key = "quant.backend.calibration.text_file"
     text, source = load_text(s["text_file"], "calib", key)
+    # round-to-nearest of the weights (QuantizationModifier, no static activations) calibrates
+    # nothing: the oneshot runs data-free, and the text is only scored (calib_kld), not an input
+    calibrated = any(next(iter(m)) != "QuantizationModifier" for m in modifiers) or any(
+        a and not a.get("dynamic") for a in [input_activations] + [
+            o["input_activations"] for o in activation_overrides or []])
     spec = {"modifiers": modifiers, "weights": weights, "input_activations": input_activations,
             "ignore": list(ignore), "samples": s["samples"], "seq_len": s["seq_len"],
-            "threads": ctx.threads, "compute_dtype": COMPUTE_DTYPE}
-    fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py))
+            "threads": ctx.threads, "compute_dtype": COMPUTE_DTYPE,
+            "activation_overrides": activation_overrides or [], "calibrate": calibrated,
+            "save_format": save_format}
+    fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py),
+                         RECIPE)
     folder, prov, reused = art.ensure_cached(
         ctx.artifacts, "llmc", fp, lambda tmp: run_oneshot(py, Path(src), tmp, text, spec),
         {"merged": ctx.src_fingerprint, "calibration_source": source, "spec": spec})
@@ -196,10 +265,17 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
         from quantpipe.quantize.hf import save_fp16
         save_fp16(folder, dst, ctx)
     res = prov["result"]
-    return {"artifact": ".", "metrics": {**res["metrics"], "llmc_reused": float(reused)},
+    metrics = dict(res["metrics"])
+    if serve_activations:  # the oneshot scored the calibrated scheme, not the one swapped in
+        metrics = {k: v for k, v in metrics.items() if not k.startswith(CALIB_SCORE_PREFIX)}
+    rows = served_error(res.get("activations", []), serve_activations)
+    act_metrics, worst = activation_summary(rows)
+    log_activations(rows, worst)
+    return {"artifact": ".",
+            "metrics": {**metrics, **act_metrics, "llmc_reused": float(reused)},
             "runtime": "transformers",
             "calibration": [{"name": "calibration-text", "text_file": s["text_file"],
-                             "split": "calib", "key": key}],
+                             "split": "calib", "key": key}] if calibrated else [],
             # no int4/int8 kernel runs these on CPU: transformers decompresses to fp16
             "speed": {"native": False, "rename_suffix": "_decompressed",
                       "why": "compressed-tensors decompressed to fp16 on CPU; the format's speed "
