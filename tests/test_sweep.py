@@ -144,7 +144,7 @@ def test_a_sweep_whose_run_cannot_be_started_launches_no_job(tmp_path):
                           "+quant=int8,gguf_q4_0", "tracking=remote",
                           f"tracking.uri=http://127.0.0.1:{port}", f"paths.root={tmp_path}"],
                          capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=300)
-    assert time.monotonic() - t0 < 15
+    assert time.monotonic() - t0 < 60  # not MLflow's minutes of retries (README has the time)
     assert res.returncode == 2, res.stderr[-3000:]
     assert res.stderr.startswith(f"error: tracking.uri: the tracking server http://127.0.0.1:"
                                  f"{port} does not answer") and res.stderr.count("\n") == 1, \
