@@ -133,6 +133,7 @@ RULES: dict[str, Any] = {
     "quant.bits": Num(lo=1, hi=32, null=True), "quant.publish": Str(), "quant.type": Str(),
     "quant.backend._target_": Str(),
     "quant.compare": Str(null=True),   # the report's static-vs-dynamic group
+    "quant.control": Str(null=True),   # its uncalibrated twin: what calibration bought (report)
     "quant.budget_mb": Num(lo=0, null=True),
 }
 # sections whose keys are the backend's own (checked by the backend) or Hydra's
