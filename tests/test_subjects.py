@@ -1,0 +1,44 @@
+"""The report's verdicts across subjects and texts (quantpipe.report.subjects), on plain rows as
+query.as_row makes them from MLflow runs."""
+from quantpipe.report import subjects
+
+
+def row(name, model, text, kld, ci, method="static", control=None, grid=None):
+    metrics = {"kld_mean": kld, "kld_ci95_low": ci[0], "kld_ci95_high": ci[1],
+               "delta_ppl_pct": 10 * kld}
+    if grid is not None:
+        metrics["grid_aligned_pct"] = grid
+    return {"name": name, "method": method, "run_id": name + model + str(text),
+            "params": {"model.name": model, "eval.text_file": str(text), "quant.compare": "int4",
+                       "quant.control": str(control)}, "metrics": metrics}
+
+
+def cell(model, text, gptq, grid):
+    return [row("gptq", model, text, *gptq, control="rtn", grid=grid),
+            row("rtn", model, text, 0.10, (0.09, 0.11), method="dynamic", grid=grid),
+            row("nf4", model, text, 0.08, (0.07, 0.09), method="dynamic", grid=grid)]
+
+
+def test_a_method_that_wins_on_one_text_only_is_named_and_the_float_subject_is_trusted():
+    rows = (cell("float", None, (0.05, (0.04, 0.06)), 0.0)
+            + cell("float", "builtin:ood", (0.075, (0.07, 0.085)), 0.0)
+            + cell("smol", None, (0.02, (0.01, 0.03)), 78.9))
+    verdicts = {(v["subject"], v["text"]): v for v in subjects.judged(rows)}
+    assert verdicts[("float", subjects.DEFAULT_TEXT)]["beats_control"] is True
+    assert verdicts[("float", subjects.DEFAULT_TEXT)]["beats_dynamic"] is True
+    assert verdicts[("float", "builtin:ood")]["beats_control"] is True
+    assert verdicts[("float", "builtin:ood")]["beats_dynamic"] is False  # overlaps nf4
+    notes = subjects.notes(subjects.judged(rows), rows)
+    assert any("float: gptq wins on `the eval split` only" in n for n in notes), notes
+    # on the eval split the subjects rank gptq/nf4/rtn alike; make smol rank them differently
+    rows = [row("nf4", "smol", None, 0.01, (0.005, 0.012), method="dynamic", grid=78.9)] + rows
+    # (rows come newest first: this nf4 run is the one the report takes)
+    ranking = " ".join(subjects.ranking_notes(rows))
+    assert "differently" in ranking and "Trusted: **float**" in ranking, ranking
+    assert "| float |" in subjects.section(rows)
+
+
+def test_no_control_no_verdict():
+    rows = [row("nf4", "float", None, 0.08, (0.07, 0.09), method="dynamic")]
+    assert subjects.judged(rows) == []
+    assert "No calibrated variant" in subjects.section(rows)
