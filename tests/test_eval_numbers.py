@@ -147,8 +147,11 @@ def test_variant_run_logs_intervals_retention_generation_and_tasks(cfg_factory, 
     assert m["base_ppl"] != pytest.approx(m["ppl_fp16"], rel=1e-4)
     kept = 100 * (m["base_ppl"] - m["ppl"]) / (m["base_ppl"] - m["ppl_fp16"])
     assert m["finetune_retention_pct"] == pytest.approx(kept, rel=1e-4, abs=1e-3)
-    assert m["finetune_retention_ci95_low"] <= m["finetune_retention_pct"] \
-        <= m["finetune_retention_ci95_high"]
+    # with 2 windows the point estimate is also a resample (both windows once): it may be the
+    # interval's end, equal to float64 rounding (float32 put it 1e-4 outside)
+    slack = 1e-9 * abs(m["finetune_retention_pct"])
+    assert m["finetune_retention_ci95_low"] - slack <= m["finetune_retention_pct"] \
+        <= m["finetune_retention_ci95_high"] + slack
     assert 0 <= m["gen_prefix_match_pct"] <= 100 and 0 <= m["gen_mean_match_len"] <= 16
     assert m["task_count"] == 2 and 0 <= m["task_rouge_l_pct"] <= 100
     assert 5 < m["peak_rss_mb"] < 1500

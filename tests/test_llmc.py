@@ -126,35 +126,43 @@ def calibration_kld(folder: Path, reference: Path, text: str, samples: int,
     return float(np.mean(M.kld_topk(*M.topk(p, 64), q)))
 
 
+# The float subject (models/, never quantised): the calibration test needs real weights. On the
+# tiny random model AWQ's per-module choice does not carry over end to end (CI measured AWQ 1 %
+# worse than RTN there while it was 5 % better here: the random logits are nearly flat).
+FLOAT_SUBJECT = PROJECT_ROOT / "models" / "float-llama-19m"
+CALIB_SMALL = ["quant.backend.calibration.samples=16", "quant.backend.calibration.seq_len=128"]
+
+
 @needs_llmc
 @pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gptq_and_awq_lose_less_than_round_to_nearest_on_calibration_text(
-        cfg_factory, tmp_path, tiny_base, symmetric):
+        cfg_factory, tmp_path, symmetric):
     """On the very windows they calibrate on, GPTQ (which minimises each layer's output error)
-    and AWQ (whose scale search includes the identity, i.e. round-to-nearest) are no worse than
-    round-to-nearest with the same scheme. Measured twice: by the oneshot on the model it
-    quantised (calib_kld) and here on the folders reloaded in this venv."""
+    and AWQ (whose scale search includes the identity, i.e. round-to-nearest) beat
+    round-to-nearest with the same scheme on the float subject's end-to-end KLD. Measured twice:
+    by the oneshot on the model it quantised (calib_kld) and here on the folders reloaded in
+    this venv."""
     from quantpipe.data import load_text
     from quantpipe.quantize import QuantContext, build_backend
-    ctx = QuantContext(artifacts=tmp_path / "artifacts", tools=tmp_path, src_fingerprint="tiny",
+    ctx = QuantContext(artifacts=tmp_path / "artifacts", tools=tmp_path, src_fingerprint="float",
                        threads=2)
     scheme = [] if symmetric else ["quant.backend.weights.symmetric=false",  # as awq_w4a16_asym
                                    "quant.backend.save_format=naive-quantized"]
     kld, own = {}, {}
     for quant in ("rtn_w4a16", "gptq_w4a16", "awq_w4a16"):
-        cfg = cfg_factory(f"+quant={quant}", *SMALL, *scheme)
+        cfg = cfg_factory(f"+quant={quant}", *CALIB_SMALL, *scheme)
         dst = tmp_path / quant
         dst.mkdir()
-        own[quant] = build_backend(cfg.quant)(tiny_base, dst, ctx)["metrics"]["calib_kld"]
+        own[quant] = build_backend(cfg.quant)(FLOAT_SUBJECT, dst, ctx)["metrics"]["calib_kld"]
         c = cfg.quant.backend.calibration
         text, _ = load_text(c.text_file, "calib", "quant.backend.calibration.text_file")
-        kld[quant] = calibration_kld(dst, tiny_base, text, c.samples, c.seq_len)
+        kld[quant] = calibration_kld(dst, FLOAT_SUBJECT, text, c.samples, c.seq_len)
     print("calibration KLD, reloaded:", kld, "in the oneshot:", own)
     for quant in kld:  # the folder computes what the oneshot measured
         assert kld[quant] == pytest.approx(own[quant], rel=0.1), quant
     assert kld["gptq_w4a16"] < kld["rtn_w4a16"]
-    assert kld["awq_w4a16"] <= kld["rtn_w4a16"] * 1.01  # identity in the grid: never worse
+    assert kld["awq_w4a16"] < kld["rtn_w4a16"]
 
 
 @needs_llmc

@@ -136,10 +136,13 @@ def per_window(values: np.ndarray, n_windows: int) -> np.ndarray:
 
 def quality(spec: dict, nll: np.ndarray, kld: np.ndarray, ref) -> dict[str, float]:
     """ΔPPL and KLD with 95 % intervals; base PPL and fine-tune retention given the base
-    model's NLL (spec["base_nll"]); generation agreement with FP16's continuations."""
+    model's NLL (spec["base_nll"]); generation agreement with FP16's continuations. Everything
+    is computed in float64: the point estimates and the bootstrap's resamples then agree to
+    rounding (in float32 a 2-window point estimate fell 1e-4 outside its own interval)."""
     w = len(nll)
-    ref_nll = per_window(ref["nll"][: nll.size], w)  # a budget may have cut the variant short
-    base = np.load(spec["base_nll"])["nll"] if spec.get("base_nll") else None
+    nll, kld = nll.astype(np.float64), kld.astype(np.float64)
+    ref_nll = per_window(np.asarray(ref["nll"][: nll.size], dtype=np.float64), w)  # a budget may have cut the variant short
+    base = np.load(spec["base_nll"])["nll"].astype(np.float64) if spec.get("base_nll") else None
     # the base pass has its own budget: retention only over windows both passes scored
     base = per_window(base[: nll.size], w) if base is not None and base.size >= nll.size else None
     out = {"delta_ppl_pct": float(M.delta_ppl_pct(nll.ravel(), ref_nll.ravel()))}
