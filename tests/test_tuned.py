@@ -31,8 +31,11 @@ def model_tensors(n_layers=4):
 def test_bad_settings_name_the_key():
     with pytest.raises(ConfigError, match="quant.tune.*unknown keys.*max_minute"):
         tune_settings({"max_minute": 3})
-    with pytest.raises(ConfigError, match="quant.tune.max_minutes"):
-        tune_settings({"max_minutes": 0})
+    with pytest.raises(ConfigError, match="quant.tune.max_minutes.*max_groups"):
+        tune_settings({"max_minutes": 15})  # the clock-bounded search is gone, with the fix
+    with pytest.raises(ConfigError, match="quant.tune.max_groups"):
+        tune_settings({"max_groups": -1})
+    assert tune_settings({"max_groups": 0})["max_groups"] == 0
     with pytest.raises(ConfigError, match="quant.tune.levels"):
         tune_settings({"levels": [["q4_k", "q4_k"]]})
     with pytest.raises(ConfigError, match="quant.tune.levels.*q9_z"):
@@ -118,28 +121,31 @@ def test_knapsack_keeps_to_the_budget_and_buys_the_cheapest_kld_first():
 
 
 class Scores:
-    """A search whose KLD is a sum per raised tensor (the additive model), and whose deadline
-    passes after `budget` scores."""
-    def __init__(self, groups, budget):
-        self.groups, self.budget, self.n = groups, budget, 0
+    """A search whose KLD is a sum per raised tensor (the additive model)."""
+    def __init__(self, groups):
+        self.groups, self.n = groups, 0
 
     def score(self, types):
         self.n += 1
         return 0.1 - sum(t.n * 1e-9 * (3 if "attn_k" in t.name else 1)
                          for ts in self.groups.values() for t in ts if types[t.name] == "q8_0")
 
-    def out_of_time(self):
-        return self.n >= self.budget
+    def seconds_per_candidate(self):
+        return 1.0
 
 
-def test_a_deadline_estimates_unmeasured_groups_from_their_kind():
+def test_max_groups_bounds_the_work_and_estimates_the_rest_from_their_kind():
     from quantpipe.quantize.tuned import sensitivities
     groups = groups_of(model_tensors(4), bands=2)
-    all_at, s, measured = sensitivities(Scores(groups, 4 + 5), groups, LEVELS)
+    search = Scores(groups)
+    all_at, s, measured = sensitivities(search, groups, LEVELS, max_groups=5)
+    assert search.n == len(LEVELS) + 5  # the bound is work: candidates scored, not seconds
     assert measured == 5 and len(s) == len(groups) and all_at[0] > all_at[-1]
     # band 0 first: every kind measured once, then estimated per weight for band 2-3
     assert s["attn_k@2-3"] == pytest.approx(s["attn_k@0-1"], rel=1e-6)
     assert s["attn_k@2-3"] / s["attn_q@2-3"] == pytest.approx(3 * 192 / 576, rel=1e-6)
+    search = Scores(groups)  # null: every group measured
+    assert sensitivities(search, groups, LEVELS)[2] == len(groups) == search.n - len(LEVELS)
 
 
 @pytest.mark.slow
@@ -226,3 +232,48 @@ def test_autoround_without_its_venv_names_make_llmc(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="make llmc"):
         autoround_candidate(tmp_path, ctx, "q4_k_m", {"iters": 0, "samples": 1, "seq_len": 8},
                             "text", "calib")
+
+
+@pytest.mark.slow
+def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path, tiny_base):
+    """The search is bounded by work: the published file is byte-identical when the machine is
+    idle and when every core is busy (two spinning processes beside it). Each run builds its own
+    F16 GGUF and importance matrix (separate artefact folders)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from quantpipe.quantize import QuantContext
+    from quantpipe.quantize.tuned import quantize_tuned
+    from quantpipe.tools import tool_path
+    tool_path(TOOLS, "llama-quantize")  # a ConfigError here means: run `make tools`
+    settings = {"imatrix": {"chunks": 4, "n_ctx": 64},
+                "tune": {"n_ctx": 64, "windows": 4, "bands": 1, "methods": ["sensitivity"]}}
+
+    def tuned(name: str) -> tuple[str, dict]:
+        ctx = QuantContext(artifacts=tmp_path / name / "artifacts", tools=TOOLS,
+                           src_fingerprint="tiny", threads=2)
+        dst = tmp_path / name / "out"
+        dst.mkdir(parents=True)
+        res = quantize_tuned(tiny_base, dst, ctx, "q4_k_m", **settings)
+        digest = hashlib.sha256((dst / res["artifact"]).read_bytes()).hexdigest()
+        return digest, res["metrics"]
+
+    idle, m_idle = tuned("idle")
+    spin = "import time\nt = time.time() + 600\nwhile time.time() < t: pass"
+    burners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(2)]
+    try:
+        busy, m_busy = tuned("busy")
+    finally:
+        for p in burners:
+            p.kill()
+    assert m_idle["tune_groups_measured"] == m_idle["tune_groups"]  # null: every group
+    keys = [k for k in m_idle if k.startswith("tune_kld_calib_")]
+    assert {k: m_busy[k] for k in keys} == {k: m_idle[k] for k in keys}
+    assert busy == idle
+    import gguf  # nothing host-specific in what ships: the matrix and its text by name only
+    fields = gguf.GGUFReader(str(tmp_path / "idle" / "out" / "model-tuned-q4_k_m.gguf")).fields
+    named = {k: bytes(fields[k].parts[fields[k].data[0]]).decode() for k in
+             ("quantize.imatrix.file", "quantize.imatrix.dataset")}
+    assert named == {"quantize.imatrix.file": "imatrix.gguf",
+                     "quantize.imatrix.dataset": "calibration.txt"}

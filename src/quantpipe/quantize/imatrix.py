@@ -25,6 +25,7 @@ from quantpipe.tools import run_tool, tool_path
 log = logging.getLogger(__name__)
 SETTINGS = {"text_file": None, "chunks": 32, "n_ctx": 256}  # defaults; conf/quant overrides
 IMATRIX_FILE = "imatrix.gguf"  # llama-imatrix writes its GGUF format for a .gguf name
+RECIPE = 2  # bump when the matrix written changes (2: its dataset recorded by name, no path)
 
 
 def imatrix_settings(imatrix: dict) -> dict:
@@ -46,11 +47,13 @@ def compute_imatrix(tools: Path, f16: Path, text: str, tmp: Path, chunks: int, n
     exe = tool_path(tools, "llama-imatrix")
     calib = tmp / "calibration.txt"   # kept beside the matrix: what it was computed on
     calib.write_text(text, encoding="utf-8")
-    args = ["-m", f16, "-f", calib, "-o", tmp / IMATRIX_FILE, "-c", n_ctx, "--chunks", chunks,
-            "-ngl", 0]
+    # run in tmp with relative names: the matrix records its dataset's path, and llama-quantize
+    # copies it into every file it writes (a host's temp path in a published GGUF otherwise)
+    args = ["-m", Path(f16).resolve(), "-f", calib.name, "-o", IMATRIX_FILE, "-c", n_ctx,
+            "--chunks", chunks, "-ngl", 0]
     if threads:
         args += ["-t", threads]
-    r = run_tool(exe, args)
+    r = run_tool(exe, args, cwd=tmp)
     logtext = r.stdout + r.stderr
     m = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", logtext)
     if m is None:
@@ -76,7 +79,7 @@ def cached_imatrix(f16: Path, imatrix: dict, ctx) -> tuple[Path, dict, bool]:
     _log_calibration(text, source)
     # the F16 cache folder's name is its fingerprint; the quick file fingerprint covers an F16
     # given from elsewhere (crosscheck, tests)
-    fp = art.fingerprint("imatrix", f16.parent.name, art.quick_file_fingerprint(f16),
+    fp = art.fingerprint("imatrix", RECIPE, f16.parent.name, art.quick_file_fingerprint(f16),
                          art.fingerprint(text), s["chunks"], s["n_ctx"], _tools_version(ctx.tools))
     folder, prov, reused = art.ensure_cached(
         ctx.artifacts, "imatrix", fp,
@@ -93,11 +96,11 @@ def quantize_with_imatrix(f16: Path, out: Path, type: str, imatrix: dict, ctx) -
     imatrix_settings(dict(imatrix))
     quantize = tool_path(ctx.tools, "llama-quantize")  # fail before the long imatrix run
     matrix, made, reused = cached_imatrix(f16, imatrix, ctx)
-    args = ["--imatrix", matrix, f16, out, type.upper()]
+    args = ["--imatrix", matrix.name, Path(f16).resolve(), Path(out).resolve(), type.upper()]
     if ctx.threads:
         args.append(ctx.threads)
     t0 = time.perf_counter()
-    run_tool(quantize, args)
+    run_tool(quantize, args, cwd=matrix.parent)  # the file records the matrix's name as given
     return {**made, "imatrix_reused": float(reused),
             "imatrix_quantize_s": time.perf_counter() - t0}
 

@@ -56,15 +56,18 @@ log = logging.getLogger(__name__)
 LEVELS = [["iq4_nl", "q4_k"], ["q5_0", "q5_k"], ["q5_1", "q6_k"], ["q8_0", "q8_0"]]
 METHODS = ("sensitivity", "autoround")  # searched candidates; imatrix and plain always compete
 AUTOROUND = {"iters": 0, "samples": 32, "seq_len": 512}
-TUNE = {"max_minutes": 15.0, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
+TUNE = {"max_groups": None, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
         "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
-# what is left after the search when max_minutes cuts it: the mix scored, the published file
-# written and smoke-loaded (about one more candidate's time)
-RESERVE_CANDIDATES = 2
+RECIPE = 2  # bump when the file written changes: 2, bounded by work (max_groups), no host paths
 
 
 def tune_settings(tune: dict) -> dict:
+    if "max_minutes" in tune:
+        raise ConfigError("quant.tune.max_minutes", "is gone: a search cut by the wall clock "
+                          "wrote a different file on a busy machine than on an idle one",
+                          "drop it; quant.tune.max_groups=N bounds the search by work (groups "
+                          "measured), and the log and the progress bar give the time estimate")
     unknown = set(tune) - set(TUNE)
     if unknown:
         raise ConfigError("quant.tune", f"unknown keys {sorted(unknown)}", f"use only {sorted(TUNE)}")
@@ -73,9 +76,11 @@ def tune_settings(tune: dict) -> dict:
         if not isinstance(s[key], int) or s[key] <= 0:
             raise ConfigError(f"quant.tune.{key}", f"{s[key]!r} is not a positive integer",
                               "set a whole number above 0")
-    if not (isinstance(s["max_minutes"], (int, float)) and s["max_minutes"] > 0):
-        raise ConfigError("quant.tune.max_minutes", f"{s['max_minutes']!r} is not a positive "
-                          "number", "set the search's time budget in minutes, e.g. 15")
+    if s["max_groups"] is not None and (isinstance(s["max_groups"], bool) or not isinstance(
+            s["max_groups"], int) or s["max_groups"] < 0):
+        raise ConfigError("quant.tune.max_groups", f"{s['max_groups']!r} is not a whole number "
+                          ">= 0 or null", "null measures every group; N measures the first N "
+                          "(band by band) and estimates the rest")
     if len(s["levels"]) < 2 or any(len(lv) != 2 for lv in s["levels"]):
         raise ConfigError("quant.tune.levels", "needs at least two levels, each a pair [type for "
                           "rows not a multiple of 256, type for rows that are]",
@@ -206,10 +211,10 @@ class CalibScorer:
 class Search:
     """Quantises candidate mixes with llama-quantize (+ imatrix) and scores them."""
 
-    def __init__(self, f16, matrix, tensors, overhead, scorer, work, ctx, target, deadline):
+    def __init__(self, f16, matrix, tensors, overhead, scorer, work, ctx, target):
         self.f16, self.matrix, self.tensors, self.overhead = f16, matrix, tensors, overhead
         self.scorer, self.work, self.ctx, self.target = scorer, work, ctx, target
-        self.deadline, self.n_scored, self.peak_mb, self.scoring_s = deadline, 0, 0.0, 0.0
+        self.n_scored, self.peak_mb, self.scoring_s = 0, 0.0, 0.0
         self.last_bytes = 0  # the file size of the last candidate scored
 
     def size(self, types: dict[str, str]) -> int:
@@ -218,15 +223,16 @@ class Search:
     def quantise(self, types: dict[str, str] | None, out: Path) -> None:
         """llama-quantize with the importance matrix; `types` overrides every quantised tensor
         (anchored names: `blk.1.` must not match `blk.11.`), None = llama.cpp's own mix."""
-        args = ["--imatrix", self.matrix]
+        args = ["--imatrix", Path(self.matrix).name]  # recorded as given: no host path
         if types is not None:
             spec = self.work / "tensor-types.txt"
             spec.write_text("".join(f"^{re.escape(n)}$={t}\n" for n, t in types.items()))
-            args += ["--tensor-type-file", spec]
-        args += [self.f16, out, self.target.upper()]
+            args += ["--tensor-type-file", spec.resolve()]
+        args += [Path(self.f16).resolve(), Path(out).resolve(), self.target.upper()]
         if self.ctx.threads:
             args.append(self.ctx.threads)
-        r = run_tool(tool_path(self.ctx.tools, "llama-quantize"), args)
+        r = run_tool(tool_path(self.ctx.tools, "llama-quantize"), args,
+                     cwd=Path(self.matrix).parent)
         self.peak_mb = max(self.peak_mb, r.peak_rss_mb)
 
     def score(self, types: dict[str, str] | None) -> float:
@@ -240,11 +246,8 @@ class Search:
         self.scoring_s += time.monotonic() - t0
         return kld
 
-    def out_of_time(self) -> bool:
-        """Past the deadline once the candidates still to come after the search (the reserve, at
-        the mean time a candidate has taken) are counted."""
-        mean = self.scoring_s / max(self.n_scored, 1)
-        return time.monotonic() + RESERVE_CANDIDATES * mean > self.deadline
+    def seconds_per_candidate(self) -> float:
+        return self.scoring_s / max(self.n_scored, 1)
 
 
 def at_level(groups: dict[str, list[Tensor]], levels: list, choice: dict[str, int]) -> dict:
@@ -259,34 +262,39 @@ def _band(group: str) -> int:
     return int(group.split("@")[1].split("-")[0]) if "@" in group else -1
 
 
-def sensitivities(search: Search, groups: dict, levels: list) -> tuple[list[float], dict, int]:
-    """(KLD with everything at each level, s_g per group, groups measured before the deadline).
-    Groups are measured band by band (every kind of the first band, then the next), so a
-    deadline leaves each kind some measurements; a group left unmeasured gets the median KLD per
-    weight of the measured groups of its kind (of all groups, if its kind has none; with none
-    measured, the KLD all groups remove together, per weight)."""
+def sensitivities(search: Search, groups: dict, levels: list,
+                  max_groups: int | None = None) -> tuple[list[float], dict, int]:
+    """(KLD with everything at each level, s_g per group, groups measured). The search is bounded
+    by work, never by the clock, so the same inputs give the same file on a busy machine and an
+    idle one: every group is measured, or the first `max_groups` in a fixed order, band by band
+    (every kind of the first band, then the next), so each kind keeps some measurements. A
+    group left unmeasured gets the median KLD per weight of the measured groups of its kind (of
+    all groups, if its kind has none; with none measured, the KLD all groups remove together,
+    per weight)."""
     from tqdm import tqdm
     top = len(levels) - 1
-    bar = tqdm(total=len(levels) + len(groups), desc="tune: sensitivity search", unit="candidate",
-               leave=True)
+    order = sorted(groups, key=lambda g: (_band(g), -sum(t.n for t in groups[g])))
+    todo = order if max_groups is None else order[:max_groups]
+    bar = tqdm(total=len(levels) + len(todo), desc="tune: sensitivity search", unit="candidate",
+               leave=True)  # its ETA is the time estimate
     all_at = []
     for lv in range(len(levels)):
         all_at.append(search.score(at_level(groups, levels, dict.fromkeys(groups, lv))))
         bar.update()
+        if lv == 0:
+            log.info("tune: %d candidates to score at about %.0f s each: about %.0f min",
+                     len(levels) + len(todo) + 1, search.seconds_per_candidate(),
+                     (len(levels) + len(todo) + 1) * search.seconds_per_candidate() / 60)
     s: dict[str, float] = {}
-    order = sorted(groups, key=lambda g: (_band(g), -sum(t.n for t in groups[g])))
-    for g in order:
-        if search.out_of_time():
-            bar.set_postfix_str("quant.tune.max_minutes reached")
-            break
+    for g in todo:
         choice = {**dict.fromkeys(groups, 0), g: top}
         s[g] = max(all_at[0] - search.score(at_level(groups, levels, choice)), 0.0)
         bar.update()
     bar.close()
     measured = len(s)
     if measured < len(groups):
-        log.warning("tune: max_minutes reached after %d of %d groups; the rest are estimated",
-                    measured, len(groups))
+        log.info("tune: quant.tune.max_groups=%d of %d groups measured; the rest are estimated",
+                 measured, len(groups))
         per = {g: s[g] / sum(t.n for t in groups[g]) for g in s}
         # none measured: the KLD every group removes together, spread per weight
         flat = (all_at[0] - all_at[-1]) / sum(t.n for ts in groups.values() for t in ts)
@@ -369,7 +377,6 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     tool_path(ctx.tools, "llama-quantize")
     tool_path(ctx.tools, "llama-imatrix")
     t0 = time.monotonic()
-    deadline = t0 + 60 * s["max_minutes"]
     f16 = f16_gguf(Path(src), ctx)
     work = dst / "work"
     work.mkdir()
@@ -380,7 +387,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     matrix, imatrix_metrics, _ = cached_imatrix(f16, imatrix, ctx)
     text, source = load_text(imatrix.get("text_file"), "calib", "quant.backend.imatrix.text_file")
     scorer = CalibScorer(f16, text, s, ctx.threads)
-    search = Search(f16, matrix, tensors, overhead, scorer, work, ctx, type, deadline)
+    search = Search(f16, matrix, tensors, overhead, scorer, work, ctx, type)
     levels, groups = s["levels"], groups_of(tensors, s["bands"])
 
     # candidate -> (how to make it: a tensor-type mix, None = llama.cpp's imatrix mix, or a
@@ -400,7 +407,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
         sizes["autoround"] = ar_file.stat().st_size
     all_at, sens, measured, choice, mix = [], {}, 0, {}, None
     if "sensitivity" in s["methods"]:
-        all_at, sens, measured = sensitivities(search, groups, levels)
+        all_at, sens, measured = sensitivities(search, groups, levels, s["max_groups"])
         choice = allocate(groups, levels, all_at, sens, search, budget)
         mix = at_level(groups, levels, choice)
         candidates["sensitivity"] = (mix, search.score(mix))
