@@ -27,7 +27,7 @@ SMALL = ["quant.backend.calibration.samples=8", "quant.backend.calibration.seq_l
 # nearly flat (init std 0.02), so quantisation noise is large against them: measured 0.59 for
 # int4 (GPTQ and AWQ, groups of 64) and 0.12 for W8A8 static. The bounds are those plus ~35 %:
 # loose; the real-weight quality check is the default model's KLD (slow pipeline runs).
-REL_TOL = {"rtn_w4a16": 0.8, "gptq_w4a16": 0.8, "awq_w4a16": 0.8, "awq_w4a16_asym": 0.8,
+REL_TOL = {"rtn_w4a16": 0.8, "rtn_w4a16_asym": 0.8, "gptq_w4a16": 0.8, "awq_w4a16": 0.8, "awq_w4a16_asym": 0.8,
            "w8a8_int8": 0.16, "w8a8_int8_dynamic": 0.16}
 
 
@@ -89,17 +89,18 @@ def merged_folder(cfg) -> Path:
 
 @needs_llmc
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["rtn_w4a16", "gptq_w4a16", "awq_w4a16", "awq_w4a16_asym"])
+@pytest.mark.parametrize("quant", ["rtn_w4a16", "rtn_w4a16_asym", "gptq_w4a16", "awq_w4a16",
+                                   "awq_w4a16_asym"])
 def test_int4_variant_quantises_reloads_and_logs_calibration(cfg_factory, quant):
     from quantpipe.pipeline import run
     cfg = cfg_factory(f"+quant={quant}", *SMALL)
     metrics = run(cfg)
-    folder = check_variant(cfg, metrics, quant, calibrated=quant != "rtn_w4a16")
+    folder = check_variant(cfg, metrics, quant, calibrated=not quant.startswith("rtn_"))
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
     groups = list(qc["config_groups"].values())
     for group in groups:
         assert group["weights"]["num_bits"] == 4 and group["input_activations"] is None
-        assert group["weights"]["symmetric"] == (quant != "awq_w4a16_asym")
+        assert group["weights"]["symmetric"] == (not quant.endswith("_asym"))
     # 64 columns (q/k/v/o, gate/up) take groups of 64, down_proj's 128 keeps 128
     assert sorted(g["weights"]["group_size"] for g in groups) == [64, 128]
     assert rel_logit_error(folder, merged_folder(cfg)) < REL_TOL[quant]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from typing import Any, Callable, Iterator
 from quantpipe import PROJECT_ROOT
 from quantpipe.errors import ConfigError
 from quantpipe.locks import file_lock, lock_path
+
+log = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
 _EDGE = 4 << 20  # bytes hashed at each end of a large input file
@@ -218,26 +221,71 @@ def ensure_cached(artifacts_root: Path, stage: str, fp: str, build,
                   provenance: Callable[[], dict] | dict | None = None,
                   need_bytes: int = 0, margin_bytes: int = 0) -> tuple[Path, dict, bool]:
     """Return (folder, provenance, reused) for `artifacts/<stage>/<fp>`, building it with
-    `build(tmp_folder) -> dict` when no finished folder exists. The dict `build` returns is
-    stored in provenance.json under "result", beside `provenance` (or what it returns, when
-    callable: only a build needs it). A process that finds another one building the same
-    entry waits for its lock and then reuses the result. Before building, the disk must have
-    `need_bytes + margin_bytes` free (else ConfigError, nothing written)."""
+    `build(tmp_folder) -> dict` when no finished, undamaged folder exists. The dict `build`
+    returns is stored in provenance.json under "result", beside `provenance` (or what it
+    returns, when callable: only a build needs it) and the manifest of the files built
+    (`files`: size, mtime, sha256; see `damage`). A folder whose files no longer match it is
+    deleted and built again, with one warning line naming the file. A process that finds
+    another one building the same entry waits for its lock and then reuses the result. Before
+    building, the disk must have `need_bytes + margin_bytes` free (else ConfigError, nothing
+    written)."""
     folder = cache_dir(artifacts_root, stage, fp)
     prov = read_provenance(folder)
-    if prov is not None:
+    if prov is not None and damage(folder, prov.get(FILES) or {}) is None:
         return folder, prov, True
     with file_lock(lock_path(folder), f"{stage} {fp}"):
-        prov = read_provenance(folder)  # finished while we waited for the lock
+        prov = read_provenance(folder)  # finished (or rebuilt) while we waited for the lock
         if prov is not None:
-            return folder, prov, True
+            # an entry built before manifests existed has none: trusted as it is
+            if (why := damage(folder, prov.get(FILES) or {})) is None:
+                return folder, prov, True
+            log.warning("cache: %s is damaged (%s): building it again",
+                        portable_path(folder), why)
+            shutil.rmtree(folder)  # never reused, never published
         check_free_space(folder.parent, need_bytes, margin_bytes, f"the {stage} stage")
         with atomic_path(folder) as tmp:
             result = build(tmp) or {}
             extra = provenance() if callable(provenance) else provenance
-            prov = {"stage": stage, "fingerprint": fp, "result": result, **(extra or {})}
+            prov = {"stage": stage, "fingerprint": fp, "result": result, **(extra or {}),
+                    FILES: manifest(tmp)}
             (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
     return folder, prov, False
+
+
+# --- damaged cache entries ------------------------------------------------------------------
+# Each cache entry records, when built, every file's size, mtime and SHA-256. Reuse checks size
+# and mtime only (one stat per file: microseconds, so an unchanged sweep stays as fast); the
+# full hash is read only for a file whose mtime moved (a copy without -p, a touch, or a write:
+# the bytes decide). A write through the file system always moves mtime, so this catches edits,
+# truncation and a partial copy; it does not catch bit rot below the file system that keeps
+# size and mtime (a full hash of every file on every reuse would: 30 s per 7B reuse). Hard-linked
+# published files share their cache entry's inode, so an edit there is caught here too.
+
+FILES = "files"
+
+
+def manifest(folder: Path) -> dict[str, list]:
+    """{relative path: [bytes, mtime_ns, sha256]} of every file under `folder` but provenance."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file() and p.name != PROVENANCE:
+            st = p.stat()
+            out[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns, file_sha256(p)]
+    return out
+
+
+def damage(folder: Path, files: dict[str, list]) -> str | None:
+    """Why `folder` no longer holds the bytes its manifest recorded (None: it does)."""
+    for rel, (size, mtime_ns, digest) in files.items():
+        try:
+            st = (Path(folder) / rel).stat()
+        except FileNotFoundError:
+            return f"{rel} is missing"
+        if st.st_size != size:
+            return f"{rel} is {st.st_size} bytes, {size} when it was built"
+        if st.st_mtime_ns != mtime_ns and file_sha256(Path(folder) / rel) != digest:
+            return f"{rel} changed since it was built (its SHA-256 differs)"
+    return None
 
 
 # --- checks that fail before an expensive stage writes anything -----------------------------

@@ -1,7 +1,7 @@
 """Calibrated GPTQ / AWQ / SmoothQuant variants through vllm-project's llm-compressor.
 
-    make llmc && make pipeline +quant=gptq_w4a16   (also rtn_w4a16, awq_w4a16, awq_w4a16_asym,
-                                                 w8a8_int8, w8a8_int8_dynamic)
+    make llmc && make pipeline +quant=gptq_w4a16   (also rtn_w4a16, rtn_w4a16_asym, awq_w4a16,
+                                                 awq_w4a16_asym, w8a8_int8, w8a8_int8_dynamic)
 
 llmcompressor 0.14.0.1 pins transformers <=5.17.0 and compressed-tensors ==0.19.0 while the
 pipeline pins transformers 5.23.0, so its oneshot runs as a subprocess in the isolated
