@@ -15,6 +15,7 @@ pipelines sharing these folders take a file lock per cache entry and per publish
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -243,13 +244,45 @@ def ensure_cached(artifacts_root: Path, stage: str, fp: str, build,
                         portable_path(folder), why)
             shutil.rmtree(folder)  # never reused, never published
         check_free_space(folder.parent, need_bytes, margin_bytes, f"the {stage} stage")
-        with atomic_path(folder) as tmp:
-            result = build(tmp) or {}
-            extra = provenance() if callable(provenance) else provenance
-            prov = {"stage": stage, "fingerprint": fp, "result": result, **(extra or {}),
-                    FILES: manifest(tmp)}
-            (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str))
+        try:
+            with atomic_path(folder) as tmp:  # on any error the partial folder is deleted
+                result = build(tmp) or {}
+                extra = provenance() if callable(provenance) else provenance
+                prov = {"stage": stage, "fingerprint": fp, "result": result, **(extra or {}),
+                        FILES: manifest(tmp)}
+                (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True,
+                                                         default=str))
+        except Exception as e:
+            if disk_full(e, folder.parent):
+                raise out_of_space(folder.parent, stage, need_bytes) from e
+            raise
     return folder, prov, False
+
+
+# a build that fails with less than this free on its disk failed for want of space: a tool
+# that hit ENOSPC in a child process reports it only in its own words
+NEARLY_FULL = 16 << 20
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        return False
+
+
+def out_of_space(folder: Path, stage: str, need_bytes: int) -> ConfigError:
+    """One line for a stage that ran out of disk (its partial output already deleted)."""
+    gb = 2**30
+    free = shutil.disk_usage(folder).free
+    need = f"about {need_bytes / gb:.2f} GiB" if need_bytes else "more"
+    return ConfigError("paths.artifacts", f"the {stage} stage ran out of disk space in {folder} "
+                       f"({free / gb:.2f} GiB free after its partial output was deleted; it "
+                       f"needs {need})", "free some space (make clean deletes artifacts/ and "
+                       "quantized/) or point paths.artifacts at a larger disk, then run again: "
+                       "finished stages are reused")
 
 
 # --- damaged cache entries ------------------------------------------------------------------
