@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED := 1
 # While `make cluster-up`'s cluster runs: SLURM_CONF and MLFLOW_TRACKING_URI (unless already set)
 -include .cluster/cluster.mk
 
-.PHONY: help setup pipeline sweep adapter report ui test test-slow tools bench crosscheck \
+.PHONY: help setup lint pipeline sweep adapter report ui test test-slow tools bench crosscheck \
         gpu-bench gpu-import gpu-carry llmc serve modelfile smoke cluster-up cluster-down ray-deps clean \
         chromium
 
@@ -44,6 +44,15 @@ $(STAMP): requirements/base.txt pyproject.toml
 
 # llm-compressor (GPTQ/AWQ/SmoothQuant variants) pins transformers <=5.17, the pipeline 5.23: it
 # gets its own venv, run as a subprocess by quantpipe/quantize/llmc.py (~3 min on first use)
+RUFF_VERSION := 0.17.6
+RUFF_STAMP := $(VENV)/.ruff-$(RUFF_VERSION)
+lint: $(RUFF_STAMP)  ## ruff check . (rules in pyproject.toml; CI runs it; pinned ruff installed on first use)
+	$(VENV)/bin/ruff check .
+
+$(RUFF_STAMP): $(STAMP)
+	$(PY) -m pip install -q ruff==$(RUFF_VERSION)
+	touch $@
+
 LLMC_VENV ?= .venv-llmc
 LLMC_STAMP := $(LLMC_VENV)/.installed
 llmc: $(LLMC_STAMP)  ## build .venv-llmc (llm-compressor 0.14.0.1, transformers 5.17; ~3 min)

@@ -59,9 +59,8 @@ print(json.dumps({"prefill_s": best, "step_s": step,
 def build(size: str, layers: int, out: Path) -> tuple[int, int]:
     """The FP16 folder; (matmul parameters, bytes per stored parameter 2)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scale import SHAPES, VOCAB, tokenizer_dir
+    from transformers import LlamaConfig, LlamaForCausalLM
     h, inter, _, heads, kv, tied = SHAPES[size]
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=inter,
                       num_hidden_layers=layers, num_attention_heads=heads,

@@ -80,6 +80,7 @@ def merged_folder_of(f16: Path) -> Path | None:
     """The merged HF folder the F16 was converted from: artifacts/merge/<fingerprint>, named by
     the F16's quantpipe.provenance key (f16 is artifacts/gguf-f16/<fingerprint>/model-f16.gguf)."""
     import gguf
+
     from quantpipe.quantize.gguf import PROVENANCE_KEY
     field = gguf.GGUFReader(str(f16), "r").get_field(PROVENANCE_KEY)
     merged = json.loads(field.contents()).get("merged") if field else None

@@ -16,7 +16,8 @@ Quality stays a CPU measurement on the real weights (make pipeline).
 Per variant (peak GPU memory reset before each): load_s (from_pretrained of the fp16 folder,
 quantisation included; the folder is in the page cache, so this is conversion and host-to-GPU
 time, not disk speed; the first bitsandbytes variant also pays the library's CUDA setup, the
-likely reason smollm2-135m int8 loaded slower than llama-3.2-1b int8 on the H100), size_mb (model.get_memory_footprint(): weights memory), peak_gpu_mb
+likely reason smollm2-135m int8 loaded slower than llama-3.2-1b int8 on the H100), size_mb
+(model.get_memory_footprint(): weights memory), peak_gpu_mb
 (torch.cuda.max_memory_allocated over load + speed runs), and TTFT / prefill / decode tokens/s
 from quantpipe.evaluate.worker.measure_speed, the CPU pipeline's own protocol: greedy, batch 1,
 KV cache, warm-up then the median of repeats, on HFRuntime's prefill/step. The prompt is random

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,9 +32,9 @@ def write_partial(size: str, layers: int, out: Path) -> tuple[int, int]:
     random FP16, one file per tensor group, one tensor in RAM at a time; returns (weights
     written, weights of the whole shape)."""
     import torch
+    from scale import tensor_specs
 
     from quantpipe.streaming import write_safetensors
-    from scale import tensor_specs
     specs = tensor_specs(size)
     keep = [(n, s) for n, s in specs
             if not n.startswith("model.layers.") or int(n.split(".")[2]) < layers]

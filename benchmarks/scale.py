@@ -29,7 +29,8 @@ largest single process). RSS counts the pages of memory-mapped input files the s
 memory (RssAnon, every 50 ms, summed over the tree): what the step really needs. Inputs are
 deleted as soon as the next step no longer needs them (peak disk 2x the FP16 size, while
 the merged folder is converted). Results go to stdout (a table and a line per size),
-<workdir>/results.json and MLflow (experiment scale-benchmark). Timings depend on machine load: the load average is printed beside them.
+<workdir>/results.json and MLflow (experiment scale-benchmark). Timings depend on machine load:
+the load average is printed beside them.
 """
 from __future__ import annotations
 
@@ -432,7 +433,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "scale-bench")
     ap.add_argument("--shard-gb", type=float, default=4.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--peft-up-to", default="1b", help="also time peft's in-RAM merge up to this size (none: never)")
+    ap.add_argument("--peft-up-to", default="1b",
+                    help="also time peft's in-RAM merge up to this size (none: never)")
     ap.add_argument("--keep", action="store_true", help="keep the files of each size")
     ap.add_argument("--no-mlflow", action="store_true")
     ap.add_argument("--pipeline", action="store_true",

@@ -5,7 +5,8 @@
     python -m pipelines.report tracking=remote    # Hydra overrides choose the store
 
 First the committed GPU result files (benchmarks/results/gpu-*.json) are imported into the store
-(idempotent; pipelines/gpu_import.py). Runs: the newest sweep run's variants by default, else the newest finished run per quant.name.
+(idempotent; pipelines/gpu_import.py). Runs: the newest sweep run's variants by default, else
+the newest finished run per quant.name.
 The trailing words are Hydra overrides of conf/ (only tracking.*, paths.root and registry.*
 matter here).
 """

@@ -110,9 +110,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     sys.path.insert(0, str(ROOT / "src" / "quantpipe" / "quantize"))
     import llmc_oneshot as O
     O.cpu_shims(torch)

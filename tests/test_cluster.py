@@ -186,6 +186,7 @@ def test_runs_of_ended_slurm_jobs_end_failed_with_the_reason(tmp_path, monkeypat
     only, as after squeue's MinJobAge) ends FAILED with the job's state; a run whose job still
     runs, or that SLURM cannot place, is left alone. Stand-in squeue/sacct on PATH."""
     import mlflow
+
     from quantpipe import recovery
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

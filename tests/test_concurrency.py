@@ -19,7 +19,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from quantpipe import PROJECT_ROOT, artifacts as art, tracking
+from quantpipe import PROJECT_ROOT, tracking
+from quantpipe import artifacts as art
 from tests.conftest import SHRINK, make_cfg
 
 

@@ -51,6 +51,7 @@ def test_paths_resolve_from_the_given_root(tmp_path):
 
 def test_default_root_is_the_project(tmp_path):
     from hydra import compose, initialize_config_dir
+
     from tests.conftest import CONF
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["+quant=int4"])

@@ -21,7 +21,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from quantpipe import PROJECT_ROOT, artifacts as art, tracking
+from quantpipe import PROJECT_ROOT, tracking
+from quantpipe import artifacts as art
 from quantpipe.recovery import clean_stale_temps, mark_dead_runs, process_tags
 from tests.conftest import SHRINK, make_cfg
 

@@ -29,6 +29,7 @@ from quantpipe.errors import ConfigError
 from tests.conftest import make_cfg
 from tests.test_ui import free_port
 
+
 def refuse(*words: str, env: dict | None = None) -> tuple[str, float]:
     """Run `python -m pipelines.run <words>`: exit 2 with one `error:` line; (line, seconds).
     The seconds are for a reader, not asserted: a timed assertion fails on a loaded machine

@@ -114,6 +114,7 @@ def test_unknown_type_lists_the_valid_ones(tmp_path, tiny_base, ctx):
 def test_llama_cpp_tokenises_the_eval_text_like_transformers(files, tiny_base):
     # runs of spaces before digits are where a bare ByteLevel pre-tokenizer disagrees
     from transformers import AutoTokenizer
+
     from quantpipe.data import topics_text
     text = topics_text("eval") + "\nx   12 and\t\t3.5   007"
     hf = AutoTokenizer.from_pretrained(tiny_base)(text, add_special_tokens=False)["input_ids"]

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from quantpipe import PROJECT_ROOT
-from quantpipe.errors import ConfigError
-
 from benchmarks import gpu_bench  # noqa: E402  (namespace package at the project root)
 from pipelines import gpu_import  # noqa: E402
+from quantpipe import PROJECT_ROOT
+from quantpipe.errors import ConfigError
 
 RESULTS = sorted((PROJECT_ROOT / "benchmarks" / "results").glob("gpu-*.json"))
 

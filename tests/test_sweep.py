@@ -8,7 +8,6 @@ that conf/config.yaml wires in. The pipeline itself runs in tests/test_report.py
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import textwrap

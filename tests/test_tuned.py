@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 from quantpipe.errors import ConfigError
-from quantpipe.quantize.tuned import (LEVELS, Tensor, allocate, at_level, groups_of,
-                                      tensor_bytes, tune_settings)
+from quantpipe.quantize.tuned import (
+    LEVELS,
+    Tensor,
+    allocate,
+    at_level,
+    groups_of,
+    tensor_bytes,
+    tune_settings,
+)
 
 TOOLS = Path(__file__).resolve().parents[1] / "build" / "llama.cpp" / "bin"
 

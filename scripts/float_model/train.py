@@ -8,9 +8,9 @@ SmolLM2's tokenizer.json (the embedded default base's, so llama.cpp's converter 
 shape is chosen for a 64 MiB limit on what comes back from the GPU machine and on what the
 repository should carry: hidden 256 (a multiple of 256, so llama.cpp's K-quants apply to every
 tensor, unlike SmolLM2's 576), 8 layers, GQA 4/2 heads, SwiGLU 768, tied embeddings; 19 M
-parameters, 38 MB in FP16 (one safetensors file). bf16 autocast with float32 master weights, AdamW, cosine schedule;
-1 % of the corpus is held out for the validation loss. Saves FP16 safetensors, the tokenizer, and
-train_log.json (losses, tokens, time).
+parameters, 38 MB in FP16 (one safetensors file). bf16 autocast with float32 master weights,
+AdamW, cosine schedule; 1 % of the corpus is held out for the validation loss. Saves FP16
+safetensors, the tokenizer, and train_log.json (losses, tokens, time).
 """
 from __future__ import annotations
 

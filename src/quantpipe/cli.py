@@ -32,8 +32,11 @@ def verbose() -> bool:
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Bad input: our ConfigError, and Hydra's refusals of a command line (unknown group option,
     malformed override, a key that does not exist)."""
-    from hydra.errors import (ConfigCompositionException, MissingConfigException,
-                              OverrideParseException)
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+    )
     return ConfigError, ConfigCompositionException, MissingConfigException, OverrideParseException
 
 

@@ -219,7 +219,8 @@ def merge_lora_streaming(base: Path, adapter: Path | None, out: Path) -> dict:
         specs = [(k, "F16" if header[k]["dtype"].startswith(("F", "BF")) else header[k]["dtype"],
                   header[k]["shape"]) for k in names]
         with open(shard, "rb") as f:
-            def tensors():  # one at a time: read, merge, write, forget
+            # one at a time: read, merge, write, forget (consumed before the loop moves on)
+            def tensors(f=f, header=header, names=names):
                 for k in names:
                     t = read_tensor(f, header[k])
                     bar.update()

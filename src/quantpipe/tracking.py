@@ -352,7 +352,7 @@ def start_sweep_run(config: DictConfig) -> str:
     except FileExistsError:
         client.set_terminated(run.info.run_id, "FAILED")
         raise ConfigError("hydra.sweep.dir", f"{sweep_dir} already holds another sweep",
-                          "give each sweep its own folder (the default name is unique)")
+                          "give each sweep its own folder (the default name is unique)") from None
     log.info("sweep run %s", run.info.run_id)
     # Hydra raises after the last job when any job failed, and then never calls
     # on_multirun_end: close the sweep run at exit in that case too

@@ -153,6 +153,7 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
     with `base` (the model before the adapter was merged), also how much of the fine-tune it
     keeps. Reused from the evaluation cache when nothing that decides them changed."""
     import mlflow
+
     from quantpipe import tracking
     e = cfg.eval
     text, source = load_text(e.text_file, "eval", "eval.text_file")

@@ -21,8 +21,14 @@ def score_base(cfg: DictConfig, base: dict | None, merged: dict, protocol: dict,
     same windows the reference scored, on the reference's runtime (eval.reference_runtime:
     llama.cpp over the base's own F16 GGUF, memory-mapped); None without a base
     (adapter=none)."""
-    from quantpipe.evaluate import (_budget_s, check_budget, reference_artifact, run_worker,
-                                    runtime_need, runtime_of)
+    from quantpipe.evaluate import (
+        _budget_s,
+        check_budget,
+        reference_artifact,
+        run_worker,
+        runtime_need,
+        runtime_of,
+    )
     if base is None:
         return None
     runtime = str(cfg.eval.reference_runtime)

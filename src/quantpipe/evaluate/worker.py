@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from quantpipe.evaluate import metrics as M
 from quantpipe.evaluate.runtimes import open_runtime
-from quantpipe.tools import vm_hwm_mb
 from quantpipe.names import Metric
+from quantpipe.tools import vm_hwm_mb
 
 
 def score(rt, wins: np.ndarray, desc: str, max_seconds: float | None = None):
@@ -141,7 +141,8 @@ def quality(spec: dict, nll: np.ndarray, kld: np.ndarray, ref) -> dict[str, floa
     rounding (in float32 a 2-window point estimate fell 1e-4 outside its own interval)."""
     w = len(nll)
     nll, kld = nll.astype(np.float64), kld.astype(np.float64)
-    ref_nll = per_window(np.asarray(ref["nll"][: nll.size], dtype=np.float64), w)  # a budget may have cut the variant short
+    # a budget may have cut the variant short
+    ref_nll = per_window(np.asarray(ref["nll"][: nll.size], dtype=np.float64), w)
     base = np.load(spec["base_nll"])["nll"].astype(np.float64) if spec.get("base_nll") else None
     # the base pass has its own budget: retention only over windows both passes scored
     base = per_window(base[: nll.size], w) if base is not None and base.size >= nll.size else None

@@ -37,11 +37,10 @@ def own_peak_mb() -> float:  # quantpipe.memory.own_peak_mb, which this venv can
 def main(spec_path: str) -> None:
     # its INFO lines name every tensor it writes (hundreds); warnings and progress bars remain
     os.environ.setdefault("AR_LOG_LEVEL", "WARNING")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import auto_round
+    import torch
     from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])

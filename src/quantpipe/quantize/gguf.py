@@ -21,8 +21,8 @@ from pathlib import Path
 from quantpipe import artifacts as art
 from quantpipe.console import output_to
 from quantpipe.errors import ConfigError
-from quantpipe.quantize import options_checked_by
 from quantpipe.names import Metric
+from quantpipe.quantize import options_checked_by
 
 log = logging.getLogger(__name__)
 FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
@@ -92,6 +92,7 @@ def gguf_publish() -> dict:
 
 def llama_quantize(src: Path, dst: Path, type_name: str, threads: int | None) -> None:
     import ctypes
+
     import llama_cpp
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(type_name)

@@ -107,6 +107,7 @@ def quantize_with_imatrix(f16: Path, out: Path, type: str, imatrix: dict, ctx) -
 
 def _log_calibration(text: str, source: str) -> None:
     import mlflow
+
     from quantpipe import tracking
     if mlflow.active_run() is not None:  # the quantise stage's run, when the pipeline calls
         tracking.log_dataset("calibration-text", text, source, context="calibration")

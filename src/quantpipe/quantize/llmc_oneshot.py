@@ -254,9 +254,8 @@ def cpu_shims(torch) -> None:
 
 def main(spec_path: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     spec = json.loads(Path(spec_path).read_text())
     cpu_shims(torch)
     if spec.get("threads"):

@@ -40,12 +40,12 @@ import numpy as np
 from quantpipe import artifacts as art
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
-from quantpipe.memory import own_peak_mb
 from quantpipe.evaluate import metrics as M
+from quantpipe.memory import own_peak_mb
+from quantpipe.quantize import options_checked_by
 from quantpipe.quantize.gguf import eval_need as gguf_eval_need
 from quantpipe.quantize.gguf import f16_gguf, ftype_of, gguf_publish, llama_quantize, smoke
 from quantpipe.quantize.gguf import memory_need as gguf_memory_need
-from quantpipe.quantize import options_checked_by
 from quantpipe.quantize.imatrix import cached_imatrix, imatrix_settings
 from quantpipe.quantize.llmc import llmc_python, run_isolated
 from quantpipe.tools import run_tool, tool_path
