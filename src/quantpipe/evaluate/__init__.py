@@ -143,7 +143,7 @@ def _protocol(cfg: DictConfig) -> dict:
             "generation": OmegaConf.to_container(e.generation)}
 
 
-def _budget_s(cfg: DictConfig) -> float | None:
+def budget_s(cfg: DictConfig) -> float | None:
     return None if cfg.eval.max_minutes is None else 60.0 * cfg.eval.max_minutes
 
 
@@ -207,7 +207,7 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
                  f"the evaluation of {vpath.name}")
     ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
     base_nll = score_base(cfg, base, merged, {**_protocol(cfg), "bos": bos}, ref, shape, text_fp)
-    base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": _budget_s(cfg),
+    base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": budget_s(cfg),
                  "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample),
                  "ci": OmegaConf.to_container(e.ci), "tasks": tasks,
                  "tasks_max_new_tokens": e.tasks_max_new_tokens}
@@ -299,7 +299,7 @@ def check_budget(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
 def refuse_over_budget(least_s: float, cfg: DictConfig, what: str) -> None:
     """ConfigError when `least_s` (the speed runs, generation prompts and one window) is over
     twice the budget."""
-    budget = _budget_s(cfg)
+    budget = budget_s(cfg)
     if budget is not None and least_s > 2 * budget:
         raise ConfigError("eval.max_minutes", f"{what} needs about {least_s / 60:.0f} min for the "
                           f"speed runs, generation prompts and one window alone (estimate), over "
@@ -340,7 +340,7 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
         check_budget(artifact, rt, shape, cfg, n_planned, f"the FP16 reference ({runtime})", False)
         run_worker({**protocol, "mode": "reference", "artifact": str(artifact), "float32": float32,
                     "runtime": rt,
-                    "max_seconds": _budget_s(cfg), "ids": str(tmp / "ids.npy"),
+                    "max_seconds": budget_s(cfg), "ids": str(tmp / "ids.npy"),
                     "out": str(tmp / "reference.npz"), "text": None},
                    runtime_need(artifact, rt, shape, e.n_ctx, float32), cfg.memory.limit_gb,
                    f"the FP16 reference ({runtime})")

@@ -22,7 +22,7 @@ def score_base(cfg: DictConfig, base: dict | None, merged: dict, protocol: dict,
     llama.cpp over the base's own F16 GGUF, memory-mapped); None without a base
     (adapter=none)."""
     from quantpipe.evaluate import (
-        _budget_s,
+        budget_s,
         check_budget,
         reference_artifact,
         run_worker,
@@ -43,7 +43,7 @@ def score_base(cfg: DictConfig, base: dict | None, merged: dict, protocol: dict,
         check_budget(artifact, rt, shape, cfg, n, "the base model's scoring", speed=False)
         run_worker({**protocol, "mode": "reference", "nll_only": True, "desc": "base (no adapter)",
                     "runtime": rt,
-                    "artifact": str(artifact), "float32": float32, "max_seconds": _budget_s(cfg),
+                    "artifact": str(artifact), "float32": float32, "max_seconds": budget_s(cfg),
                     "ids": str(ref / "ids.npy"), "out": str(tmp / "base.npz"), "text": None},
                    runtime_need(artifact, rt, shape, protocol["n_ctx"], float32),
                    cfg.memory.limit_gb,

@@ -15,8 +15,7 @@ format-specific the pipeline needs, so pipeline, evaluation and report name no f
                  the format in evaluation (its tokens/s are then logged under suffixed names)
     publish      {"aliases": [names also published], "hooks": {artifact path: "module.fn"}}
 
-A backend function may carry `.check(**arguments)`, called before any work (preflight) to refuse
-bad arguments in a second. A backend (its function or module) may also define
+A backend (its function or module) may define
 `check_machine(tools, **options)`: what this machine must have for it, looked for before the
 first stage (quantpipe.pipeline.preflight): llama.cpp's tools in `tools` (paths.tools), an
 isolated environment (`make llmc`). Adding a format means adding a YAML file in conf/quant/ and, at most,
@@ -91,8 +90,6 @@ def check_backend(quant: DictConfig) -> None:
     if (check := getattr(fn, "check_options", None)) is not None:
         defaults = {p.name: p.default for p in params if p.default is not p.empty}
         check({**defaults, **options})
-    if (check := getattr(fn, "check", None)) is not None:  # the contract's `.check(**args)`
-        check(**options)
 
 
 def build_backend(quant: DictConfig) -> Backend:

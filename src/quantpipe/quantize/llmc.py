@@ -47,7 +47,6 @@ STATIC_INPUT_KEYS = (".input_scale", ".input_zero_point")
 # the oneshot's scores of the quantised model on calibration windows (calib_kld, ...)
 CALIB_SCORE_PREFIX = ("calib_kld", "calib_top1", "calib_tokens_scored")
 # speed of a folder run by transformers on CPU: decompressed weights, fp16 matmuls
-SPEED_KEYS = ("ttft_ms", "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max")
 
 
 # 2: calibration computed in float32 (COMPUTE_DTYPE); 3: the result holds the calibration-text

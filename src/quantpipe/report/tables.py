@@ -63,6 +63,11 @@ def interval(row: dict, prefix: str, decimals: int) -> str:
     return f"[{num(ci[0], decimals, sign)}, {num(ci[1], decimals, sign)}]"
 
 
+def eval_digest(row: dict) -> str:
+    """The digest of the text the run was scored on ("?" when it logged none)."""
+    return next((d["digest"] for d in all_datasets(row) if d["context"] == "evaluation"), "?")
+
+
 def no_finetune(row: dict) -> bool:
     return row["params"].get("adapter.name") == "none"
 
@@ -382,9 +387,6 @@ def static_vs_dynamic(rows: list[dict]) -> str:
     """Per comparison group (`quant.compare` in conf/quant: one precision, e.g. int4 = NF4, GPTQ,
     AWQ), the calibrated (static) variants next to the uncalibrated (dynamic) ones, scored on
     the same evaluation text (same dataset digest)."""
-    def eval_digest(r: dict) -> str:
-        return next((d["digest"] for d in all_datasets(r) if d["context"] == "evaluation"), "?")
-
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["method"] in ("static", "dynamic") and r["params"].get("quant.compare",
@@ -434,12 +436,6 @@ def _told_apart(a: dict, b: dict) -> str:
     return f"; {', '.join(said)}" if said else ""
 
 
-def _interval(row: dict, key: str, decimals: int) -> str:
-    """`[low, high]` from the metrics `<key>_ci95_low/high` when the evaluation logged them."""
-    lo, hi = row["metrics"].get(f"{key}_ci95_low"), row["metrics"].get(f"{key}_ci95_high")
-    return NA if lo is None or hi is None else f"[{lo:.{decimals}f}, {hi:.{decimals}f}]"
-
-
 def _tune_stage(row: dict) -> dict | None:
     """The quantise stage's metrics if the variant was searched (quantpipe.quantize.tuned)."""
     return next((s["metrics"] for s in row["stages"] if "tune_s" in s["metrics"]), None)
@@ -448,9 +444,6 @@ def _tune_stage(row: dict) -> dict | None:
 def tuned_vs_imatrix(rows: list[dict]) -> str:
     """Each tuned GGUF beside llama.cpp's imatrix and plain files of its quant.type, on the same
     evaluation text: which one is closest to FP16 at (at most) the plain file's size."""
-    def eval_digest(r: dict) -> str:
-        return next((d["digest"] for d in all_datasets(r) if d["context"] == "evaluation"), "?")
-
     tuned = [r for r in rows if _tune_stage(r) is not None]
     if not tuned:
         return ("No tuned GGUF in this selection. Add one with `make sweep SWEEP=gguf_q4_k_m,"
@@ -464,8 +457,8 @@ def tuned_vs_imatrix(rows: list[dict]) -> str:
         trio = [(r, "plain" if r["method"] == "dynamic" else "calibrated") for r in same]
         trio.append((t, "tuned"))
         body = [[f"**{r['name']}**", how, metric(r, "size_mb", 2), metric(r, "bits_per_weight", 2),
-                 metric(r, "delta_ppl_pct", 2), _interval(r, "delta_ppl", 2),
-                 metric(r, "kld_mean", 5), _interval(r, "kld", 5), metric(r, "top1_agree_pct", 2),
+                 metric(r, "delta_ppl_pct", 2), interval(r, "delta_ppl", 2),
+                 metric(r, "kld_mean", 5), interval(r, "kld", 5), metric(r, "top1_agree_pct", 2),
                  short(r["run_id"])] for r, how in trio]
         out.append(table(["format", "method", "size MB", "bits/weight", "ΔPPL %", "ΔPPL 95 % CI",
                           "KLD mean", "KLD 95 % CI", "top-1 %", "run"], body))
