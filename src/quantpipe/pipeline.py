@@ -77,12 +77,11 @@ def preflight(cfg: DictConfig) -> None:
     and the memory and time the stages will need."""
     from quantpipe.data import load_text
     from quantpipe.evaluate.tasks import load_tasks
-    from quantpipe.quantize import check_backend
     from quantpipe.token_count import check_eval_text
+    # the backend's options were checked by schema.check at the top of run()
     art.check_writable(Path(cfg.paths.artifacts), "paths.artifacts")
     art.check_writable(Path(cfg.paths.quantized), "paths.quantized")
     art.inside(Path(cfg.paths.quantized), str(cfg.quant.publish), "quant.publish")
-    check_backend(cfg.quant)
     check, options = backend_need(cfg, "check_machine")
     if check is not None:
         check(Path(cfg.paths.tools), **options)
