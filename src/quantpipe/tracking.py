@@ -51,6 +51,7 @@ def setup(tracking: DictConfig) -> str:
     timeout) serialises their writes."""
     uri = str(tracking.uri)
     check_server(uri)  # before MLflow's client, which retries a dead server for ~4 minutes
+    bound_retries(uri)
     lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -96,6 +97,42 @@ def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
     why = outcome[0] if outcome else f"does not answer within {len(PROBES) * timeout:g} s"
     if why is not None:
         raise ConfigError("tracking.uri", f"the tracking server {uri} {why}", SERVER_FIX)
+
+
+# A server lost mid-run: MLflow's client retries each request with exponential backoff. These
+# bound that to about a minute (sleeps of 2, 4, 8, 16 and 32 s; 20 s per attempt for a server
+# that accepts and never answers) instead of MLflow's ~4 minutes: a server back within it and
+# the run goes on and logs everything; one that is not, and the run stops with one line
+# (`server_lost`). A variable already set in the environment wins.
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+RETRY_WAIT_S = 2 + 4 + 8 + 16 + 32
+
+
+def bound_retries(uri: str) -> None:
+    if uri.startswith(("http://", "https://")):
+        for key, value in RETRY_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def server_lost(error: BaseException, uri: str) -> ConfigError | None:
+    """The one-line error for a run whose http(s) tracking server stopped answering after it
+    started (MLflow's retries exhausted), or None when `error` is something else."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    seen, e = [], error
+    while e is not None and len(seen) < 20:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(x).__name__ for x in seen}
+    text = " ".join(str(x) for x in seen)
+    if not (names & {"ConnectionError", "MaxRetryError", "NewConnectionError"}
+            or "Max retries exceeded" in text or "Connection refused" in text):
+        return None
+    return ConfigError("tracking.uri", f"the tracking server {uri} stopped answering during the "
+                       f"run (MLflow gave up after about {RETRY_WAIT_S} s of retries)",
+                       "start it again (`make cluster-up`, or `make ui`) and run the same "
+                       "command: finished stages are reused, and that run marks this one KILLED")
 
 
 def _probe(base: str, timeout: float) -> str | None:
@@ -255,6 +292,10 @@ def error_tag() -> Iterator[None]:
     try:
         yield
     except Exception as e:
+        if server_lost(e, mlflow.get_tracking_uri()) is not None:
+            # the retries are spent: the runs still open fail at once, not a minute each
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            raise
         mlflow.set_tag(Tag.ERROR, f"{type(e).__name__}: {e}"[:5000])
         raise
 

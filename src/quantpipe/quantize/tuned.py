@@ -383,7 +383,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     plain = work / f"plain-{type}.gguf"
     llama_quantize(f16, plain, type, ctx.threads)
     tensors, overhead = quantised_tensors(plain)
-    budget = int(budget_mb * 2**20) if budget_mb is not None else plain.stat().st_size
+    budget = int(budget_mb * 2**20) if budget_mb is not None else None
     matrix, imatrix_metrics, _ = cached_imatrix(f16, imatrix, ctx)
     text, source = load_text(imatrix.get("text_file"), "calib", "quant.backend.imatrix.text_file")
     scorer = CalibScorer(f16, text, s, ctx.threads)
@@ -397,7 +397,12 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     candidates["imatrix"] = (None, search.score(None))
     sizes["imatrix"] = search.last_bytes
     # every mix is written with --imatrix too: it carries the imatrix file's extra metadata
-    search.overhead += sizes["imatrix"] - sizes["plain"]
+    imatrix_meta = max(sizes["imatrix"] - sizes["plain"], 0)
+    search.overhead += imatrix_meta
+    if budget is None:  # the plain file's bytes, plus the few hundred bytes of metadata any
+        # file written with the importance matrix carries: else llama.cpp's own imatrix file
+        # (the same tensors) could never fit, and plain won over a lower-KLD imatrix file
+        budget = sizes["plain"] + imatrix_meta
     method_metrics: dict[str, float] = {}
     if "autoround" in s["methods"]:  # before the search: its (cached) time counts against it
         ar_file, ar_metrics, ar_reused = autoround_candidate(Path(src), ctx, type, s["autoround"],
