@@ -248,10 +248,13 @@ def test_autoround_without_its_venv_names_make_llmc(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path, tiny_base):
+def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path, tiny_base,
+                                                                        monkeypatch, caplog):
     """The search is bounded by work: the published file is byte-identical when the machine is
     idle and when every core is busy (two spinning processes beside it). Each run builds its own
-    F16 GGUF and importance matrix (separate artefact folders)."""
+    F16 GGUF and importance matrix (separate artefact folders). A candidate that cannot run
+    (AutoRound, here with an interpreter that fails) is dropped with one line and the search
+    goes on to the same file."""
     import hashlib
     import subprocess
     import sys
@@ -263,12 +266,13 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
     settings = {"imatrix": {"chunks": 4, "n_ctx": 64},
                 "tune": {"n_ctx": 64, "windows": 4, "bands": 1, "methods": ["sensitivity"]}}
 
-    def tuned(name: str) -> tuple[str, dict]:
+    def tuned(name: str, methods=("sensitivity",)) -> tuple[str, dict]:
         ctx = QuantContext(artifacts=tmp_path / name / "artifacts", tools=TOOLS,
                            src_fingerprint="tiny", threads=2)
         dst = tmp_path / name / "out"
         dst.mkdir(parents=True)
-        res = quantize_tuned(tiny_base, dst, ctx, "q4_k_m", **settings)
+        res = quantize_tuned(tiny_base, dst, ctx, "q4_k_m", imatrix=settings["imatrix"],
+                             tune={**settings["tune"], "methods": list(methods)})
         digest = hashlib.sha256((dst / res["artifact"]).read_bytes()).hexdigest()
         return digest, res["metrics"]
 
@@ -284,6 +288,12 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
     keys = [k for k in m_idle if k.startswith("tune_kld_calib_")]
     assert {k: m_busy[k] for k in keys} == {k: m_idle[k] for k in keys}
     assert busy == idle
+    monkeypatch.setenv("QUANTPIPE_LLMC_PYTHON", "/bin/false")  # AutoRound cannot run
+    import logging
+    with caplog.at_level(logging.WARNING, logger="quantpipe.quantize.tuned"):
+        dropped, m_dropped = tuned("dropped", ("sensitivity", "autoround"))
+    assert m_dropped["autoround_dropped"] == 1.0 and dropped == idle
+    assert [r.getMessage() for r in caplog.records if "AutoRound dropped" in r.getMessage()]
     import gguf  # nothing host-specific in what ships: the matrix and its text by name only
     fields = gguf.GGUFReader(str(tmp_path / "idle" / "out" / "model-tuned-q4_k_m.gguf")).fields
     named = {k: bytes(fields[k].parts[fields[k].data[0]]).decode() for k in

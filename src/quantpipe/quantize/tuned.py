@@ -405,11 +405,18 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
         budget = sizes["plain"] + imatrix_meta
     method_metrics: dict[str, float] = {}
     if "autoround" in s["methods"]:  # before the search: its (cached) time counts against it
-        ar_file, ar_metrics, ar_reused = autoround_candidate(Path(src), ctx, type, s["autoround"],
-                                                             text, source)
-        method_metrics.update({**ar_metrics, "autoround_reused": float(ar_reused)})
-        candidates["autoround"] = (ar_file, scorer.kld(ar_file))
-        sizes["autoround"] = ar_file.stat().st_size
+        try:
+            ar_file, ar_metrics, ar_reused = autoround_candidate(Path(src), ctx, type,
+                                                                 s["autoround"], text, source)
+        except RuntimeError as e:  # e.g. an architecture its bundled converter lacks
+            why = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), str(e))
+            log.warning("tune: AutoRound dropped, the search goes on without it: %s",
+                        why.strip()[:300])
+            method_metrics["autoround_dropped"] = 1.0
+        else:
+            method_metrics.update({**ar_metrics, "autoround_reused": float(ar_reused)})
+            candidates["autoround"] = (ar_file, scorer.kld(ar_file))
+            sizes["autoround"] = ar_file.stat().st_size
     all_at, sens, measured, choice, mix = [], {}, 0, {}, None
     if "sensitivity" in s["methods"]:
         all_at, sens, measured = sensitivities(search, groups, levels, s["max_groups"])
