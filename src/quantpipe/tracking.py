@@ -118,8 +118,8 @@ def bound_retries(uri: str) -> None:
 def server_lost(error: BaseException, uri: str) -> ConfigError | None:
     """The one-line error for a run whose http(s) tracking server stopped answering after it
     started (MLflow's retries exhausted), or None when `error` is something else."""
-    if not uri.startswith(("http://", "https://")):
-        return None
+    if not uri.startswith(("http://", "https://")) or isinstance(error, ConfigError):
+        return None  # a ConfigError already says what is wrong (e.g. no server at the start)
     seen, e = [], error
     while e is not None and len(seen) < 20:
         seen.append(e)
