@@ -181,7 +181,8 @@ def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
 
     def run_tool(exe, args, *a, **k):
         if in_quantise and "-f" in map(str, args):
-            seen.append(Path(str(args[list(map(str, args)).index("-f") + 1])).read_text())
+            text = Path(str(args[list(map(str, args)).index("-f") + 1]))
+            seen.append((Path(k.get("cwd") or ".") / text).read_text())  # named relative to cwd
         return real_run_tool(exe, args, *a, **k)
 
     def stage_quantise(cfg, merged):
