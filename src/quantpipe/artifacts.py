@@ -291,7 +291,8 @@ def out_of_space(folder: Path, stage: str, need_bytes: int) -> ConfigError:
 # full hash is read only for a file whose mtime moved (a copy without -p, a touch, or a write:
 # the bytes decide). A write through the file system always moves mtime, so this catches edits,
 # truncation and a partial copy; it does not catch bit rot below the file system that keeps
-# size and mtime (a full hash of every file on every reuse would: 30 s per 7B reuse). Hard-linked
+# size and mtime (a full hash on every reuse would: SHA-256 runs at 1.4 GB/s here, ~10 s per 7B
+# FP16 copy a stage reuses). Hard-linked
 # published files share their cache entry's inode, so an edit there is caught here too.
 
 FILES = "files"
