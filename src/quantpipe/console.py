@@ -83,10 +83,23 @@ def summary_lines(name: str, m: Mapping[str, float], published: Mapping[str, str
         f"top-1 agreement {num('top1_agree_pct', '.1f')} %",
         f"  speed      {num('decode_tok_s', '.1f')} tokens/s decode, "
         f"TTFT {num('ttft_ms', '.0f')} ms, peak RSS {num('peak_rss_mb', '.0f')} MiB",
+        *_task_lines(m),
         f"  gate       {gate_line}",
         f"  published  {published.get('published', '?')}",
         f"  MLflow     run {run_id} (make ui)",
     ]
+
+
+def _task_lines(m: Mapping[str, float]) -> list[str]:
+    """One line per lm-eval task and metric: accuracy ± stderr, change vs FP16 [95 % CI]."""
+    out = []
+    for key in sorted(k for k in m if k.startswith("task_") and f"{k}_delta_pts" in m):
+        out.append(f"  {'task' if not out else '':<10} {key.removeprefix('task_')} "
+                   f"{100 * m[key]:.1f} ± {100 * m.get(key + '_stderr', float('nan')):.1f} %, "
+                   f"Δ {m[key + '_delta_pts']:+.1f} pts vs FP16 "
+                   f"[{m.get(key + '_delta_ci95_low', float('nan')):+.1f}, "
+                   f"{m.get(key + '_delta_ci95_high', float('nan')):+.1f}]")
+    return out
 
 
 def print_summary(name: str, m: Mapping[str, float], published: Mapping[str, str],

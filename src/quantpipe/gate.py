@@ -12,6 +12,9 @@ figure each bound judges:
     optimistic             the end that is better for the variant: fails only variants that are
                            over a bound with 95 % confidence.
 
+gate.max_task_drop_pts bounds the accuracy lost against FP16 on every lm-eval task metric
+(eval.lm_eval: task_<task>_<metric>_delta_pts and its paired interval), in points.
+
 A metric logged without its interval (a run from before intervals existed) is judged by its point
 estimate and the reason says so. The retention bound does not apply without a fine-tune
 (adapter=none: no retention is measured). A variant over a bound is tagged gate=failed in MLflow
@@ -63,5 +66,26 @@ def check_gate(gate: Mapping, metrics: Mapping[str, float]) -> tuple[bool, str]:
         elif (value > bound) if worse_high else (value < bound):
             problems.append(f"{label}{how} {value:.4g}{unit} {'>' if worse_high else '<'} "
                             f"{bound}{unit}")
+    problems += _task_drops(gate.get("max_task_drop_pts"), metrics, mode, notes)
     reason = "; ".join(problems) or f"within bounds ({mode})"
     return not problems, "; ".join([reason, *notes])
+
+
+def _task_drops(bound: float | None, metrics: Mapping[str, float], mode: str,
+                notes: list[str]) -> list[str]:
+    """Problems for each lm-eval task metric that lost more than `bound` points vs FP16."""
+    if bound is None:
+        return []
+    deltas = sorted(k.removesuffix("_delta_pts") for k in metrics
+                    if k.startswith("task_") and k.endswith("_delta_pts"))
+    if not deltas:
+        notes.append("task accuracy: no eval.lm_eval task scored, bound not applied")
+        return []
+    problems = []
+    for name in deltas:
+        # a drop is a negative change: the end worse for the variant is the interval's low end
+        value, how = judged_value(metrics, f"{name}_delta_pts", f"{name}_delta", False, mode)
+        if -value > bound:
+            problems.append(f"{name.removeprefix('task_')} drop{how} {-value:.3g} pts > "
+                            f"{bound} pts")
+    return problems

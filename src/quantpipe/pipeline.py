@@ -72,10 +72,12 @@ def preflight(cfg: DictConfig) -> None:
     output folders that cannot be written, a publish name leading out of paths.quantized, a
     backend's own check of its arguments (e.g. an unknown llama.cpp type) and of this machine
     (its `check_machine`: llama.cpp's tools, llm-compressor's environment), a calibration text
-    that is missing, a tasks file that is not JSONL of prompts and references, an eval text
+    that is missing, a tasks file that is not JSONL of prompts and references, lm-eval task
+    names it does not know or whose local data files are missing, an eval text
     missing or shorter than one window (counted with the model's tokenizer, cached by digest),
     and the memory and time the stages will need."""
     from quantpipe.data import load_text
+    from quantpipe.evaluate import harness
     from quantpipe.evaluate.tasks import load_tasks
     from quantpipe.token_count import check_eval_text
     # the backend's options were checked by schema.check at the top of run()
@@ -88,6 +90,7 @@ def preflight(cfg: DictConfig) -> None:
     for key, text_file in _text_files(options, "quant.backend"):
         load_text(text_file, "calib", key)
     load_tasks(cfg.eval.tasks_file)
+    harness.check(cfg)  # lm-eval's settings, task names and the tasks' local data files
     preflight_adapter(cfg)
     check_eval_text(cfg)
     preflight_memory(cfg)
@@ -181,6 +184,17 @@ def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
              full / 60, cfg.eval.n_windows, cfg.eval.max_minutes)
     evaluate.refuse_over_budget(evaluate.estimate_seconds_for(weights, runtime, shape, cfg, 1),
                                 cfg, what)
+    if tasks := evaluate.task_seconds(weights, runtime, shape, cfg):
+        # the variant, then (once, cached) the FP16 and base models on the reference runtime
+        ref = evaluate.runtime_of(cfg.eval.reference_runtime)
+        total = tasks + (1 if cfg.adapter.name == "none" else 2) * evaluate.task_seconds(
+            shape.fp16_bytes, ref, shape, cfg)
+        log.info("time: eval.lm_eval tasks about %.0f min estimated (variant, FP16 and base "
+                 "scored once each; cached)", total / 60)
+        if cfg.eval.max_minutes is not None and total > 60 * cfg.eval.max_minutes:
+            log.warning("eval.lm_eval: the tasks alone need about %.0f min on this model "
+                        "(estimate), over eval.max_minutes=%s; eval.lm_eval.limit=<documents> "
+                        "bounds them", total / 60, cfg.eval.max_minutes)
 
 
 def set_threads(threads: int | None) -> None:

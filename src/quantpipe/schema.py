@@ -76,11 +76,15 @@ class Choice:
 
 @dataclass(frozen=True)
 class StrList:
+    empty: bool = False  # an empty list allowed
+    example: str = "[q_proj,v_proj]"
+
     def allowed(self) -> str:
-        return "a non-empty list of names, e.g. [q_proj,v_proj]"
+        return f"a {'' if self.empty else 'non-empty '}list of names, e.g. {self.example}"
 
     def ok(self, v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+        return (isinstance(v, list) and (bool(v) or self.empty)
+                and all(isinstance(x, str) and x for x in v))
 
 
 BOOL = Choice((True, False))
@@ -117,12 +121,17 @@ RULES: dict[str, Any] = {
     "eval.generation.prompts": COUNT, "eval.generation.prompt_tokens": COUNT,
     "eval.generation.new_tokens": COUNT, "eval.generation.match_k": COUNT,
     "eval.tasks_file": Str(null=True), "eval.tasks_max_new_tokens": COUNT,
+    "eval.lm_eval.tasks": StrList(empty=True, example="[pydoc_cloze]"),
+    "eval.lm_eval.include_path": Str(null=True),
+    "eval.lm_eval.limit": Num(lo=0, null=True),  # a count >= 1 or a fraction (harness.settings)
+    "eval.lm_eval.num_fewshot": Num(lo=0, integer=True, null=True),
     "eval.reference_runtime": Choice(("llama.cpp", "transformers", "transformers-float32")),
     "eval.max_minutes": Num(lo=0, null=True),
     "memory.limit_gb": Num(lo=0, null=True),
     "gate.max_delta_ppl_pct": Num(lo=0, null=True),
     "gate.max_kld": Num(lo=0, null=True),
     "gate.min_finetune_retention_pct": Num(null=True),
+    "gate.max_task_drop_pts": Num(lo=0, null=True),
     "gate.use_interval": Choice(("pessimistic", "point", "optimistic")),
     "registry.name": Str(), "registry.champion_by": Str(),
     "registry.champion_mode": Choice(("min", "max")),

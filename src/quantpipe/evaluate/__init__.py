@@ -33,6 +33,7 @@ from quantpipe import artifacts as art
 from quantpipe import memory
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
+from quantpipe.evaluate import harness
 from quantpipe.evaluate.finetune import score_base
 from quantpipe.evaluate.metrics import windows
 from quantpipe.evaluate.tasks import load_tasks
@@ -160,14 +161,16 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
     tracking.log_dataset("eval-text", text, source, context="evaluation")
     text_fp = art.fingerprint(text)
     tasks = load_tasks(e.tasks_file)
+    lm = harness.check(cfg)  # lm-eval tasks (None: none asked for)
     versions = tracking.versions_of(LIBRARIES)
     key = art.fingerprint("evaluation", EVAL_RECIPE, versions, variant["fingerprint"],
                           merged["fingerprint"],
                           base and base["fingerprint"], _protocol(cfg), e.reference_runtime,
-                          OmegaConf.to_container(e.ci), tasks, e.tasks_max_new_tokens, text_fp)
+                          OmegaConf.to_container(e.ci), tasks, e.tasks_max_new_tokens, text_fp,
+                          *([lm, tracking.versions_of(harness.LIBRARIES)] if lm else []))
 
     def build(tmp: Path) -> dict:
-        return _measure(cfg, merged, variant, base, tasks, text, source, text_fp)
+        return _measure(cfg, merged, variant, base, tasks, text, source, text_fp, lm)
 
     folder, prov, reused = art.ensure_cached(Path(cfg.paths.artifacts), "evaluation", key, build,
                                              {"variant": variant["fingerprint"],
@@ -188,11 +191,13 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
     mlflow.log_dict(result["sample"], "sample.json")  # prompt, output, stopped_at_eos
     if result.get("task_answers"):
         mlflow.log_dict(result["task_answers"], "task_answers.json")
+    if result.get("lm_eval_samples"):  # lm-eval's per-document record, for each task
+        mlflow.log_dict(result["lm_eval_samples"], "lm_eval_samples.json")
     return metrics
 
 
 def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | None, text: str,
-             source: str, text_fp: str) -> dict:
+             source: str, text_fp: str, lm: dict | None = None) -> dict:
     e = cfg.eval
     vpath = Path(variant["path"])
     runtime = variant["runtime"]  # the backend's result names it
@@ -207,6 +212,11 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
                  f"the evaluation of {vpath.name}")
     ref = reference(cfg, merged, ids, bos, shape, source, text_fp)
     base_nll = score_base(cfg, base, merged, {**_protocol(cfg), "bos": bos}, ref, shape, text_fp)
+    if lm:  # the FP16 and base models' task scores, each cached: the paired comparisons' sides
+        lm = {**lm, "reference": str(harness.task_scores(cfg, merged, merged, lm, ref, bos, shape,
+                                                         "FP16 tasks")),
+              "base": base and str(harness.task_scores(cfg, base, merged, lm, ref, bos, shape,
+                                                       "base tasks (no adapter)"))}
     base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": budget_s(cfg),
                  "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample),
                  "ci": OmegaConf.to_container(e.ci), "tasks": tasks,
@@ -218,7 +228,8 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
                     "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
                     "runtime": runtime,
                     "out": str(out), "text": text if runtime == "llama.cpp" else None,
-                    "base_nll": base_nll and str(base_nll)},
+                    "base_nll": base_nll and str(base_nll), "lm_eval": lm,
+                    "tokenizer": str(merged["path"])},
                    runtime_need(vpath, runtime, shape, e.n_ctx), cfg.memory.limit_gb,
                    f"the evaluation of {vpath.name}")
         result = json.loads(out.read_text())
@@ -234,7 +245,8 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
               f"({int(metrics[Metric.EVAL_TOKENS_SCORED])} scored tokens)")
     return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
             "reference_runtime": ref_meta["runtime"], "scored": scored,
-            "task_answers": result.get("task_answers")}
+            "task_answers": result.get("task_answers"),
+            "lm_eval_samples": result.get("lm_eval_samples")}
 
 
 # Effective speed on this project's reference machine, per runtime or backend speed profile
@@ -264,7 +276,8 @@ def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: D
     greedy continuations of the generation prompts and the answers to eval.tasks_file's prompts
     (both decoded token by token: at 3B on CPU, bitsandbytes' 8 x 16 generation tokens alone
     are ~13 min). Used for the ETA and, before any stage and again before scoring, to refuse
-    what cannot fit the budget."""
+    what cannot fit the budget. The lm-eval tasks are not in it (task_seconds): their cost is
+    bounded by eval.lm_eval.limit, not by eval.max_minutes."""
     e = cfg.eval
     flops, bps, decode_bytes = THROUGHPUT[runtime]
     read = weights if decode_bytes == "file" else shape.fp16_bytes
@@ -279,6 +292,16 @@ def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: D
         t += runs * (e.speed.prompt_tokens * per_token + e.speed.new_tokens * decode_token)
         t += e.sample.max_new_tokens * decode_token
     return t
+
+
+def task_seconds(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig) -> float:
+    """Rough wall time of one scoring of the eval.lm_eval tasks: one forward of about
+    harness.REQUEST_TOKENS tokens per request (on SmolLM2-135M the shipped task's 672 requests
+    took 27 s on llama.cpp F16 and 100 s on transformers FP16 at 2 threads; this estimates 42 s
+    and 215 s)."""
+    flops = THROUGHPUT[runtime][0]
+    return (harness.estimate_requests(harness.settings(cfg)) * harness.REQUEST_TOKENS
+            * 2 * shape.n_params / flops)
 
 
 def n_tasks(tasks_file: str | None) -> int:

@@ -12,7 +12,10 @@ before scoring buffers), perplexity, KLD and top-token agreement against the ref
 given tasks, exact match and ROUGE-L; it writes metrics JSON.
 With `max_seconds` (eval.max_minutes) scoring stops after the window that reaches it: the
 reference keeps the windows it scored, a variant scores at most those. Mode "speed" measures
-load time, the chat sample, speed and peak RSS only (eval.speed.remeasure).
+load time, the chat sample, speed and peak RSS only (eval.speed.remeasure). Given
+spec["lm_eval"], a variant also scores lm-evaluation-harness tasks (quantpipe.evaluate.task_lm)
+and compares them, document by document, with the FP16 and base models' task scores, which
+mode "tasks" computes.
 """
 from __future__ import annotations
 
@@ -210,7 +213,31 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
         scores, answers = answer_and_score(rt, spec["tasks"], spec["tasks_max_new_tokens"])
         out["metrics"].update(scores)
         out["task_answers"] = answers
+    if spec.get("lm_eval"):
+        from quantpipe.evaluate import harness
+        res = run_lm_eval(spec, rt)
+        le = spec["lm_eval"]
+        ref_docs = json.loads(Path(le["reference"]).read_text())["per_doc"]
+        base_docs = (json.loads(Path(le["base"]).read_text())["per_doc"]
+                     if le.get("base") else None)
+        ci = spec.get("ci", {})
+        out["metrics"].update(res["metrics"])
+        out["metrics"].update(harness.paired(res["per_doc"], ref_docs, base_docs,
+                                             ci.get("resamples", 2000), ci.get("seed", 0)))
+        out["lm_eval_samples"] = res["samples"]
     Path(spec["out"]).write_text(json.dumps(out, indent=2))
+
+
+def run_lm_eval(spec: dict, rt) -> dict:
+    """spec["lm_eval"]'s tasks through lm-evaluation-harness on this runtime, fed the token ids
+    of the merged model's HF tokenizer (spec["tokenizer"]) whatever the runtime."""
+    from quantpipe.evaluate import task_lm
+    tok = getattr(rt, "tok", None)
+    if tok is None:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    return task_lm.run(rt, tok, spec["lm_eval"], spec["n_ctx"], spec["bos"],
+                       spec.get("desc") or "tasks")
 
 
 def main(spec_path: str) -> None:
@@ -225,7 +252,9 @@ def main(spec_path: str) -> None:
                       reference=bool(spec.get("float32")), runtime=spec.get("runtime"))
     load_s = time.perf_counter() - t0
     check_tokenizer(rt, ids, spec["text"]) if spec.get("text") is not None else None
-    if spec["mode"] == "reference":
+    if spec["mode"] == "tasks":  # task scores alone (the FP16 and base models' references)
+        Path(spec["out"]).write_text(json.dumps(run_lm_eval(spec, rt)))
+    elif spec["mode"] == "reference":
         run_reference(spec, rt, wins, ids)
     elif spec["mode"] == "speed":
         Path(spec["out"]).write_text(json.dumps(run_speed(spec, rt, load_s), indent=2))

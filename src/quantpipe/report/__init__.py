@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantpipe.report import plots, recommend, subjects, tables
+from quantpipe.report import plots, recommend, subjects, tables, tasks
 from quantpipe.report.query import Selection
 
 
@@ -20,7 +20,7 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
              f"Generated from MLflow by `make report`; runs: {scope}. Every number below is a "
              "metric, parameter, tag or start/end time of the run named beside it.",
              "## Recommendation"]
-    for scenario, row, reason in recommend.recommendations(cpu, gpu):
+    for scenario, row, reason in recommend.recommendations(cpu, gpu) + tasks.recommendation(cpu):
         name = f"**{row['name']}** (run {tables.short(row['run_id'])})" if row else "none"
         parts.append(f"- **{scenario}**: {name}: {reason}.")
     parts.append(f"- **Fine-tune**: {recommend.finetune_note(cpu)}.")
@@ -35,6 +35,7 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "FP16 resampled together). Variants whose intervals overlap cannot be told apart "
               "on this text (a conservative reading: a pair not named below differs):",
               *tables.indistinguishable(cpu),
+              *tasks.section(cpu),
               "## Verdicts across subjects and texts",
               "Each calibrated variant against its round-to-nearest control and the best "
               "uncalibrated variant of its group, on every base model (subject) and evaluation "

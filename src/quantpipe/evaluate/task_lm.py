@@ -1,0 +1,143 @@
+"""lm-eval's model side: `RuntimeLM` implements lm-eval's `LM` interface (loglikelihood,
+loglikelihood_rolling, generate_until) over a quantpipe runtime (quantpipe.evaluate.runtimes),
+and `run` scores the configured tasks with it. Imported by the evaluation worker only (lm-eval
+takes about a second to import); quantpipe.evaluate.harness holds the settings and checks.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+from lm_eval.api.model import LM
+
+from quantpipe.evaluate import harness
+
+
+class RuntimeLM(LM):
+    """lm-eval's LM over a quantpipe runtime (transformers or llama.cpp) and one HF tokenizer.
+
+    Requests are scored one sequence at a time, at most n_ctx tokens (older context is cut
+    from the left, as lm-eval's HF model does at its max_length). Greedy generation uses the
+    runtime's KV cache and stops at the first `until` string or the end-of-sequence token."""
+
+    def __init__(self, rt, tokenizer, n_ctx: int, bos: int | None, desc: str = "tasks"):
+        super().__init__()
+        self.rt, self.tok, self.n_ctx, self.bos, self.desc = rt, tokenizer, n_ctx, bos, desc
+        self.prefix = bos if bos is not None else tokenizer.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-eval's split: trailing spaces of the context move to the continuation, the
+        whole string is tokenised once and the continuation is what the context's tokens do
+        not cover (so a word is never split differently than in running text)."""
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        ctx = ([self.bos] if self.bos is not None else []) + ctx
+        if not ctx:
+            ctx = [self.prefix]
+        ids = (ctx + cont)[-self.n_ctx:]
+        first = len(ids) - len(cont) - 1
+        logits = self.rt.window_logits(np.asarray(ids, dtype=np.int32), first)
+        rows = logits[first:first + len(cont)].astype(np.float64)
+        rows -= rows.max(-1, keepdims=True)
+        logp = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
+        target = np.asarray(cont)
+        ll = float(logp[np.arange(len(cont)), target].sum())
+        return ll, bool((logp.argmax(-1) == target).all())
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        from tqdm import tqdm
+        out = []
+        for r in tqdm(requests, desc=f"{self.desc}: loglikelihood", disable=disable_tqdm,
+                      unit="req"):
+            out.append(self._score(*self._pair(*r.args)))
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+        from tqdm import tqdm
+        out = []
+        for r in tqdm(requests, desc=f"{self.desc}: rolling loglikelihood",
+                      disable=disable_tqdm, unit="req"):
+            total = 0.0
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    self.encode(r.args[0]), self.prefix, self.n_ctx, 1)):
+                total += self._score(ctx if ctx != [self.prefix] else [], cont)[0]
+            out.append(total)
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        from tqdm import tqdm
+        out = []
+        for r in tqdm(requests, desc=f"{self.desc}: generate", disable=disable_tqdm,
+                      unit="req"):
+            context, kw = r.args
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", 256))
+            ids = (([self.bos] if self.bos is not None else []) + self.encode(context))
+            ids = ids[-(self.n_ctx - max_new):] or [self.prefix]
+            new: list[int] = []
+            tok = self.rt.prefill(ids)
+            text = ""
+            while len(new) < max_new and tok != self.tok.eos_token_id:
+                new.append(tok)
+                text = self.tok.decode(new, skip_special_tokens=True)
+                if any(u in text for u in until):
+                    break
+                tok = self.rt.step(tok)
+            for u in until:
+                text = text.split(u)[0]
+            out.append(text)
+        return out
+
+    # lm-eval asks these of a model it logs
+    @property
+    def tokenizer_name(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", getattr(self.tok, "name_or_path", "tokenizer"))
+
+    def chat_template(self, chat_template=False):
+        return None
+
+
+def run(rt, tokenizer, s: dict, n_ctx: int, bos: int | None, desc: str) -> dict:
+    """Score the tasks; returns {"metrics": {task_<t>_<m>[_stderr]: value},
+    "per_doc": {task: {metric: [value per doc, by doc id]}}, "samples": {task: [...]}}."""
+    import lm_eval
+    tasks, tm = harness.load_tasks(s)
+    lm = RuntimeLM(rt, tokenizer, n_ctx, bos, desc)
+    res = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=s["num_fewshot"],
+                                  limit=s["limit"], bootstrap_iters=harness.BOOTSTRAP_ITERS,
+                                  log_samples=True, task_manager=tm, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0,
+                                  fewshot_random_seed=0)
+    metrics, per_doc = {}, {}
+    for task, values in res["results"].items():
+        for k, v in values.items():
+            if "," not in k or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            metric, filt = k.split(",", 1)
+            name = metric if filt == "none" else f"{metric}_{filt}"
+            if isinstance(v, float) and not math.isfinite(v):
+                continue
+            metrics[f"task_{task}_{name}"] = float(v)
+    for task, samples in res.get("samples", {}).items():
+        docs = sorted(samples, key=lambda x: x["doc_id"])
+        numeric = [k for k, v in docs[0].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k not in ("doc_id",)] if docs else []
+        per_doc[task] = {k: [float(d[k]) for d in docs] for k in numeric}
+    samples = {t: [{k: v for k, v in d.items() if k in ("doc_id", "target", "filtered_resps",
+                                                          "acc", "acc_norm", "exact_match")}
+                   for d in ss] for t, ss in res.get("samples", {}).items()}
+    return {"metrics": metrics, "per_doc": per_doc, "samples": samples}
