@@ -129,6 +129,7 @@ def test_transformers_and_llama_cpp_score_a_task_alike(tiny_base, user_tasks, tm
         assert abs(a - b) <= 0.01 + 1e-9, (metric, a, b)
         assert f"task_colours_{metric}_stderr" in hf["metrics"]
     assert len(hf["per_doc"]["colours"]["acc"]) == 30
+    assert sorted(hf["per_doc"]["colours"]) == ["acc", "acc_norm"]  # metrics, not the label
     # the chosen answers are the same document by document
     assert hf["per_doc"]["colours"]["acc"] == cpp["per_doc"]["colours"]["acc"]
 
@@ -136,13 +137,15 @@ def test_transformers_and_llama_cpp_score_a_task_alike(tiny_base, user_tasks, tm
 def test_paired_delta_and_retention():
     ref = {"t": {"acc": [1, 1, 1, 1, 0, 0, 1, 1, 0, 1] * 5}}
     var = {"t": {"acc": [1, 0, 1, 1, 0, 0, 1, 1, 0, 1] * 5}}
-    base = {"t": {"acc": [0, 0, 1, 1, 0, 0, 1, 1, 0, 1] * 5}}
+    base = {"t": {"acc": [0, 0, 1, 1, 0, 0, 1, 1, 0, 1] * 5}}  # FP16 gains 10 of 50 docs
     out = harness.paired(var, ref, base, 2000, 0)
     assert out["task_t_acc_delta_pts"] == pytest.approx(-10.0)
     assert out["task_t_acc_delta_ci95_low"] < -10 < out["task_t_acc_delta_ci95_high"] <= 0
     assert out["task_t_acc_retention_pct"] == pytest.approx(50.0)  # one of the two docs gained
-    # base == FP16: no gain, no retention
+    # base == FP16: no gain, no retention; a gain of one document is not measurable either
     assert "task_t_acc_retention_pct" not in harness.paired(var, ref, ref, 100, 0)
+    one = {"t": {"acc": [0] + ref["t"]["acc"][1:]}}
+    assert "task_t_acc_retention_pct" not in harness.paired(var, ref, one, 2000, 0)
 
 
 def test_gate_bounds_the_task_drop():

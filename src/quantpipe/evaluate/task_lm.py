@@ -133,10 +133,10 @@ def run(rt, tokenizer, s: dict, n_ctx: int, bos: int | None, desc: str) -> dict:
             metrics[f"task_{task}_{name}"] = float(v)
     for task, samples in res.get("samples", {}).items():
         docs = sorted(samples, key=lambda x: x["doc_id"])
-        numeric = [k for k, v in docs[0].items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and k not in ("doc_id",)] if docs else []
-        per_doc[task] = {k: [float(d[k]) for d in docs] for k in numeric}
+        names = {k.split(",", 1)[0] for k in res["results"].get(task, {}) if "," in k}
+        per_doc[task] = {k: [float(d[k]) for d in docs] for k in sorted(names)
+                         if docs and isinstance(docs[0].get(k), (int, float))
+                         and not isinstance(docs[0].get(k), bool)}
     samples = {t: [{k: v for k, v in d.items() if k in ("doc_id", "target", "filtered_resps",
                                                           "acc", "acc_norm", "exact_match")}
                    for d in ss] for t, ss in res.get("samples", {}).items()}
