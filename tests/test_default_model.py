@@ -17,7 +17,7 @@ from tests.test_llmc import check_variant, needs_llmc
 # disk.margin_gb: CI's scratch disk is small, and this test is about quality, not the disk guard
 QUICK = ["adapter=none", "eval.n_windows=4", "eval.speed.warmup=0", "eval.speed.repeats=1",
          "eval.sample.max_new_tokens=8", "eval.generation.prompts=2", "disk.margin_gb=0.25",
-         "eval.lm_eval.tasks=[]"]
+         "eval.lm_eval.tasks=[]", "eval.vllm.enabled=false"]
 
 
 @needs_llmc

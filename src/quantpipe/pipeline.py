@@ -78,6 +78,7 @@ def preflight(cfg: DictConfig) -> None:
     and the memory and time the stages will need."""
     from quantpipe.data import load_text
     from quantpipe.evaluate import harness
+    from quantpipe.evaluate import vllm_runtime as vllm
     from quantpipe.evaluate.tasks import load_tasks
     from quantpipe.token_count import check_eval_text
     # the backend's options were checked by schema.check at the top of run()
@@ -91,6 +92,7 @@ def preflight(cfg: DictConfig) -> None:
         load_text(text_file, "calib", key)
     load_tasks(cfg.eval.tasks_file)
     harness.check(cfg)  # lm-eval's settings, task names and the tasks' local data files
+    vllm.check(cfg)  # eval.vllm.enabled=true needs .venv-vllm
     preflight_adapter(cfg)
     check_eval_text(cfg)
     preflight_memory(cfg)

@@ -121,6 +121,8 @@ RULES: dict[str, Any] = {
     "eval.generation.prompts": COUNT, "eval.generation.prompt_tokens": COUNT,
     "eval.generation.new_tokens": COUNT, "eval.generation.match_k": COUNT,
     "eval.tasks_file": Str(null=True), "eval.tasks_max_new_tokens": COUNT,
+    "eval.vllm.enabled": Choice(("auto", True, False)),
+    "eval.vllm.dtype": Choice(("bfloat16", "float16", "float32")),
     "eval.lm_eval.tasks": StrList(empty=True, example="[pydoc_cloze]"),
     "eval.lm_eval.include_path": Str(null=True),
     "eval.lm_eval.limit": Num(lo=0, null=True),  # a count >= 1 or a fraction (harness.settings)

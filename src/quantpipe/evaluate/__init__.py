@@ -34,8 +34,9 @@ from quantpipe import memory
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate import harness
+from quantpipe.evaluate import vllm_runtime as vllm
 from quantpipe.evaluate.finetune import score_base
-from quantpipe.evaluate.metrics import windows
+from quantpipe.evaluate.metrics import first_scored, windows
 from quantpipe.evaluate.tasks import load_tasks
 from quantpipe.names import Metric, Tag
 
@@ -136,6 +137,12 @@ def prepare_ids(cfg: DictConfig, merged: Path, text: str) -> tuple[np.ndarray, i
     return ids, bos
 
 
+def _vllm_key(cfg: DictConfig) -> dict:
+    """What decides vLLM's figures: its settings, its venv's versions, its script."""
+    return {"vllm": OmegaConf.to_container(cfg.eval.vllm), "versions": vllm.versions(),
+            "script": art.fingerprint(vllm.SCRIPT.read_bytes())}
+
+
 def _protocol(cfg: DictConfig) -> dict:
     """What decides the FP16 reference's content (and so its cache key)."""
     e = cfg.eval
@@ -167,7 +174,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
                           merged["fingerprint"],
                           base and base["fingerprint"], _protocol(cfg), e.reference_runtime,
                           OmegaConf.to_container(e.ci), tasks, e.tasks_max_new_tokens, text_fp,
-                          *([lm, tracking.versions_of(harness.LIBRARIES)] if lm else []))
+                          *([lm, tracking.versions_of(harness.LIBRARIES)] if lm else []),
+                          *([_vllm_key(cfg)] if vllm.wanted(cfg, variant["runtime"]) else []))
 
     def build(tmp: Path) -> dict:
         return _measure(cfg, merged, variant, base, tasks, text, source, text_fp, lm)
@@ -185,6 +193,7 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
             metrics.update(_remeasure_speed(cfg, merged, variant, folder))
         elif (folder / "speed.json").exists():  # the latest re-measurement
             metrics.update(json.loads((folder / "speed.json").read_text()))
+    mlflow.set_tags(result.get("vllm_tags") or {})
     mlflow.set_tags({Tag.EVAL_RUNTIME: result["runtime"],
                      "eval.reference_runtime": result["reference_runtime"],
                      "eval.reused": str(reused).lower(), "eval.scored": result["scored"]})
@@ -239,6 +248,17 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     metrics.update({Metric.SIZE_MB: size / 2**20, Metric.FP16_SIZE_MB: fp16_bytes / 2**20,
                     Metric.COMPRESSION: fp16_bytes / size,
                     Metric.BITS_PER_WEIGHT: 8 * size / shape.n_params})
+    vllm_tags = None
+    if vllm.wanted(cfg, runtime):  # the same windows the worker scored, through vLLM
+        n = int(metrics[Metric.EVAL_WINDOWS_SCORED])
+        wins = windows(ids, e.n_ctx, e.n_windows, bos)[:n]
+        got, vllm_tags = vllm.measure(cfg, vpath, wins, ids[: e.speed.prompt_tokens].tolist(),
+                                      first_scored(e.n_ctx), cfg.memory.limit_gb)
+        if "vllm_ppl" in got:
+            got["vllm_ppl_diff_pct"] = 100 * (got["vllm_ppl"] / metrics["ppl"] - 1)
+        metrics.update(got)
+    elif vllm.mode(cfg) == "auto" and runtime != "llama.cpp":  # said, not silently dropped
+        vllm_tags = {"vllm.skipped": f"no vLLM environment: {vllm.FIX}"}
     ref_meta = json.loads((ref / "reference.json").read_text())
     scored = (f"{int(metrics[Metric.EVAL_WINDOWS_SCORED])} of "
               f"{int(metrics[Metric.EVAL_WINDOWS_PLANNED])} windows x {e.n_ctx} tokens "
@@ -246,7 +266,7 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
             "reference_runtime": ref_meta["runtime"], "scored": scored,
             "task_answers": result.get("task_answers"),
-            "lm_eval_samples": result.get("lm_eval_samples")}
+            "lm_eval_samples": result.get("lm_eval_samples"), "vllm_tags": vllm_tags}
 
 
 # Effective speed on this project's reference machine, per runtime or backend speed profile

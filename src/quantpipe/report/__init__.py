@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quantpipe.report import plots, recommend, subjects, tables, tasks
+from quantpipe.report import plots, recommend, subjects, tables, tasks, vllm
 from quantpipe.report.query import Selection
 
 
@@ -20,7 +20,8 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
              f"Generated from MLflow by `make report`; runs: {scope}. Every number below is a "
              "metric, parameter, tag or start/end time of the run named beside it.",
              "## Recommendation"]
-    for scenario, row, reason in recommend.recommendations(cpu, gpu) + tasks.recommendation(cpu):
+    for scenario, row, reason in (recommend.recommendations(cpu, gpu) + tasks.recommendation(cpu)
+                                  + vllm.recommendation(cpu)):
         name = f"**{row['name']}** (run {tables.short(row['run_id'])})" if row else "none"
         parts.append(f"- **{scenario}**: {name}: {reason}.")
     parts.append(f"- **Fine-tune**: {recommend.finetune_note(cpu)}.")
@@ -55,13 +56,15 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
     if no_speed := [r["name"] for r in cpu if r["tags"].get("eval.speed")]:
         parts.append("**No CPU speed for** " + ", ".join(no_speed) + ": transformers "
                      "decompresses these compressed-tensors folders to fp16 on CPU, so their "
-                     "tokens/s (logged as *_decompressed) are not the format's speed; that needs "
-                     "vLLM's int4/int8 kernels on a GPU. Their quality numbers are the format's.")
+                     "tokens/s (logged as *_decompressed) are not the format's speed; vLLM's "
+                     "kernels give it (section \"vLLM (CPU build)\", where it ran). Their "
+                     "quality numbers are the format's.")
     overlap = tables.overlapping(cpu)
     if overlap:
         parts.append("**Speed caution**: these runs overlapped in time (a parallel launcher), so "
                      "their speed and memory figures were measured under contention: "
                      + ", ".join(f"{a}/{b}" for a, b in overlap) + ".")
+    parts += vllm.section(cpu)
     if gpu:
         parts += ["## Comparison (GPU)", tables.gpu_comparison(gpu),
                   "GPU runs measure speed and memory on random weights of the named shape; "

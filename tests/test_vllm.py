@@ -1,0 +1,86 @@
+"""vLLM as an evaluation runtime: the compressed-tensors folders the project writes, loaded and
+scored by vLLM's CPU build in .venv-vllm (make vllm), on the evaluation's own token ids.
+
+The slow tests use the float subject (models/float-llama-19m: real weights, head size 64, which
+vLLM's CPU attention supports; the tiny fixture model's head size 16 is not). The fast one needs
+no vLLM: a vLLM environment that cannot even start is the refusal, and the pipeline goes on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import mlflow
+import pytest
+
+from quantpipe import PROJECT_ROOT
+from quantpipe.evaluate import vllm_runtime as vllm
+from quantpipe.pipeline import run
+from tests.conftest import SHRINK, make_cfg
+from tests.test_llmc import CALIB_SMALL, FLOAT_SUBJECT, needs_llmc
+
+needs_vllm = pytest.mark.skipif(not vllm.available(), reason="make vllm builds .venv-vllm")
+# the float subject through the pipeline in under a minute a stage; vLLM on
+FLOAT = ["model=float", "adapter=none", *[s for s in SHRINK if not s.startswith("eval.vllm")],
+         "eval.n_ctx=128", "eval.n_windows=4", "eval.vllm.enabled=true"]
+
+
+def evaluate_tags(cfg) -> dict:
+    ev = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                            filter_string="tags.`quantpipe.stage` = 'evaluate'")[0]
+    return ev.data.tags
+
+
+def test_a_vllm_that_cannot_start_is_logged_and_the_pipeline_goes_on(cfg_factory, monkeypatch):
+    """The vLLM environment is an interpreter without vLLM (this venv's): the worker script
+    fails on its import, the variant logs vllm_loads=0 with the reason, and its other figures
+    are all there."""
+    monkeypatch.setenv("QUANTPIPE_VLLM_PYTHON", sys.executable)
+    cfg = cfg_factory("+quant=fp16", "eval.vllm.enabled=true")
+    m = run(cfg)
+    assert m["vllm_loads"] == 0 and "kld_mean" in m and "vllm_ppl" not in m
+    assert "No module named 'vllm'" in evaluate_tags(cfg)["vllm.error"]
+
+
+def test_enabled_without_an_environment_is_refused_before_any_stage(cfg_factory, monkeypatch,
+                                                                     tmp_path):
+    from quantpipe.errors import ConfigError
+    monkeypatch.setenv("QUANTPIPE_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(ConfigError, match="make vllm") as e:
+        run(cfg_factory("+quant=fp16", "eval.vllm.enabled=true"))
+    assert e.value.key == "eval.vllm.enabled"
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts" / "merge")
+                                                            .glob("[!.]*"))
+
+
+@needs_vllm
+@needs_llmc
+@pytest.mark.slow  # llm-compressor, then vLLM's ~30 s load, per variant
+@pytest.mark.parametrize("quant", ["w8a8_int8_dynamic", "gptq_w4a16"])
+def test_vllm_loads_and_scores_the_compressed_tensors_folder(tmp_path, quant):
+    assert FLOAT_SUBJECT.is_dir()
+    cfg = make_cfg(tmp_path, [f"+quant={quant}", *FLOAT, *CALIB_SMALL])
+    m = run(cfg)
+    assert m["vllm_loads"] == 1, evaluate_tags(cfg).get("vllm.error")
+    # the same windows, bfloat16 kernels against transformers' float16 decompression
+    assert abs(m["vllm_ppl_diff_pct"]) < 1.0, (m["vllm_ppl"], m["ppl"])
+    assert m["vllm_decode_tok_s"] > 0 and m["vllm_ttft_ms"] > 0 and m["vllm_peak_rss_mb"] > 0
+    assert evaluate_tags(cfg).get("vllm.kernel")
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_folder_vllm_refuses_is_logged(tmp_path):
+    """bitsandbytes NF4: vLLM's CPU build does not load it; the run says why and goes on."""
+    cfg = make_cfg(tmp_path, ["+quant=int4", *FLOAT])
+    m = run(cfg)
+    if m["vllm_loads"] == 1:
+        pytest.skip("this vLLM build loads bitsandbytes NF4 folders")
+    assert len(evaluate_tags(cfg)["vllm.error"]) > 10 and "kld_mean" in m
+
+
+def test_the_vllm_script_imports_nothing_of_the_project():
+    """It runs in .venv-vllm, which has no quantpipe."""
+    text = vllm.SCRIPT.read_text()
+    assert "quantpipe" not in text.split('"""', 2)[2]
+    assert os.path.dirname(vllm.SCRIPT) == str(PROJECT_ROOT / "src" / "quantpipe" / "evaluate")
