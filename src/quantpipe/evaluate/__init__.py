@@ -139,7 +139,8 @@ def prepare_ids(cfg: DictConfig, merged: Path, text: str) -> tuple[np.ndarray, i
 
 def _vllm_key(cfg: DictConfig) -> dict:
     """What decides vLLM's figures: its settings, its venv's versions, its script."""
-    return {"vllm": OmegaConf.to_container(cfg.eval.vllm), "versions": vllm.versions(),
+    return {"vllm": OmegaConf.to_container(cfg.eval.vllm), "recipe": vllm.RECIPE,
+            "versions": vllm.versions(),
             "script": art.fingerprint(vllm.SCRIPT.read_bytes())}
 
 

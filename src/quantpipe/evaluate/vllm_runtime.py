@@ -38,6 +38,7 @@ FIX = "run `make vllm` (builds .venv-vllm from requirements/vllm.txt, ~4 min)"
 # vLLM's own processes (engine, worker: each imports torch) besides the weights, measured on
 # SmolLM2-135M: 4.1 GB summed over the three processes' peaks
 OVERHEAD_BYTES = 4 * 2**30
+RECIPE = 2  # bump when what is measured or logged here changes: cached evaluations then re-run
 
 
 def python() -> Path:
@@ -105,7 +106,7 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
             return ({"vllm_loads": 0.0},
                     {"vllm.error": f"vLLM exited {proc.returncode}: {last[0][-400:]}"})
         out = json.loads(out_file.read_text())
-    if kernel := re.findall(r"Using (\w+) for", proc.stderr or ""):
+    if kernel := re.findall(r"Using (\w+) for", (proc.stdout or "") + (proc.stderr or "")):
         out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
     if out["metrics"].get("vllm_loads") == 0:
         log.warning("vLLM does not load %s: %s", folder.name, out["tags"].get("vllm.error"))
