@@ -206,3 +206,76 @@ def test_report_task_table_and_recommendation():
     ((scenario, chosen, reason),) = tasks.recommendation(rows)
     assert chosen["name"] == "nf4" and "q4 (-4.0 [-6.5, -1.5])" in reason
     assert tasks.section([row("fp16", 1, 0.7, 0, 0)][:0]) == []
+
+
+ROLLING_YAML = """task: prose_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: prose.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+"""
+
+GENERATE_YAML = """task: echo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: echo.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{prompt}}"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_rolling_and_generation_requests_run_on_both_runtimes(tiny_base, tmp_path):
+    """lm-eval's other two request types: loglikelihood_rolling (a document's perplexity, cut
+    into windows of n_ctx) and generate_until (greedy, stopped at `until`), through the same
+    RuntimeLM, agree between transformers and llama.cpp."""
+    from transformers import AutoTokenizer
+
+    from quantpipe.data import topics_text
+    from quantpipe.evaluate import task_lm
+    from quantpipe.evaluate.runtimes import open_runtime
+    from quantpipe.quantize import QuantContext
+    from quantpipe.quantize.gguf import quantize_gguf
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "prose_ppl.yaml").write_text(ROLLING_YAML)
+    (folder / "echo.yaml").write_text(GENERATE_YAML)
+    text = topics_text("eval")
+    with open(folder / "prose.jsonl", "w") as f:  # 300 words: several 64-token windows each
+        for i in range(3):
+            f.write(json.dumps({"text": " ".join(text.split()[i * 300:(i + 1) * 300])}) + "\n")
+    with open(folder / "echo.jsonl", "w") as f:
+        for p in ("The cat", "A list of", "def main"):
+            f.write(json.dumps({"prompt": p, "answer": "x"}) + "\n")
+    ctx = QuantContext(artifacts=tmp_path / "artifacts", tools=Path("/nonexistent"),
+                       src_fingerprint="tiny", threads=2)
+    res = quantize_gguf(tiny_base, tmp_path / "f16", ctx, type="f16")
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    s = {"tasks": ["prose_ppl", "echo"], "include_path": str(folder), "limit": None,
+         "num_fewshot": None}
+    hf = task_lm.run(open_runtime(tiny_base, 2, 64), tok, s, 64, None, "transformers")
+    cpp = task_lm.run(open_runtime(tmp_path / "f16" / res["artifact"], 2, 64, runtime="llama.cpp"),
+                      tok, s, 64, None, "llama.cpp")
+    a, b = hf["metrics"]["task_prose_ppl_word_perplexity"], cpp["metrics"][
+        "task_prose_ppl_word_perplexity"]
+    assert np.isfinite(a) and a > 1 and a == pytest.approx(b, rel=0.01)
+    assert hf["metrics"]["task_echo_exact_match"] == 0.0  # "x" is never the continuation
+    # greedy generations are the same text on both runtimes
+    gen = {n: [d["filtered_resps"] for d in r["samples"]["echo"]] for n, r in
+           (("hf", hf), ("cpp", cpp))}
+    assert gen["hf"] == gen["cpp"] and all(len(g) for g in gen["hf"])

@@ -84,3 +84,18 @@ def test_the_vllm_script_imports_nothing_of_the_project():
     text = vllm.SCRIPT.read_text()
     assert "quantpipe" not in text.split('"""', 2)[2]
     assert os.path.dirname(vllm.SCRIPT) == str(PROJECT_ROOT / "src" / "quantpipe" / "evaluate")
+
+
+def test_the_engine_s_root_cause_is_what_gets_logged():
+    """vLLM raises "see root cause above" in the caller; the cause is in its children's log."""
+    log = "\n".join([
+        "(Worker pid=1) INFO 12-03 14:36:20 [model.py:1] loading",
+        "(Worker pid=1) ERROR 12-03 14:36:26 [multiproc_executor.py:953]     raise ValueError(",
+        "(Worker pid=1) ERROR 12-03 14:36:26 [multiproc_executor.py:953] ValueError: Failed to "
+        "find a kernel that can implement the WNA16 linear layer. Reasons: ",
+        "(Worker pid=1) ERROR 12-03 14:36:26 [multiproc_executor.py:953]  CPUWNA16LinearKernel "
+        "cannot implement due to: Quant type (uint8b128) not supported by CPUWNA16",
+        "(EngineCore pid=2) ERROR 12-03 14:36:29 [core.py:1510] RuntimeError: later, not this"])
+    cause = vllm.root_cause(log)
+    assert cause.startswith("ValueError: Failed to find a kernel") and "uint8b128" in cause
+    assert vllm.root_cause("(MainProcess pid=3) INFO 12-03 1 [x.py:1] fine") is None

@@ -38,7 +38,7 @@ FIX = "run `make vllm` (builds .venv-vllm from requirements/vllm.txt, ~4 min)"
 # vLLM's own processes (engine, worker: each imports torch) besides the weights, measured on
 # SmolLM2-135M: 4.1 GB summed over the three processes' peaks
 OVERHEAD_BYTES = 4 * 2**30
-RECIPE = 2  # bump when what is measured or logged here changes: cached evaluations then re-run
+RECIPE = 3  # bump when what is measured or logged here changes: cached evaluations then re-run
 
 
 def python() -> Path:
@@ -106,8 +106,30 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
             return ({"vllm_loads": 0.0},
                     {"vllm.error": f"vLLM exited {proc.returncode}: {last[0][-400:]}"})
         out = json.loads(out_file.read_text())
+    if out["metrics"].get("vllm_loads") == 0 and (cause := root_cause(
+            (proc.stdout or "") + "\n" + (proc.stderr or ""))):
+        out["tags"]["vllm.error"] = cause  # what vLLM's engine said, not "see root cause above"
     if kernel := re.findall(r"Using (\w+) for", (proc.stdout or "") + (proc.stderr or "")):
         out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
     if out["metrics"].get("vllm_loads") == 0:
         log.warning("vLLM does not load %s: %s", folder.name, out["tags"].get("vllm.error"))
     return out["metrics"], out["tags"]
+
+
+_LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ERROR \S+ \S+ \[[^\]]+\] ?")
+
+
+def root_cause(output: str, limit: int = 480) -> str | None:
+    """The first exception vLLM's engine or worker processes logged (they run in children, so
+    the exception the caller gets only says "see root cause above"), with the kernel
+    selection's reasons that follow it, e.g. "ValueError: Failed to find a kernel that can
+    implement the WNA16 linear layer. ... CPUWNA16LinearKernel cannot implement due to: Quant
+    type (uint8b128) not supported"."""
+    lines = [_LOG_PREFIX.sub("", ln).strip() for ln in output.splitlines()
+             if _LOG_PREFIX.match(ln)]
+    for i, ln in enumerate(lines):
+        if re.match(r"[\w.]+(Error|Exception): ", ln):
+            reasons = [x for x in lines[i + 1:i + 8] if "cannot implement due to" in x]
+            text = " ".join([ln, *reasons])
+            return text if len(text) <= limit else text[:limit - 3] + "..."
+    return None

@@ -60,7 +60,9 @@ def main(spec_path: str) -> None:
                   enforce_eager=True, seed=0, max_num_seqs=4)
     except Exception as e:  # noqa: BLE001 - any refusal is the measurement: log it, go on
         out["metrics"]["vllm_loads"] = 0.0
-        out["tags"]["vllm.error"] = " ".join(f"{type(e).__name__}: {e}".split())[-480:]
+        # the head says why (e.g. "... not supported on cpu"); a list of what is supported follows
+        text = " ".join(f"{type(e).__name__}: {e}".split())
+        out["tags"]["vllm.error"] = text if len(text) <= 480 else text[:477] + "..."
         write()
         return
     out["metrics"]["vllm_loads"] = 1.0
