@@ -42,13 +42,17 @@ class RuntimeLM(LM):
         return ctx, whole[len(ctx):]
 
     def _score(self, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+        """(sum of log p(continuation | context), whether greedy decoding gives it). As lm-eval's
+        HF model: the input is the last n_ctx tokens of context + continuation without its final
+        token; the last len(cont) positions predict the continuation."""
         ctx = ([self.bos] if self.bos is not None else []) + ctx
         if not ctx:
             ctx = [self.prefix]
-        ids = (ctx + cont)[-self.n_ctx:]
-        first = len(ids) - len(cont) - 1
-        logits = self.rt.window_logits(np.asarray(ids, dtype=np.int32), first)
-        rows = logits[first:first + len(cont)].astype(np.float64)
+        whole = (ctx + cont)[-(self.n_ctx + 1):]
+        inp = whole[:-1]
+        first = len(inp) - len(cont)
+        logits = self.rt.window_logits(np.asarray(inp, dtype=np.int32), first)
+        rows = logits[first:].astype(np.float64)
         rows -= rows.max(-1, keepdims=True)
         logp = rows - np.log(np.exp(rows).sum(-1, keepdims=True))
         target = np.asarray(cont)
