@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -248,29 +247,21 @@ def task_scores(cfg: DictConfig, model: dict, merged: dict, s: dict, ref: Path,
 
 def estimate_requests(s: dict | None) -> int:
     """Documents x choices a run of the tasks scores, for the preflight's time estimate: each
-    local JSON task's documents (capped by the limit) times its choices (4 when unknown); a
-    standard task counts as 1000 requests."""
+    local task's documents (its data files' lines, capped by the limit) times 4 choices; a
+    task whose data is not local counts as 1000 requests."""
     if not s:
         return 0
+    from lm_eval.tasks import TaskManager
+    tm = TaskManager(include_path=include_paths(s), include_defaults=False)  # the local ones
     total = 0
     for name in s["tasks"]:
-        n = _local_docs(s, name)
-        n = 1000 if n is None else n
+        entry = tm.task_index.get(name)
+        files = (_local_data_files(name, Path(entry.yaml_path), tm)
+                 if entry is not None and entry.yaml_path else [])
+        n = sum(sum(1 for line in f.open(encoding="utf-8") if line.strip())
+                for f in files) if files else 1000
         lim = s["limit"]
         if lim is not None:
             n = min(n, int(lim)) if lim >= 1 else math.ceil(n * lim)
         total += 4 * n
     return total
-
-
-def _local_docs(s: dict, name: str) -> int | None:
-    for folder in include_paths(s):
-        for y in Path(folder).rglob("*.yaml"):
-            text = y.read_text(encoding="utf-8", errors="replace")
-            if re.search(rf"^task:\s*{re.escape(name)}\s*$", text, re.M):
-                files = [y.parent / f for f in re.findall(r"^\s+\w+:\s*(\S+\.jsonl?)\s*$",
-                                                             text, re.M)]
-                if files and all(f.is_file() for f in files):
-                    return sum(sum(1 for line in f.open(encoding="utf-8") if line.strip())
-                               for f in files)
-    return None

@@ -90,7 +90,7 @@ class RuntimeLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kw.get("max_gen_toks", 256))
             ids = (([self.bos] if self.bos is not None else []) + self.encode(context))
-            ids = ids[-(self.n_ctx - max_new):] or [self.prefix]
+            ids = ids[-max(1, self.n_ctx - max_new):] or [self.prefix]  # room for the answer
             new: list[int] = []
             tok = self.rt.prefill(ids)
             text = ""
