@@ -264,7 +264,11 @@ def bench_pipeline(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
         cmd = ("import sys, runpy; sys.argv = ['pipelines.run', " + ", ".join(
             repr(a) for a in [f"+quant={quant}", f"model.path={base}", f"adapter.path={lora}",
                               f"paths.root={root}", f"threads={args.threads}",
-                              "hydra.run.dir=" + str(root / "outputs" / quant), *args.override]) +
+                              "hydra.run.dir=" + str(root / "outputs" / quant),
+                              # random weights: task accuracy says nothing, and at 7B on CPU
+                              # the shipped task alone is ~35 min a model (--override to run it)
+                              "eval.lm_eval.tasks=[]", "eval.vllm.enabled=false",
+                              *args.override]) +
                "]; runpy.run_module('pipelines.run', run_name='__main__')")
         try:
             m = measure(f"pipeline {quant}", cmd, folder / "log.txt")
