@@ -186,11 +186,13 @@ def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
              full / 60, cfg.eval.n_windows, cfg.eval.max_minutes)
     evaluate.refuse_over_budget(evaluate.estimate_seconds_for(weights, runtime, shape, cfg, 1),
                                 cfg, what)
-    if tasks := evaluate.task_seconds(weights, runtime, shape, cfg):
+    from quantpipe.evaluate import harness
+    if requests := harness.estimate_requests(harness.settings(cfg)):
         # the variant, then (once, cached) the FP16 and base models on the reference runtime
         ref = evaluate.runtime_of(cfg.eval.reference_runtime)
-        total = tasks + (1 if cfg.adapter.name == "none" else 2) * evaluate.task_seconds(
-            shape.fp16_bytes, ref, shape, cfg)
+        total = (evaluate.task_seconds(weights, runtime, shape, cfg, requests)
+                 + (1 if cfg.adapter.name == "none" else 2)
+                 * evaluate.task_seconds(shape.fp16_bytes, ref, shape, cfg, requests))
         log.info("time: eval.lm_eval tasks about %.0f min estimated (variant, FP16 and base "
                  "scored once each; cached)", total / 60)
         if cfg.eval.max_minutes is not None and total > 60 * cfg.eval.max_minutes:

@@ -315,14 +315,15 @@ def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: D
     return t
 
 
-def task_seconds(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig) -> float:
+def task_seconds(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig,
+                 requests: int | None = None) -> float:
     """Rough wall time of one scoring of the eval.lm_eval tasks: one forward of about
     harness.REQUEST_TOKENS tokens per request (on SmolLM2-135M the shipped task's 672 requests
     took 27 s on llama.cpp F16 and 100 s on transformers FP16 at 2 threads; this estimates 42 s
     and 215 s)."""
-    flops = THROUGHPUT[runtime][0]
-    return (harness.estimate_requests(harness.settings(cfg)) * harness.REQUEST_TOKENS
-            * 2 * shape.n_params / flops)
+    if requests is None:  # `requests`: harness.estimate_requests, when the caller has it
+        requests = harness.estimate_requests(harness.settings(cfg))
+    return requests * harness.REQUEST_TOKENS * 2 * shape.n_params / THROUGHPUT[runtime][0]
 
 
 def n_tasks(tasks_file: str | None) -> int:

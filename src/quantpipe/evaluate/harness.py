@@ -157,9 +157,9 @@ def _local_data_files(name: str, yaml_path: Path, tm) -> list[Path]:
     return out
 
 
-def load_tasks(s: dict) -> list:
-    """The lm-eval Task objects, each built (and its data loaded) with its YAML's folder as
-    the working folder, so relative data_files resolve next to the YAML."""
+def load_tasks(s: dict) -> tuple[list, object]:
+    """(the lm-eval Task objects, the TaskManager), each task built (and its data loaded) with
+    its YAML's folder as the working folder, so relative data_files resolve next to the YAML."""
     from lm_eval.api.task import Task
     tm = task_manager(s)
     out = []
