@@ -169,7 +169,7 @@ def test_at_7b_int4_is_refused_up_front_and_q4_k_m_admitted(tmp_path):
     cfg = make_cfg(tmp_path, ["+quant=int4"])
     with pytest.raises(ConfigError, match=r"eval.max_minutes: the evaluation of int4 "
                                           r"\(transformers-bitsandbytes"):
-        pipeline.preflight_time(cfg, shape, *bnb.quantize_int4.eval_need(shape, quant_type="nf4"))
+        pipeline.preflight_time(cfg, shape, *bnb.quantize_int4.format.eval_need(shape, quant_type="nf4"))
     cfg = make_cfg(tmp_path, ["+quant=gguf_q4_k_m"])
     pipeline.preflight_time(cfg, shape, *gguf.eval_need(shape, type="q4_k_m"))
 
@@ -184,7 +184,7 @@ def test_the_time_estimate_counts_generation_prompts_and_tasks(tmp_path):
     from tests.conftest import make_cfg
     shape = memory.Shape(n_params=3_210_000_000, stored_bytes=6_420_000_000,
                          largest=128256 * 3072, vocab=128256, layers=28, kv_dim=1024)
-    runtime, weights = bnb.quantize_int4.eval_need(shape, quant_type="nf4")
+    runtime, weights = bnb.quantize_int4.format.eval_need(shape, quant_type="nf4")
     decode_token = shape.fp16_bytes / THROUGHPUT[runtime][1]
     quiet = make_cfg(tmp_path, ["+quant=int4", "eval.generation.prompts=0"])
     default = make_cfg(tmp_path, ["+quant=int4"])

@@ -272,14 +272,14 @@ def test_contract_check_catches_format_dispatch(tmp_path):
 
 
 def test_every_backend_result_names_artifact_and_runtime(cfg_factory):
-    """The fp16 backend's result (the cheapest to build) passes the contract check; one without
-    a runtime is refused with the backend's name."""
-    from quantpipe.pipeline import check_result
+    """The fp16 backend's result (the cheapest to build) passes its format's contract check; one
+    without a runtime is refused with the backend's name."""
     from quantpipe.quantize.hf import save_fp16
     cfg = cfg_factory("+quant=fp16")
     dst = Path(cfg.paths.root) / "fp16"
     dst.mkdir()
-    assert check_result(save_fp16(Path(cfg.model.path), dst, None), "x")["runtime"] == \
+    fmt = save_fp16.format
+    assert fmt.check_result(save_fp16(Path(cfg.model.path), dst, None))["runtime"] == \
         "transformers"
-    with pytest.raises(RuntimeError, match="quantpipe.quantize.new.fn returned no"):
-        check_result({"artifact": "."}, "quantpipe.quantize.new.fn")
+    with pytest.raises(RuntimeError, match="quantpipe.quantize.hf.save_fp16 returned no"):
+        fmt.check_result({"artifact": "."})

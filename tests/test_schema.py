@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from quantpipe import PROJECT_ROOT, schema
 from quantpipe.config import quant_options
 from quantpipe.errors import ConfigError
-from quantpipe.quantize import check_backend, options_checked_by
+from quantpipe.quantize import Format, check_backend, register
 from tests.conftest import make_cfg
 
 LIMIT_S = 10  # the issue's bound for a refused command line
@@ -183,7 +183,7 @@ def test_missing_quant_is_named(tmp_path):
 
 def test_a_new_backend_gets_the_hook(tmp_path):
     """The contract other backends adopt: unknown options refused from the signature, values by
-    the function given to options_checked_by, both before any stage."""
+    the format's registered check_options, both before any stage."""
     quant = OmegaConf.create({"backend": {"_target_": "tests.test_schema.fake_backend",
                                           "_partial_": True, "scheme": "W3A16"}})
     with pytest.raises(ConfigError, match="quant.backend.scheme: 'W3A16' is unknown"):
@@ -200,6 +200,41 @@ def _check_fake(options: dict) -> None:
         raise ConfigError("quant.backend.scheme", f"{options['scheme']!r} is unknown", "W4A16")
 
 
-@options_checked_by(_check_fake)
+def _no_needs(*_, **__) -> list:
+    return []
+
+
+@register(recipe=1, libraries=(), check_options=_check_fake, memory_need=_no_needs,
+          eval_need=_no_needs)
 def fake_backend(src, dst, ctx, scheme: str = "W4A16") -> dict:
     return {"artifact": ".", "metrics": {}}
+
+
+def unregistered_backend(src, dst, ctx) -> dict:
+    return {"artifact": ".", "metrics": {}}
+
+
+def test_a_backend_must_be_registered(tmp_path):
+    quant = OmegaConf.create({"backend": {"_target_": "tests.test_schema.unregistered_backend",
+                                          "_partial_": True}})
+    with pytest.raises(ConfigError, match="quant.backend._target_: .* is not a registered format"):
+        check_backend(quant)
+
+
+@pytest.mark.parametrize("parts, problem", [
+    ({"recipe": 1, "libraries": (), "memory_need": _no_needs}, "eval_need"),
+    ({"recipe": "1", "libraries": (), "memory_need": _no_needs, "eval_need": _no_needs}, "recipe"),
+    ({"recipe": 1, "libraries": "torch", "memory_need": _no_needs, "eval_need": _no_needs},
+     "libraries"),
+    ({"recipe": 1, "libraries": (), "memory_need": None, "eval_need": _no_needs}, "memory_need"),
+])
+def test_a_format_missing_a_part_fails_when_it_is_defined(parts, problem):
+    """As llama.cpp's converter refuses a model class without its architecture: the decorator
+    raises at import, not when a run first asks the format for its memory need."""
+    with pytest.raises(TypeError, match=problem):
+        @register(**parts)
+        def incomplete(src, dst, ctx) -> dict:
+            return {}
+    with pytest.raises(TypeError, match="src, dst, ctx"):
+        Format(quantize=lambda src: {}, recipe=1, libraries=(), memory_need=_no_needs,
+               eval_need=_no_needs)

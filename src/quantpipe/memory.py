@@ -168,18 +168,6 @@ def estimate_merge(s: Shape, streaming: bool) -> int:
     return PYTHON_TORCH + int(4.4 * s.fp16_bytes)
 
 
-def estimate_convert(s: Shape) -> int:
-    """llama.cpp's converter is lazy (tensor by tensor): 0.62 / 0.73 / 0.83 GB measured for
-    1B / 3B / 7B."""
-    return PYTHON_TORCH + 2 * 2 * s.largest
-
-
-def estimate_llama_quantize(s: Shape) -> int:
-    """llama.cpp's quantiser reads one tensor, converts it to float32 and quantises it: 0.75 /
-    1.09 / 1.43 GB measured for 1B / 3B / 7B q4_0 (the pipeline process already holds torch)."""
-    return PYTHON_TORCH + 4 * 4 * s.largest
-
-
 def estimate_gguf_file_runtime(file_bytes: int, s: Shape, n_ctx: int) -> int:
     """llama.cpp on a GGUF: the file is memory-mapped and read in full by every forward pass
     (resident while in use; the page cache gives it back afterwards), plus the KV cache (F16),
@@ -196,16 +184,6 @@ def estimate_hf_runtime(weights_bytes: int, s: Shape, n_ctx: int) -> int:
     window with their log-softmax copies, and attention scores."""
     logits = 4 * n_ctx * s.vocab * 4
     return PYTHON_TORCH + weights_bytes + logits + 2 * s.largest * 2
-
-
-def estimate_bnb_quantize(s: Shape, bits: int) -> int:
-    """bitsandbytes through transformers: the FP16 weights are read and quantised as they load,
-    the model is saved, then reloaded beside the live one to prove the saved folder matches.
-    The FP16 shards are read memory-mapped and their pages stay in the process's RSS (page
-    cache, reclaimable): benchmarks/scale.py measured 4.31 GB at 1B (2.15 GB FP16), which the
-    packed copies alone (2.9 GiB) did not bound."""
-    quantised = s.fp16_bytes * bits // 16 + 2 * 2 * s.largest  # embeddings stay FP16
-    return PYTHON_TORCH + s.stored_bytes + 2 * quantised + 2 * 2 * s.largest
 
 
 def fmt_gib(n: int | float) -> str:

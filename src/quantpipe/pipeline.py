@@ -140,8 +140,7 @@ def preflight_memory(cfg: DictConfig) -> None:
               memory.estimate_merge(shape, streams),
               "merge.stream_above_gb=0 merges tensor by tensor in far less memory")]
     need, options = backend_need(cfg, "memory_need")
-    if need is not None:
-        needs += need(shape, cfg.eval.n_ctx, **options)
+    needs += need(shape, cfg.eval.n_ctx, **options)
     if cfg.eval.reference_runtime == "llama.cpp":
         ref = memory.estimate_gguf_file_runtime(shape.fp16_bytes, shape, cfg.eval.n_ctx)
     else:
@@ -154,24 +153,16 @@ def preflight_memory(cfg: DictConfig) -> None:
     log.info("memory: largest stage estimate %s, %s", memory.fmt_gib(max(n for _, n, _ in needs)),
              memory.available_note(cfg.memory.limit_gb))
     need, options = backend_need(cfg, "eval_need")
-    if need is not None:
-        preflight_time(cfg, shape, *need(shape, **options))
+    preflight_time(cfg, shape, *need(shape, **options))
 
 
 def backend_need(cfg: DictConfig, name: str) -> tuple[Callable | None, dict]:
-    """The variant backend's `memory_need` or `eval_need` (`name`): the backend function's own
-    attribute, else its module's (None if neither has one), and the backend's options,
-    `_target_` and friends left out."""
-    import importlib
-    target = str(cfg.quant.backend.get("_target_", ""))
-    need = None
-    if "." in target:
-        module_name, fn_name = target.rsplit(".", 1)
-        module = importlib.import_module(module_name)
-        need = getattr(getattr(module, fn_name, None), name, None) or getattr(module, name, None)
-    return need, {k: v for k, v in OmegaConf.to_container(cfg.quant.backend,
-                                                          resolve=True).items()
-                  if not k.startswith("_")}
+    """A part of the variant's registered format (`memory_need`, `eval_need`, `check_machine`;
+    None where the format has none) and the backend's options, `_target_` and friends left
+    out."""
+    from quantpipe.quantize import backend_options, format_of
+    fmt = format_of(str(cfg.quant.backend.get("_target_", "")))
+    return getattr(fmt, name), backend_options(cfg.quant)
 
 
 def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
@@ -231,11 +222,9 @@ def made_by(module: Any) -> dict[str, Any]:
     """What makes a stage's artefact besides its inputs: the producing module's RECIPE (bumped
     when its code writes something else) and the versions of the LIBRARIES it declares. Part of
     the stage's cache key, so after `pip install -U peft` the merge is built again, not reused.
-    A module whose libraries live in another venv names their versions in `other_versions()`."""
-    versions = tracking.versions_of(getattr(module, "LIBRARIES", ()))
-    if (other := getattr(module, "other_versions", None)) is not None:
-        versions.update(other())  # libraries outside this venv (llm-compressor's own)
-    return {"recipe": getattr(module, "RECIPE", 0), "versions": versions}
+    A quantised variant's come from its registered format (quantpipe.quantize.Format.made_by)."""
+    return {"recipe": getattr(module, "RECIPE", 0),
+            "versions": tracking.versions_of(getattr(module, "LIBRARIES", ()))}
 
 
 def quantise_key(backend_cfg: Any) -> Any:
@@ -380,20 +369,20 @@ def stage_merge(cfg: DictConfig, base: dict, adapter_: dict | None) -> dict[str,
 
 def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     """Quantise the merged FP16 model with the backend the quant config names (`_target_`)."""
-    from quantpipe.quantize import QuantContext, build_backend
+    from quantpipe.quantize import QuantContext, build_backend, format_of
     quant = OmegaConf.to_container(cfg.quant, resolve=True)
+    fmt = format_of(str(quant["backend"].get("_target_")))
     backend = build_backend(cfg.quant)
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
     fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"], quantise_key(quant["backend"]),
-                         made_by(sys.modules[getattr(backend, "func", backend).__module__]),
-                         RESULT_CONTRACT)  # a partial's function names the backend module
+                         fmt.made_by(), RESULT_CONTRACT)
     # at most 2x the FP16 input (a backend may write a full-precision copy before quantising)
     folder, prov = cached_stage(cfg, Stage.QUANTISE, fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
-    result = check_result(prov["result"], str(quant["backend"].get("_target_")))
+    result = fmt.check_result(prov["result"])
     for ds in result.get("calibration", []):
         # calibrated: the calibration text is an input of the variant, built or reused
         from quantpipe.data import load_text
@@ -403,20 +392,10 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     variant = {"path": path.resolve(), "fingerprint": fp, "folder": folder,
                "runtime": result["runtime"], "speed": result.get("speed", {"native": True}),
                "publish": result.get("publish", {})}
-    need, options = backend_need(cfg, "eval_need")
-    if need is not None:  # its speed profile
-        from quantpipe import memory
-        variant["throughput"] = need(memory.shape_of(Path(merged["path"])), **options)[0]
+    from quantpipe import memory
+    options = {k: v for k, v in quant["backend"].items() if not k.startswith("_")}
+    variant["throughput"] = fmt.eval_need(memory.shape_of(Path(merged["path"])), **options)[0]
     return variant
-
-
-def check_result(result: dict, target: str) -> dict:
-    """A backend's result must say what the pipeline needs (quantpipe/quantize/__init__.py)."""
-    missing = [k for k in ("artifact", "runtime") if k not in result]
-    if missing:
-        raise RuntimeError(f"backend {target} returned no {missing}: every backend names its "
-                           "artifact and the runtime that evaluates it")
-    return result
 
 
 def native_speed_only(metrics: dict[str, float], speed: dict) -> dict[str, float]:

@@ -141,27 +141,21 @@ RULES: dict[str, Any] = {
     "tracking.log_model_max_mb": Num(lo=0),
     "quant.name": Str(), "quant.family": Str(),
     "quant.method": Choice(("none", "dynamic", "static")),
-    "quant.bits": Num(lo=1, hi=32, null=True), "quant.publish": Str(), "quant.type": Str(),
+    "quant.bits": Num(lo=1, hi=32, null=True), "quant.publish": Str(),
     "quant.backend._target_": Str(),
     "quant.compare": Str(null=True),   # the report's static-vs-dynamic group
     "quant.control": Str(null=True),   # its uncalibrated twin: what calibration bought (report)
-    "quant.budget_mb": Num(lo=0, null=True),
 }
-# sections whose keys are the backend's own (checked by the backend) or Hydra's
-OPEN_SECTIONS = ("quant.backend", "quant.tune", "hydra")
+# sections whose keys are the backend's own (checked by the backend) or Hydra's; a format adds
+# its own quant.* keys and sections (its registration's `rules` and `open_sections`)
+OPEN_SECTIONS = ("quant.backend", "hydra")
 
 
 def check(cfg: DictConfig, with_quant: bool = True) -> None:
     """Every key of `cfg` with a rule holds an allowed value; raise ConfigError on the first
     that does not. Then the quant backend checks its own options. `with_quant=False` leaves
     quant out: a sweep's start (each job checks its own variant), `make adapter`."""
-    for key, rule in RULES.items():
-        if key.startswith("quant.") and not with_quant:
-            continue
-        present, value = _value(cfg, key)
-        if present and not rule.ok(value):
-            raise ConfigError(key, f"{_fmt(value)} is not {rule.allowed()}",
-                              f"set {key}=<{rule.allowed()}>")
+    _check_rules(cfg, {k: r for k, r in RULES.items() if with_quant or not k.startswith("quant.")})
     if not with_quant:
         return
     if "quant" not in cfg or cfg.quant is None:
@@ -169,14 +163,28 @@ def check(cfg: DictConfig, with_quant: bool = True) -> None:
         raise ConfigError("quant", "no quantisation variant chosen",
                           f"add +quant=<name>, one of: {', '.join(quant_options())}")
     from quantpipe.quantize import check_backend
-    check_backend(cfg.quant)
+    _check_rules(cfg, check_backend(cfg.quant).rules)  # the format's own quant.* keys
+
+
+def _check_rules(cfg: DictConfig, rules: dict[str, Any]) -> None:
+    for key, rule in rules.items():
+        present, value = _value(cfg, key)
+        if present and not rule.ok(value):
+            raise ConfigError(key, f"{_fmt(value)} is not {rule.allowed()}",
+                              f"set {key}=<{rule.allowed()}>")
 
 
 def unchecked_keys(cfg: DictConfig) -> list[str]:
-    """Leaf keys of `cfg` no rule covers (a test keeps this empty for conf/)."""
+    """Leaf keys of `cfg` no rule covers, the quant format's own included (a test keeps this
+    empty for conf/)."""
+    rules, sections = dict(RULES), OPEN_SECTIONS
+    if cfg.get("quant") is not None:
+        from quantpipe.quantize import format_of
+        fmt = format_of(str(cfg.quant.backend.get("_target_")))
+        rules, sections = {**rules, **fmt.rules}, sections + fmt.open_sections
     return [k for k in _leaves(OmegaConf.to_container(cfg, resolve=False), "")
-            if k not in RULES and not k.startswith(OPEN_SECTIONS)
-            and not any(k.startswith(r + ".") for r in RULES)]
+            if k not in rules and not k.startswith(sections)
+            and not any(k.startswith(r + ".") for r in rules)]
 
 
 def check_overrides(overrides: Iterable[str]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from quantpipe.errors import ConfigError
 from quantpipe.merge import TOKENIZER_FILES
-from quantpipe.quantize import options_checked_by
+from quantpipe.quantize import register
 
 log = logging.getLogger(__name__)
 # bitsandbytes warns on every CPU load that it cannot fetch optimised kernels from the hub
@@ -70,6 +70,37 @@ def save_and_verify(model, src: Path, dst: Path) -> dict:
             "metrics": {"save_reload_max_abs_logit_diff": diff}}
 
 
+def _packed(shape, bits: int) -> int:
+    return shape.fp16_bytes * bits // 16 + 2 * 2 * shape.largest  # embeddings stay FP16
+
+
+def estimate_quantize(shape, bits: int) -> int:
+    """Peak RSS of quantising through transformers: the FP16 weights are read and quantised as
+    they load, the model is saved, then reloaded beside the live one to prove the saved folder
+    matches. The FP16 shards are read memory-mapped and their pages stay in the process's RSS
+    (page cache, reclaimable): benchmarks/scale.py measured 4.31 GB at 1B (2.15 GB FP16), which
+    the packed copies alone (2.9 GiB) did not bound."""
+    from quantpipe.memory import PYTHON_TORCH
+    return PYTHON_TORCH + shape.stored_bytes + 2 * _packed(shape, bits) + 2 * 2 * shape.largest
+
+
+def eval_need(shape, bits: int, **_) -> tuple[str, int]:
+    """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
+    return "transformers-bitsandbytes", _packed(shape, bits)
+
+
+def memory_need(shape, n_ctx: int, bits: int, **_) -> list[tuple[str, int, str]]:
+    """Peak RAM of this variant's stages (quantpipe.memory): quantising with bitsandbytes, then
+    evaluating the packed folder on transformers."""
+    from quantpipe import memory
+    packed = _packed(shape, bits)
+    fix = ("run this variant on a machine with more memory (or a GPU), or drop it from the "
+           "sweep; GGUF variants quantise and evaluate in far less")
+    return [(f"bitsandbytes {bits}-bit quantisation", estimate_quantize(shape, bits), fix),
+            (f"the evaluation of the {bits}-bit variant (transformers)",
+             memory.estimate_hf_runtime(packed, shape, n_ctx), fix)]
+
+
 def _check_int8(options: dict) -> None:
     t = options["threshold"]
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0:
@@ -89,14 +120,18 @@ def _check_int4(options: dict) -> None:
                           "true or false", "set quant.backend.double_quant=true or false")
 
 
-@options_checked_by(_check_int8)
+@register(recipe=RECIPE, libraries=LIBRARIES, check_options=_check_int8,
+          memory_need=functools.partial(memory_need, bits=8),
+          eval_need=functools.partial(eval_need, bits=8))
 def quantize_int8(src: Path, dst: Path, ctx, threshold: float = 6.0) -> dict:
     from transformers import BitsAndBytesConfig
     qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)
     return save_and_verify(load_quantised(Path(src), qc), Path(src), dst)
 
 
-@options_checked_by(_check_int4)
+@register(recipe=RECIPE, libraries=LIBRARIES, check_options=_check_int4,
+          memory_need=functools.partial(memory_need, bits=4),
+          eval_need=functools.partial(eval_need, bits=4))
 def quantize_int4(src: Path, dst: Path, ctx, quant_type: str = "nf4", double_quant: bool = True,
                   compute_dtype: str = "float32") -> dict:
     from transformers import BitsAndBytesConfig
@@ -106,31 +141,3 @@ def quantize_int4(src: Path, dst: Path, ctx, quant_type: str = "nf4", double_qua
                             bnb_4bit_use_double_quant=double_quant,
                             bnb_4bit_compute_dtype=_dtype(compute_dtype))
     return save_and_verify(load_quantised(Path(src), qc), Path(src), dst)
-
-
-def _packed(shape, bits: int) -> int:
-    return shape.fp16_bytes * bits // 16 + 2 * 2 * shape.largest  # embeddings stay FP16
-
-
-def eval_need(shape, bits: int, **_) -> tuple[str, int]:
-    """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
-    return "transformers-bitsandbytes", _packed(shape, bits)
-
-
-def memory_need(shape, n_ctx: int, bits: int, **_) -> list[tuple[str, int, str]]:
-    """Peak RAM of this variant's stages (quantpipe.memory): quantising with bitsandbytes, then
-    evaluating the packed folder on transformers."""
-    from quantpipe import memory
-    packed = _packed(shape, bits)
-    fix = ("run this variant on a machine with more memory (or a GPU), or drop it from the "
-           "sweep; GGUF variants quantise and evaluate in far less")
-    return [(f"bitsandbytes {bits}-bit quantisation", memory.estimate_bnb_quantize(shape, bits), fix),
-            (f"the evaluation of the {bits}-bit variant (transformers)",
-             memory.estimate_hf_runtime(packed, shape, n_ctx), fix)]
-
-
-# each backend's own needs (quantpipe.pipeline.backend_need looks on the function first):
-# the bit width is the function's, whatever options its config spells out
-for _backend, _bits in ((quantize_int8, 8), (quantize_int4, 4)):
-    _backend.eval_need = functools.partial(eval_need, bits=_bits)
-    _backend.memory_need = functools.partial(memory_need, bits=_bits)

@@ -6,19 +6,10 @@ import shutil
 from pathlib import Path
 
 from quantpipe.artifacts import PROVENANCE
+from quantpipe.quantize import register
 
 RECIPE = 1
 LIBRARIES = ()  # the files are linked as they are: no library touches them
-
-
-def save_fp16(src: Path, dst: Path, ctx) -> dict:
-    for f in Path(src).iterdir():
-        if f.is_file() and f.name != PROVENANCE:
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
-    return {"artifact": ".", "runtime": "transformers", "metrics": {}}
 
 
 def eval_need(shape) -> tuple[str, int]:
@@ -33,3 +24,14 @@ def memory_need(shape, n_ctx: int) -> list[tuple[str, int, str]]:
              memory.estimate_hf_runtime(shape.fp16_bytes, shape, n_ctx),
              "evaluate on a machine with more memory, or drop fp16 from the sweep: the FP16 "
              "reference is scored memory-mapped by llama.cpp and needs no fp16 variant")]
+
+
+@register(recipe=RECIPE, libraries=LIBRARIES, memory_need=memory_need, eval_need=eval_need)
+def save_fp16(src: Path, dst: Path, ctx) -> dict:
+    for f in Path(src).iterdir():
+        if f.is_file() and f.name != PROVENANCE:
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+    return {"artifact": ".", "runtime": "transformers", "metrics": {}}

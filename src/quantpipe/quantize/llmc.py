@@ -39,6 +39,7 @@ from quantpipe import PROJECT_ROOT
 from quantpipe import artifacts as art
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
+from quantpipe.quantize import register
 
 log = logging.getLogger(__name__)
 ONESHOT = Path(__file__).with_name("llmc_oneshot.py")
@@ -227,6 +228,8 @@ def plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+@register(recipe=RECIPE, libraries=LIBRARIES, other_versions=other_versions,
+          check_machine=check_machine, memory_need=memory_need, eval_need=eval_need)
 def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
                   input_activations: dict | None = None, serve_activations: dict | None = None,
                   ignore: tuple = ("lm_head",), calibration: dict | None = None,

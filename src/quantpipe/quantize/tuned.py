@@ -42,12 +42,13 @@ from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate import metrics as M
 from quantpipe.memory import own_peak_mb
-from quantpipe.quantize import options_checked_by
+from quantpipe.quantize import register
 from quantpipe.quantize.gguf import eval_need as gguf_eval_need
 from quantpipe.quantize.gguf import f16_gguf, ftype_of, gguf_publish, llama_quantize, smoke
 from quantpipe.quantize.gguf import memory_need as gguf_memory_need
 from quantpipe.quantize.imatrix import cached_imatrix, imatrix_settings
 from quantpipe.quantize.llmc import llmc_python, run_isolated
+from quantpipe.schema import Num, Str
 from quantpipe.tools import run_tool, tool_path
 
 log = logging.getLogger(__name__)
@@ -366,7 +367,41 @@ def autoround_candidate(src: Path, ctx, type: str, settings: dict, text: str,
     return folder / "model.gguf", prov["result"]["metrics"], reused
 
 
-@options_checked_by(_check)
+def eval_need(shape, type: str = "q4_k_m", **_) -> tuple[str, int]:
+    """(runtime, weight bytes) of the evaluation: a GGUF of about `type`'s size."""
+    return gguf_eval_need(shape, type)
+
+
+def check_machine(tools: Path, tune: dict | None = None, **_) -> None:
+    """Before any stage: llama.cpp's llama-quantize and llama-imatrix (make tools), and, when
+    AutoRound competes, llm-compressor's environment (make llmc)."""
+    for name in ("llama-quantize", "llama-imatrix"):
+        tool_path(tools, name)
+    if "autoround" in tune_settings(_plain(tune or {}))["methods"]:
+        llmc_python()
+
+
+def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None,
+                tune: dict | None = None, **_) -> list[tuple[str, int, str]]:
+    """Peak RAM of the stages (quantpipe.memory): the GGUF route's (convert, imatrix, quantise,
+    evaluate), the search's scoring runtimes (llama.cpp, memory-mapped: as imatrix), and
+    AutoRound's float32 copy of the model when it competes."""
+    from quantpipe import memory
+    needs = gguf_memory_need(shape, n_ctx, type, imatrix or {"n_ctx": 256})
+    if "autoround" in tune_settings(_plain(tune or {}))["methods"]:
+        needs.append(("AutoRound's GGUF export (the model in float32)",
+                      memory.estimate_hf_runtime(2 * shape.fp16_bytes, shape, n_ctx),
+                      "quant.tune.methods=[sensitivity] leaves AutoRound out (the search runs "
+                      "memory-mapped), or tune on a machine with more memory"))
+    return needs
+
+
+# libraries=(): its cache key has held no library versions since RECIPE 1 (the F16 GGUF, the
+# importance matrix and AutoRound's export it starts from are cached with their own)
+@register(recipe=RECIPE, libraries=(), check_options=_check, check_machine=check_machine,
+          memory_need=memory_need, eval_need=eval_need,
+          rules={"quant.type": Str(), "quant.budget_mb": Num(lo=0, null=True)},
+          open_sections=("quant.tune",))
 def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: float | None = None,
                    imatrix: dict | None = None, tune: dict | None = None) -> dict:
     """The quant backend (conf/quant/gguf_tuned.yaml): see the module docstring."""
@@ -466,35 +501,6 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
             "runtime": "llama.cpp", "publish": gguf_publish(),
             "calibration": [{"name": "calibration-text", "text_file": imatrix.get("text_file"),
                              "split": "calib", "key": "quant.backend.imatrix.text_file"}]}
-
-
-def eval_need(shape, type: str = "q4_k_m", **_) -> tuple[str, int]:
-    """(runtime, weight bytes) of the evaluation: a GGUF of about `type`'s size."""
-    return gguf_eval_need(shape, type)
-
-
-def check_machine(tools: Path, tune: dict | None = None, **_) -> None:
-    """Before any stage: llama.cpp's llama-quantize and llama-imatrix (make tools), and, when
-    AutoRound competes, llm-compressor's environment (make llmc)."""
-    for name in ("llama-quantize", "llama-imatrix"):
-        tool_path(tools, name)
-    if "autoround" in tune_settings(_plain(tune or {}))["methods"]:
-        llmc_python()
-
-
-def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = None,
-                tune: dict | None = None, **_) -> list[tuple[str, int, str]]:
-    """Peak RAM of the stages (quantpipe.memory): the GGUF route's (convert, imatrix, quantise,
-    evaluate), the search's scoring runtimes (llama.cpp, memory-mapped: as imatrix), and
-    AutoRound's float32 copy of the model when it competes."""
-    from quantpipe import memory
-    needs = gguf_memory_need(shape, n_ctx, type, imatrix or {"n_ctx": 256})
-    if "autoround" in tune_settings(_plain(tune or {}))["methods"]:
-        needs.append(("AutoRound's GGUF export (the model in float32)",
-                      memory.estimate_hf_runtime(2 * shape.fp16_bytes, shape, n_ctx),
-                      "quant.tune.methods=[sensitivity] leaves AutoRound out (the search runs "
-                      "memory-mapped), or tune on a machine with more memory"))
-    return needs
 
 
 def _plain(value):
