@@ -1,6 +1,7 @@
 """Effective CPU throughput of the evaluation's transformers runtime at a real model's width: the
-figures quantpipe.evaluate.THROUGHPUT uses to estimate an evaluation's time (its ETA, and the
-refusal before any stage of a variant that cannot finish within eval.max_minutes).
+figures of the runtimes' Throughput (quantpipe.evaluate.runtimes) that estimate an evaluation's
+time (its ETA, and the refusal before any stage of a variant that cannot finish within
+eval.max_minutes).
 
     .venv/bin/python benchmarks/cpu_throughput.py                      # 7B width, ~5 min
     .venv/bin/python benchmarks/cpu_throughput.py --size 1b --formats fp16,nf4
@@ -8,7 +9,7 @@ refusal before any stage of a variant that cannot finish within eval.max_minutes
 A Llama of the --size shape (benchmarks/scale.py's SHAPES: 7B = hidden 4096, FFN 11008, untied
 output) but only --layers layers, random FP16 weights, saved once; int8 / nf4 folders are made
 from it by the pipeline's own bitsandbytes backends. Each format is then opened in a fresh child
-process by the evaluation's own runtime (quantpipe.evaluate.runtimes.HFRuntime) and timed:
+process by the evaluation's own runtime (quantpipe.evaluate.transformers_runtime.HFRuntime) and timed:
 
   prefill  one window of --tokens tokens (window_logits, as perplexity scoring does), best of
            --repeats: FLOP/s = 2 x matmul parameters x tokens / seconds
@@ -37,7 +38,7 @@ import json, sys, time
 import numpy as np
 sys.path.insert(0, "src")
 from pathlib import Path
-from quantpipe.evaluate.runtimes import HFRuntime
+from quantpipe.evaluate.transformers_runtime import HFRuntime
 folder, tokens, decode, repeats, threads, matmul_params, matmul_bytes = sys.argv[1:8]
 tokens, decode, repeats, threads = int(tokens), int(decode), int(repeats), int(threads)
 rt = HFRuntime(Path(folder), threads)

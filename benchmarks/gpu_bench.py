@@ -172,7 +172,7 @@ def quant_config(torch, variant: str, compute_dtype):
 
 def make_runtime(model):
     """HFRuntime's prefill/step/sync (the pipeline's speed protocol) over a model in memory."""
-    from quantpipe.evaluate.runtimes import HFRuntime
+    from quantpipe.evaluate.transformers_runtime import HFRuntime
 
     class ModelRuntime(HFRuntime):
         def __init__(self, model):  # noqa: D107  (HFRuntime's own __init__ loads from a folder)

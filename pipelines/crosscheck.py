@@ -35,7 +35,7 @@ from quantpipe import PROJECT_ROOT, tracking
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
 from quantpipe.evaluate import metrics as M
-from quantpipe.evaluate.runtimes import LlamaCppRuntime
+from quantpipe.evaluate.llama_cpp_runtime import LlamaCppRuntime
 from quantpipe.evaluate.worker import measure_speed, score
 from quantpipe.names import Kind, Metric, Tag
 from quantpipe.tools import run_tool, tool_path

@@ -266,7 +266,7 @@ def write_gguf(path: Path) -> None:
 
 @pytest.mark.parametrize("damage", ["truncated tail", "truncated header", "not gguf"])
 def test_broken_gguf_is_refused_before_llama_cpp_loads_it(tmp_path, damage):
-    from quantpipe.evaluate import check_gguf
+    from quantpipe.evaluate.llama_cpp_runtime import check_gguf
     f = tmp_path / "model.gguf"
     write_gguf(f)
     check_gguf(f)  # the intact file passes

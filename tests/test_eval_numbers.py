@@ -85,7 +85,7 @@ def test_the_reference_model_reproduces_its_own_continuations(tiny_base, tmp_pat
     from transformers import AutoTokenizer
 
     from quantpipe.data import topics_text
-    from quantpipe.evaluate.runtimes import HFRuntime
+    from quantpipe.evaluate.transformers_runtime import HFRuntime
     from quantpipe.evaluate.worker import greedy_continuations, run_reference
     ids = np.array(AutoTokenizer.from_pretrained(tiny_base)(topics_text("eval")[:4000])[
         "input_ids"], dtype=np.int32)

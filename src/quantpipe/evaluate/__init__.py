@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -33,7 +34,7 @@ from quantpipe import artifacts as art
 from quantpipe import memory
 from quantpipe.data import load_text
 from quantpipe.errors import ConfigError
-from quantpipe.evaluate import harness
+from quantpipe.evaluate import harness, runtimes
 from quantpipe.evaluate import vllm_runtime as vllm
 from quantpipe.evaluate.finetune import score_base
 from quantpipe.evaluate.metrics import first_scored, windows
@@ -41,42 +42,20 @@ from quantpipe.evaluate.tasks import load_tasks
 from quantpipe.names import Metric, Tag
 
 log = logging.getLogger(__name__)
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # bump when the worker's protocol or metrics change: cached evaluations are then recomputed
 EVAL_RECIPE = "eval-3"
-# the runtimes' libraries: a new llama.cpp or transformers recomputes the cached figures
-LIBRARIES = ("llama_cpp_python", "transformers", "bitsandbytes", "torch", "numpy")
-REFERENCE_RUNTIMES = ("llama.cpp", "transformers", "transformers-float32")
 SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
               Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX, Metric.PEAK_RSS_MB,
               Metric.PEAK_GPU_MB)
 
 
 def weights_size(path: Path) -> int:
-    return art.size_bytes(path, None if Path(path).is_file() else WEIGHT_SUFFIXES)
+    return art.size_bytes(path, None if Path(path).is_file() else runtimes.weight_suffixes())
 
 
-def check_gguf(path: Path) -> None:
-    """Refuse a file that is not a complete GGUF before llama.cpp opens it: llama.cpp reads a
-    truncated file through mmap and can crash the worker with no useful message. Checks the
-    magic, then parses every header, key and tensor record with the gguf package and checks the
-    file holds each tensor's bytes."""
-    import gguf
-    path = Path(path)
-    fix = ("delete it (and its cache folder under artifacts/quantise/) and run the pipeline "
-           "again to rebuild it")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ConfigError(str(path), f"is not a GGUF file (starts with {magic!r}, not b'GGUF')", fix)
-    try:
-        reader = gguf.GGUFReader(str(path), "r")
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except (ValueError, IndexError, KeyError, OSError) as e:
-        raise ConfigError(str(path), f"is truncated or corrupt ({e})", fix) from e
-    size = path.stat().st_size
-    if end > size:
-        raise ConfigError(str(path), f"is truncated: {size} bytes, its tensors need {end}", fix)
+def libraries() -> tuple[str, ...]:
+    """The runtimes' libraries: a new llama.cpp or transformers recomputes the cached figures."""
+    return (*runtimes.libraries(), "numpy")
 
 
 def run_worker(spec: dict, need: int, limit_gb: float | None, what: str) -> None:
@@ -120,9 +99,9 @@ def _wait_sampling(proc: subprocess.Popen) -> tuple[int, float]:
 def _memory_fix(spec: dict) -> str:
     return ("evaluate on a machine with more memory, lower eval.n_ctx, drop this variant from "
             "the sweep, or score the reference with eval.reference_runtime=llama.cpp (memory-"
-            "mapped F16 GGUF)" if spec.get("mode") == "reference" else
+            "mapped F16 file)" if spec.get("mode") == "reference" else
             "evaluate on a machine with more memory (or a GPU), lower eval.n_ctx, or drop this "
-            "variant from the sweep; GGUF variants run memory-mapped in far less")
+            "variant from the sweep; variants on llama.cpp run memory-mapped in far less")
 
 
 def prepare_ids(cfg: DictConfig, merged: Path, text: str) -> tuple[np.ndarray, int | None]:
@@ -170,7 +149,7 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
     text_fp = art.fingerprint(text)
     tasks = load_tasks(e.tasks_file)
     lm = harness.check(cfg)  # lm-eval tasks (None: none asked for)
-    versions = tracking.versions_of(LIBRARIES)
+    versions = tracking.versions_of(libraries())
     key = art.fingerprint("evaluation", EVAL_RECIPE, versions, variant["fingerprint"],
                           merged["fingerprint"],
                           base and base["fingerprint"], _protocol(cfg), e.reference_runtime,
@@ -211,12 +190,12 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     e = cfg.eval
     vpath = Path(variant["path"])
     runtime = variant["runtime"]  # the backend's result names it
-    if runtime == "llama.cpp":  # refuse a broken file before any worker runs
-        check_gguf(vpath)
+    rt = runtimes.get(runtime)
+    rt.check_artifact(vpath)  # refuse a broken artefact before any worker runs
     shape = memory.shape_of(merged["path"])
     ids, bos = prepare_ids(cfg, merged["path"], text)
     # the variant's budget first: refused before the reference is scored for it
-    # the backend's speed profile (a THROUGHPUT key, e.g. transformers-bitsandbytes) if it names one
+    # the format's own speed profile (its eval_need) where it gives one, else its runtime's
     check_budget(vpath, variant.get("throughput", runtime), shape, cfg,
                  len(windows(ids, e.n_ctx, e.n_windows, bos)),
                  f"the evaluation of {vpath.name}")
@@ -227,21 +206,16 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
                                                          "FP16 tasks")),
               "base": base and str(harness.task_scores(cfg, base, merged, lm, ref, bos, shape,
                                                        "base tasks (no adapter)"))}
-    base_spec = {**_protocol(cfg), "bos": bos, "max_seconds": budget_s(cfg),
-                 "speed": OmegaConf.to_container(e.speed), "sample": OmegaConf.to_container(e.sample),
-                 "ci": OmegaConf.to_container(e.ci), "tasks": tasks,
-                 "tasks_max_new_tokens": e.tasks_max_new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "metrics.json"
-        run_worker({**base_spec, "mode": "variant", "artifact": str(vpath),
-                    "desc": f"score {cfg.quant.name}",  # a folder variant is named by its digest
-                    "ids": str(ref / "ids.npy"), "reference": str(ref / "reference.npz"),
-                    "runtime": runtime,
-                    "out": str(out), "text": text if runtime == "llama.cpp" else None,
-                    "base_nll": base_nll and str(base_nll), "lm_eval": lm,
-                    "tokenizer": str(merged["path"])},
-                   runtime_need(vpath, runtime, shape, e.n_ctx), cfg.memory.limit_gb,
-                   f"the evaluation of {vpath.name}")
+        run_job(cfg, "variant", vpath, runtime, out, shape, f"the evaluation of {vpath.name}",
+                bos=bos, speed=OmegaConf.to_container(e.speed),
+                sample=OmegaConf.to_container(e.sample), ci=OmegaConf.to_container(e.ci),
+                tasks=tasks, tasks_max_new_tokens=e.tasks_max_new_tokens,
+                desc=f"score {cfg.quant.name}",  # a folder variant is named by its digest
+                ids=str(ref / "ids.npy"), reference=str(ref / "reference.npz"),
+                text=text if rt.checks_tokenizer else None,
+                base_nll=base_nll and str(base_nll), lm_eval=lm, tokenizer=str(merged["path"]))
         result = json.loads(out.read_text())
     metrics = result["metrics"]
     fp16_bytes = weights_size(merged["path"])
@@ -258,7 +232,7 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
         if "vllm_ppl" in got:
             got["vllm_ppl_diff_pct"] = 100 * (got["vllm_ppl"] / metrics["ppl"] - 1)
         metrics.update(got)
-    elif vllm.mode(cfg) == "auto" and runtime != "llama.cpp":  # said, not silently dropped
+    elif vllm.mode(cfg) == "auto" and vllm.serves(runtime):  # said, not silently dropped
         vllm_tags = {"vllm.skipped": f"no vLLM environment: {vllm.FIX}"}
     ref_meta = json.loads((ref / "reference.json").read_text())
     scored = (f"{int(metrics[Metric.EVAL_WINDOWS_SCORED])} of "
@@ -270,20 +244,6 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
             "lm_eval_samples": result.get("lm_eval_samples"), "vllm_tags": vllm_tags}
 
 
-# Effective speed on this project's reference machine, per runtime or backend speed profile
-# (a backend's eval_need names its key) (2 cores, AVX2): prompt processing in
-# FLOP/s (2 x parameters per token) and decoding in weight bytes read per second ("file": the
-# variant's own bytes; "fp16": the model's FP16 bytes, for runtimes that dequantise to compute).
-# llama.cpp: llama-bench pp128 / tg64 on SmolLM2-135M at 2 threads (545 tok/s x 0.27 GFLOP;
-# 12-15 GB/s). transformers: benchmarks/cpu_throughput.py at 7B width (README "Evaluation at
-# scale"): FP16 27.7 GFLOP/s, 20.4 GB/s; bitsandbytes int8 / nf4 (float32 compute) 52 GFLOP/s,
-# and 1.5-1.7 GB/s of FP16 bytes decoding, 1.0 GB/s once the benchmark's unquantised lm_head
-# is taken out (its share of a 7B is 3 %, of the benchmark's 2 layers a third).
-THROUGHPUT = {"llama.cpp": (140e9, 12e9, "file"),
-              "transformers": (27e9, 20e9, "fp16"),
-              "transformers-bitsandbytes": (52e9, 1.0e9, "fp16")}
-
-
 def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictConfig,
                      n_windows: int, speed: bool = True) -> float:
     """Rough wall time of one worker on `path`: see estimate_seconds_for."""
@@ -292,7 +252,8 @@ def estimate_seconds(path: Path, runtime: str, shape: memory.Shape, cfg: DictCon
 
 def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfig,
                          n_windows: int, speed: bool = True) -> float:
-    """Rough wall time of one worker on `weights` bytes (`runtime` a THROUGHPUT key): loading
+    """Rough wall time of one worker on `weights` bytes (`runtime` a runtime's name or a format's
+    own Throughput, quantpipe.evaluate.runtimes): loading
     (disk at ~1 GB/s), the chat sample and the speed runs, then `n_windows` windows, the
     greedy continuations of the generation prompts and the answers to eval.tasks_file's prompts
     (both decoded token by token: at 3B on CPU, bitsandbytes' 8 x 16 generation tokens alone
@@ -300,7 +261,7 @@ def estimate_seconds_for(weights: int, runtime: str, shape: memory.Shape, cfg: D
     what cannot fit the budget. The lm-eval tasks are not in it (task_seconds): their cost is
     bounded by eval.lm_eval.limit, not by eval.max_minutes."""
     e = cfg.eval
-    flops, bps, decode_bytes = THROUGHPUT[runtime]
+    _, flops, bps, decode_bytes = runtimes.throughput_of(runtime)
     read = weights if decode_bytes == "file" else shape.fp16_bytes
     per_token = 2 * shape.n_params / flops
     decode_token = read / bps
@@ -323,7 +284,8 @@ def task_seconds(weights: int, runtime: str, shape: memory.Shape, cfg: DictConfi
     and 215 s)."""
     if requests is None:  # `requests`: harness.estimate_requests, when the caller has it
         requests = harness.estimate_requests(harness.settings(cfg))
-    return requests * harness.REQUEST_TOKENS * 2 * shape.n_params / THROUGHPUT[runtime][0]
+    return (requests * harness.REQUEST_TOKENS * 2 * shape.n_params
+            / runtimes.throughput_of(runtime).flops)
 
 
 def n_tasks(tasks_file: str | None) -> int:
@@ -350,17 +312,45 @@ def refuse_over_budget(least_s: float, cfg: DictConfig, what: str) -> None:
                           f"speed runs, generation prompts and one window alone (estimate), over "
                           f"twice the budget of {cfg.eval.max_minutes} min",
                           "raise eval.max_minutes, evaluate on a GPU or a faster machine, or "
-                          "drop this variant; GGUF variants run several times faster on CPU")
+                          "drop this variant; variants on llama.cpp run several times faster on CPU")
 
 
-def runtime_need(path: Path, runtime: str, shape: memory.Shape, n_ctx: int,
-                 float32: bool = False) -> int:
-    """Estimated peak RSS of a worker evaluating `path` (a GGUF file or an HF folder)."""
-    path = Path(path)
-    if runtime == "llama.cpp":
-        return memory.estimate_gguf_file_runtime(path.stat().st_size, shape, n_ctx)
-    weights = weights_size(path) * (2 if float32 else 1)
-    return memory.estimate_hf_runtime(weights, shape, n_ctx)
+def run_job(cfg: DictConfig, mode: str, artifact: Path, runtime: str, out: Path,
+            shape: memory.Shape, what: str, float32: bool = False, **fields) -> None:
+    """One worker job, one spec for every mode (variant, reference, tasks, speed): the
+    evaluation's protocol, the artefact and the runtime that opens it, where to write, then
+    the mode's own `fields`. Its peak memory is the runtime's estimate, refused up front when
+    it cannot fit."""
+    spec = {**_protocol(cfg), "bos": None, "max_seconds": budget_s(cfg), "text": None,
+            "mode": mode, "artifact": str(artifact), "runtime": runtime, "float32": float32,
+            "out": str(out), **fields}
+    need = runtimes.get(runtime).memory_for(weights_size(artifact), shape, cfg.eval.n_ctx,
+                                            float32)
+    run_worker(spec, need, cfg.memory.limit_gb, what)
+
+
+def reference_pass(cfg: DictConfig, kind: str, fp: str, model: dict, inputs: dict, label: str,
+                   shape: memory.Shape, ids_file: Callable[[Path], Path], n_windows: int,
+                   out_name: str, bos: int | None, finish: Callable[[Path, Path], dict],
+                   **fields) -> tuple[Path, bool]:
+    """`model` scored on the FP16 reference's runtime (eval.reference_runtime) over the
+    evaluation's windows, cached under artifacts/<kind>/<fp>/<out_name>: the FP16 reference
+    itself (top-k log-probs) and the base model's NLL take this one path. `ids_file(tmp)` is
+    where the token ids lie, `finish(tmp, artifact)` the cache entry's result."""
+    setting = str(cfg.eval.reference_runtime)
+    rt, float32 = runtimes.reference_runtime(setting)
+    what = f"{label} ({setting})"
+
+    def build(tmp: Path) -> dict:
+        artifact = rt.reference_artifact(cfg, model)
+        ids = ids_file(tmp)
+        check_budget(artifact, rt.name, shape, cfg, n_windows, what, speed=False)
+        run_job(cfg, "reference", artifact, rt.name, tmp / out_name, shape, what, float32,
+                bos=bos, ids=str(ids), **fields)
+        return finish(tmp, artifact)
+
+    folder, _, reused = art.ensure_cached(Path(cfg.paths.artifacts), kind, fp, build, inputs)
+    return folder, reused
 
 
 def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
@@ -368,54 +358,37 @@ def reference(cfg: DictConfig, merged: dict, ids: np.ndarray, bos: int | None,
     """The cached FP16 reference folder (ids.npy, reference.npz, reference.json)."""
     e = cfg.eval
     runtime = str(e.reference_runtime)
-    if runtime not in REFERENCE_RUNTIMES:
+    if runtime not in runtimes.reference_settings():
         raise ConfigError("eval.reference_runtime", f"{runtime!r} is not a reference runtime",
-                          f"choose one of {', '.join(REFERENCE_RUNTIMES)}")
-    protocol = {**_protocol(cfg), "bos": bos}
+                          f"choose one of {', '.join(runtimes.reference_settings())}")
     from quantpipe.tracking import versions_of
-    fp = art.fingerprint("reference", EVAL_RECIPE, versions_of(LIBRARIES), merged["fingerprint"],
-                         protocol, runtime, text_fp)
+    fp = art.fingerprint("reference", EVAL_RECIPE, versions_of(libraries()), merged["fingerprint"],
+                         {**_protocol(cfg), "bos": bos}, runtime, text_fp)
+    n_planned = int(len(windows(ids, e.n_ctx, e.n_windows, bos)))
 
-    def build(tmp: Path) -> dict:
-        artifact = reference_artifact(cfg, merged)
+    def save_ids(tmp: Path) -> Path:
         np.save(tmp / "ids.npy", ids)
-        float32 = runtime == "transformers-float32"
-        n_planned = int(len(windows(ids, e.n_ctx, e.n_windows, bos)))
-        rt = runtime_of(runtime)
-        check_budget(artifact, rt, shape, cfg, n_planned, f"the FP16 reference ({runtime})", False)
-        run_worker({**protocol, "mode": "reference", "artifact": str(artifact), "float32": float32,
-                    "runtime": rt,
-                    "max_seconds": budget_s(cfg), "ids": str(tmp / "ids.npy"),
-                    "out": str(tmp / "reference.npz"), "text": None},
-                   runtime_need(artifact, rt, shape, e.n_ctx, float32), cfg.memory.limit_gb,
-                   f"the FP16 reference ({runtime})")
+        return tmp / "ids.npy"
+
+    def finish(tmp: Path, artifact: Path) -> dict:
         meta = {"runtime": runtime, "artifact": Path(artifact).name,
                 "n_windows_planned": n_planned}
         (tmp / "reference.json").write_text(json.dumps(meta))
         return meta
 
-    folder, _, reused = art.ensure_cached(Path(cfg.paths.artifacts), "reference", fp, build,
-                                          {"merged": merged["fingerprint"], "text_source": source})
+    folder, reused = reference_pass(cfg, "reference", fp, merged,
+                                    {"merged": merged["fingerprint"], "text_source": source},
+                                    "the FP16 reference", shape, save_ids, n_planned,
+                                    "reference.npz", bos, finish)
     log.info("reference: %s %s", "reusing" if reused else "built", folder)
     return folder
 
 
-def runtime_of(reference_runtime: str) -> str:
-    """The worker runtime of an eval.reference_runtime setting."""
-    return "llama.cpp" if reference_runtime == "llama.cpp" else "transformers"
-
-
 def reference_artifact(cfg: DictConfig, model: dict) -> Path:
-    """What a reference pass (the merged model's, or the base's for fine-tune retention) runs
-    on: the model's F16 GGUF for llama.cpp (converted once; the merged model's is the one the
-    GGUF variants are quantised from), the Hugging Face folder itself for transformers."""
-    if cfg.eval.reference_runtime != "llama.cpp":
-        return Path(model["path"])
-    from quantpipe.quantize import QuantContext
-    from quantpipe.quantize.gguf import f16_gguf
-    ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
-                       src_fingerprint=model["fingerprint"], threads=cfg.threads)
-    return f16_gguf(Path(model["path"]), ctx)
+    """What a reference pass of `model` (the merged model's, or the base's for fine-tune
+    retention) runs on, as eval.reference_runtime's runtime builds it."""
+    rt, _ = runtimes.reference_runtime(str(cfg.eval.reference_runtime))
+    return rt.reference_artifact(cfg, model)
 
 
 def _remeasure_speed(cfg, merged: dict, variant: dict, folder: Path) -> dict:
@@ -428,13 +401,9 @@ def _remeasure_speed(cfg, merged: dict, variant: dict, folder: Path) -> dict:
         text, _ = load_text(e.text_file, "eval", "eval.text_file")
         np.save(ids, prepare_ids(cfg, merged["path"], text)[0])
         out = Path(tmp) / "metrics.json"
-        run_worker({**_protocol(cfg), "bos": None, "mode": "speed", "artifact": str(vpath),
-                    "ci": {}, "tasks": None, "runtime": variant["runtime"],
-                    "ids": str(ids), "out": str(out), "text": None,
-                    "speed": OmegaConf.to_container(e.speed),
-                    "sample": OmegaConf.to_container(e.sample)},
-                   runtime_need(vpath, variant["runtime"], shape, e.n_ctx), cfg.memory.limit_gb,
-                   f"the speed measurement of {vpath.name}")
+        run_job(cfg, "speed", vpath, variant["runtime"], out, shape,
+                f"the speed measurement of {vpath.name}", ci={}, tasks=None, ids=str(ids),
+                speed=OmegaConf.to_container(e.speed), sample=OmegaConf.to_container(e.sample))
         speed = {k: v for k, v in json.loads(out.read_text())["metrics"].items() if k in SPEED_KEYS}
     art.write_json(folder / "speed.json", speed)
     return speed

@@ -211,32 +211,20 @@ def task_scores(cfg: DictConfig, model: dict, merged: dict, s: dict, ref: Path,
     `model` is the merged model (the FP16 side of every paired delta) or the base model (the
     fine-tune's start, for task retention)."""
     from quantpipe import tracking
-    from quantpipe.evaluate import (
-        reference_artifact,
-        run_worker,
-        runtime_need,
-        runtime_of,
-        task_seconds,
-        weights_size,
-    )
+    from quantpipe.evaluate import run_job, runtimes, task_seconds, weights_size
     runtime = str(cfg.eval.reference_runtime)
     fp = art.fingerprint("task-scores", model["fingerprint"], merged["fingerprint"], s, runtime,
                          cfg.eval.n_ctx, bos, tracking.versions_of(LIBRARIES))
 
     def build(tmp: Path) -> dict:
-        artifact = reference_artifact(cfg, model)
-        rt = runtime_of(runtime)
-        float32 = runtime == "transformers-float32"
+        rt, float32 = runtimes.reference_runtime(runtime)
+        artifact = rt.reference_artifact(cfg, model)
         log.info("%s: about %.0f min estimated for %d lm-eval requests", desc,
-                 task_seconds(weights_size(artifact), rt, shape, cfg) / 60,
+                 task_seconds(weights_size(artifact), rt.name, shape, cfg) / 60,
                  estimate_requests(s))
-        run_worker({"mode": "tasks", "artifact": str(artifact), "runtime": rt,
-                    "float32": float32, "ids": str(ref / "ids.npy"), "n_ctx": cfg.eval.n_ctx,
-                    "n_windows": 1, "bos": bos, "threads": cfg.threads, "text": None,
-                    "desc": desc, "tokenizer": str(merged["path"]), "lm_eval": s,
-                    "out": str(tmp / "tasks.json")},
-                   runtime_need(artifact, rt, shape, cfg.eval.n_ctx, float32),
-                   cfg.memory.limit_gb, desc)
+        run_job(cfg, "tasks", artifact, rt.name, tmp / "tasks.json", shape, desc, float32,
+                ids=str(ref / "ids.npy"), n_windows=1, bos=bos, desc=desc,
+                tokenizer=str(merged["path"]), lm_eval=s)
         return {"runtime": runtime}
 
     folder, _, reused = art.ensure_cached(Path(cfg.paths.artifacts), "task-scores", fp, build,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from quantpipe.evaluate import metrics as M
-from quantpipe.evaluate.runtimes import HFRuntime, LlamaCppRuntime
+from quantpipe.evaluate.llama_cpp_runtime import LlamaCppRuntime
+from quantpipe.evaluate.transformers_runtime import HFRuntime
 
 
 def compare(merged: Path, f16_gguf: Path, wins: np.ndarray, threads: int | None) -> dict:

@@ -64,7 +64,12 @@ def check(cfg: DictConfig) -> None:
 def wanted(cfg: DictConfig, runtime: str) -> bool:
     """vLLM scores Hugging Face folders (fp16, compressed-tensors, bitsandbytes: it says itself
     which it cannot load); GGUF files stay with llama.cpp."""
-    return mode(cfg) != "false" and runtime != "llama.cpp" and available()
+    return mode(cfg) != "false" and serves(runtime) and available()
+
+
+def serves(runtime: str) -> bool:
+    """vLLM loads what transformers loads (Hugging Face folders), not llama.cpp's files."""
+    return runtime != "llama.cpp"
 
 
 def versions() -> dict[str, str]:

@@ -120,6 +120,10 @@ class Format:
         if missing:
             raise RuntimeError(f"backend {self.target} returned no {missing}: every backend "
                                "names its artifact and the runtime that evaluates it")
+        from quantpipe.evaluate.runtimes import runtime_names
+        if result["runtime"] not in runtime_names():
+            raise RuntimeError(f"backend {self.target} names runtime {result['runtime']!r}, not "
+                               f"one of the registered {', '.join(runtime_names())}")
         return result
 
 

@@ -84,21 +84,26 @@ def estimate_quantize(shape, bits: int) -> int:
     return PYTHON_TORCH + shape.stored_bytes + 2 * _packed(shape, bits) + 2 * 2 * shape.largest
 
 
-def eval_need(shape, bits: int, **_) -> tuple[str, int]:
-    """(runtime, weight bytes) of the evaluation, for the time estimate before any stage."""
-    return "transformers-bitsandbytes", _packed(shape, bits)
+def eval_need(shape, bits: int, **_):
+    """(speed profile, weight bytes) of the evaluation, for the time estimate before any stage.
+    bitsandbytes int8 / nf4 on transformers (float32 compute), benchmarks/cpu_throughput.py at
+    7B width: 52 GFLOP/s, and 1.5-1.7 GB/s of FP16 bytes decoding, 1.0 GB/s once the
+    benchmark's unquantised lm_head is taken out (its share of a 7B is 3 %, of the benchmark's
+    2 layers a third)."""
+    from quantpipe.evaluate.runtimes import Throughput
+    return Throughput("transformers-bitsandbytes", 52e9, 1.0e9, "fp16"), _packed(shape, bits)
 
 
 def memory_need(shape, n_ctx: int, bits: int, **_) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): quantising with bitsandbytes, then
     evaluating the packed folder on transformers."""
-    from quantpipe import memory
+    from quantpipe.evaluate.transformers_runtime import HFRuntime
     packed = _packed(shape, bits)
     fix = ("run this variant on a machine with more memory (or a GPU), or drop it from the "
            "sweep; GGUF variants quantise and evaluate in far less")
     return [(f"bitsandbytes {bits}-bit quantisation", estimate_quantize(shape, bits), fix),
             (f"the evaluation of the {bits}-bit variant (transformers)",
-             memory.estimate_hf_runtime(packed, shape, n_ctx), fix)]
+             HFRuntime.memory_for(packed, shape, n_ctx), fix)]
 
 
 def _check_int8(options: dict) -> None:

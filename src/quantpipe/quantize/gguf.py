@@ -166,16 +166,16 @@ def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = 
                 ) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): convert, (imatrix,) quantise,
     evaluate. llama.cpp memory-maps the GGUF, so evaluation needs about the file's size."""
-    from quantpipe import memory
+    from quantpipe.evaluate.llama_cpp_runtime import LlamaCppRuntime
     fix = "run it on a machine with more memory, or drop this variant from the sweep"
     needs = [("the F16 GGUF conversion", estimate_convert(shape), fix),
              (f"llama.cpp quantisation to {type}", estimate_llama_quantize(shape), fix)]
     if imatrix:
-        needs.append(("llama-imatrix on the F16 GGUF", memory.estimate_gguf_file_runtime(
+        needs.append(("llama-imatrix on the F16 GGUF", LlamaCppRuntime.memory_for(
             shape.fp16_bytes, shape, int(imatrix.get("n_ctx", 512))), fix))
     file_bytes = int(shape.n_params * _bits_upper(type) / 8)
     needs.append((f"the evaluation of the {type} GGUF (llama.cpp)",
-                  memory.estimate_gguf_file_runtime(file_bytes, shape, n_ctx), fix))
+                  LlamaCppRuntime.memory_for(file_bytes, shape, n_ctx), fix))
     return needs
 
 

@@ -19,9 +19,9 @@ def eval_need(shape) -> tuple[str, int]:
 
 def memory_need(shape, n_ctx: int) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): evaluating FP16 on transformers."""
-    from quantpipe import memory
+    from quantpipe.evaluate.transformers_runtime import HFRuntime
     return [("the evaluation of the FP16 variant (transformers)",
-             memory.estimate_hf_runtime(shape.fp16_bytes, shape, n_ctx),
+             HFRuntime.memory_for(shape.fp16_bytes, shape, n_ctx),
              "evaluate on a machine with more memory, or drop fp16 from the sweep: the FP16 "
              "reference is scored memory-mapped by llama.cpp and needs no fp16 variant")]
 

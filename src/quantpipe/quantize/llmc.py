@@ -213,13 +213,13 @@ def check_machine(tools: Path, **_) -> None:
 def memory_need(shape, n_ctx: int, **_) -> list[tuple[str, int, str]]:
     """Peak RAM of this variant's stages (quantpipe.memory): the calibration holds the model in
     float32 (COMPUTE_DTYPE), the evaluation the decompressed FP16 weights."""
-    from quantpipe import memory
+    from quantpipe.evaluate.transformers_runtime import HFRuntime
     fix = ("calibrate on a machine with more memory (llm-compressor on a GPU), or drop this "
            "variant; GGUF variants quantise in far less")
     return [(f"llm-compressor calibration ({COMPUTE_DTYPE})",
-             memory.estimate_hf_runtime(2 * shape.fp16_bytes, shape, n_ctx), fix),
+             HFRuntime.memory_for(2 * shape.fp16_bytes, shape, n_ctx), fix),
             ("the evaluation of the decompressed folder (transformers)",
-             memory.estimate_hf_runtime(shape.fp16_bytes, shape, n_ctx), fix)]
+             HFRuntime.memory_for(shape.fp16_bytes, shape, n_ctx), fix)]
 
 
 def plain(value):

@@ -180,7 +180,7 @@ class CalibScorer:
     text (llama.cpp's protocol: the second half of each window scored)."""
 
     def __init__(self, f16: Path, text: str, s: dict, threads: int | None):
-        from quantpipe.evaluate.runtimes import LlamaCppRuntime
+        from quantpipe.evaluate.llama_cpp_runtime import LlamaCppRuntime
         self.runtime, self.n_ctx, self.threads = LlamaCppRuntime, s["n_ctx"], threads
         rt = LlamaCppRuntime(f16, threads, s["n_ctx"])
         ids = np.array(rt.tokenize(text), dtype=np.int32)
@@ -386,11 +386,11 @@ def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = 
     """Peak RAM of the stages (quantpipe.memory): the GGUF route's (convert, imatrix, quantise,
     evaluate), the search's scoring runtimes (llama.cpp, memory-mapped: as imatrix), and
     AutoRound's float32 copy of the model when it competes."""
-    from quantpipe import memory
+    from quantpipe.evaluate.transformers_runtime import HFRuntime
     needs = gguf_memory_need(shape, n_ctx, type, imatrix or {"n_ctx": 256})
     if "autoround" in tune_settings(_plain(tune or {}))["methods"]:
         needs.append(("AutoRound's GGUF export (the model in float32)",
-                      memory.estimate_hf_runtime(2 * shape.fp16_bytes, shape, n_ctx),
+                      HFRuntime.memory_for(2 * shape.fp16_bytes, shape, n_ctx),
                       "quant.tune.methods=[sensitivity] leaves AutoRound out (the search runs "
                       "memory-mapped), or tune on a machine with more memory"))
     return needs
