@@ -152,3 +152,51 @@ def test_the_dynamic_twin_stores_weight_only_groups_int_quantized(tmp_path):
     t = load_file(dst / "model.safetensors")
     assert torch.equal(t["m.down.weight"], down) and torch.equal(t["m.up.weight"], up)
     assert not any(k.endswith(("_packed", "_shape", "input_scale")) for k in t)
+
+
+def test_serving_a_folder_picks_vllm_and_a_gguf_llama_cpp(tmp_path, monkeypatch):
+    """SERVER=vllm on a GGUF, or llama.cpp on a folder, is refused in one line naming the fix;
+    vLLM's command serves the folder with its own template, outside this venv's PYTHONPATH."""
+    from quantpipe.deploy import serve
+    from quantpipe.errors import ConfigError
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="Hugging Face folder"):
+        serve.command_for(serve.VLLM, serve.Variant(gguf, "test"), "127.0.0.1", 8000, 2)
+    folder = tmp_path / "model-gptq"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="SERVER=vllm"):
+        serve.command_for(serve.LLAMA_CPP, serve.Variant(folder, "test"), "127.0.0.1", 8000, 2)
+    (folder / "config.json").write_text('{"max_position_embeddings": 8192}')
+    monkeypatch.setenv("QUANTPIPE_VLLM_PYTHON", sys.executable)  # an interpreter that exists
+    with pytest.raises(ConfigError, match="no chat template"):
+        serve.command_for(serve.VLLM, serve.Variant(folder, "test"), "127.0.0.1", 8000, 2)
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    cmd, env = serve.command_for(serve.VLLM, serve.Variant(folder, "test"), "127.0.0.1", 8001, 2)
+    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == str(folder) and "--enforce-eager" in cmd
+    assert cmd[cmd.index("--max-model-len") + 1] == "2048" and "PYTHONPATH" not in env
+
+
+@needs_vllm
+@needs_llmc
+@pytest.mark.slow  # llm-compressor's round-to-nearest, then vLLM's server start (about a minute)
+def test_smoke_serves_the_folder_with_vllm_at_each_concurrency(tmp_path):
+    """`make smoke QUANT=rtn_w4a16 SERVER=vllm ARGS="--concurrency 1 4"`: vLLM's OpenAI server
+    answers every request at each level; one deploy run per level, tagged with the server. The
+    float subject is no chat model, so its smoke answer need not end at the end-of-turn token:
+    that check is the one on the default model (README)."""
+    from pipelines.deploy import main as deploy_main
+    cfg = make_cfg(tmp_path, ["+quant=rtn_w4a16", *FLOAT, "eval.vllm.enabled=false"])
+    run(cfg)
+    deploy_main(["smoke", "--quant", "rtn_w4a16", "--server", "vllm", "--concurrency", "1", "4",
+                 "--requests", "4", "--max-tokens", "8", f"paths.root={tmp_path}", "model=float",
+                 "adapter=none"])
+    deploys = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`quantpipe.kind` = 'deploy'")
+    assert sorted(r.data.tags["deploy.concurrency"] for r in deploys) == ["1", "4"]
+    for r in deploys:
+        assert r.data.tags["deploy.server"] == "vllm" and r.data.tags["quant.name"] == "rtn_w4a16"
+        assert r.data.metrics["deploy_requests"] == 4 and r.data.metrics["deploy_errors"] == 0
+        assert r.data.metrics["deploy_tok_s"] > 0
