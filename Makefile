@@ -153,14 +153,18 @@ gpu-import: setup  ## GPU bench records -> MLflow runs (all benchmarks/results/g
 gpu-carry:  ## pack .devcarry/ for a GPU machine with no registry (trimmed llama.cpp, bitsandbytes, tokenizer)
 	bash benchmarks/gpu_carry.sh .devcarry
 
-serve: setup  ## OpenAI-compatible server on 127.0.0.1:8000 for the champion / quantized/model.gguf
-	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy serve $(ARGS)
+# QUANT=<variant> serves what it published; SERVER=vllm serves a folder with vLLM's CPU build
+DEPLOY_PICK = $(if $(QUANT),--quant $(QUANT)) $(if $(SERVER),--server $(SERVER))
+DEPLOY_NEEDS = $(if $(filter vllm,$(SERVER)),$(VLLM_STAMP))
+
+serve: setup $(DEPLOY_NEEDS)  ## OpenAI-compatible server on 127.0.0.1:8000 (champion / model.gguf; QUANT=, SERVER=vllm)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy serve $(DEPLOY_PICK) $(ARGS)
 
 modelfile: setup  ## Ollama Modelfile beside the GGUF (then: ollama create mymodel -f quantized/Modelfile)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy modelfile $(ARGS)
 
-smoke: setup  ## serve on loopback, smoke + load test (8 requests, 4 at once), log a deploy run
-	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy smoke $(ARGS)
+smoke: setup $(DEPLOY_NEEDS)  ## serve on loopback, smoke + load test (8 requests, 4 at once; QUANT=, SERVER=vllm), log deploy runs
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.deploy smoke $(DEPLOY_PICK) $(ARGS)
 
 cluster-up: setup  ## one-machine SLURM + MLflow server on PostgreSQL, on 127.0.0.1 (root; apt-installs)
 	PY=$(abspath $(PY)) bash scripts/cluster/up.sh

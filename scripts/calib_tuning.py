@@ -50,9 +50,36 @@ def grid(which: str) -> list[dict]:
     for weights, method in ((SYM, "rtn"), (ASYM, "rtn_asym")):
         out.append({"method": method, "weights": weights, "samples": 16, "seq_len": 128,
                     "modifiers": [{"QuantizationModifier": {}}]})
+    if which == "schemes":
+        return scheme_grid()
     if which != "all":
         out = [g for g in out if g["method"] in which.split(",")]
     return out
+
+
+def scheme_grid() -> list[dict]:
+    """The scheme's own knobs, each method beside its RTN control: group size (128, or 64 at
+    4.25 bits/weight against NF4's 4.13 with double quantisation) and the weight observer
+    (`minmax`, or `mse`: the clipping ratio that minimises each group's error, the field's
+    clip search). The shipped recipes' settings, calibration 96 x 384."""
+    gptq = [{"GPTQModifier": {"dampening_frac": 0.01, "actorder": "static"}}]
+    awq = [{"AWQModifier": {"duo_scaling": True}}]
+    rtn = [{"QuantizationModifier": {}}]
+    out = []
+    for group, observer in ((128, "minmax"), (128, "mse"), (64, "minmax"), (64, "mse")):
+        sym = {**SYM, "group_size": group, "observer": observer}
+        asym = {**sym, "symmetric": False}
+        rows = [("rtn", sym, rtn), ("rtn_asym", asym, rtn), ("gptq", sym, gptq),
+                ("gptq_asym", asym, gptq), ("awq", sym, awq), ("awq_asym", asym, awq)]
+        for method, weights, mods in rows:
+            if (group, observer) == (128, "minmax") and method.startswith(("gptq", "awq")) \
+                    and method != "gptq_asym":
+                continue  # in the first grid (report/float/calib-tuning.json)
+            out.append({"method": method, "weights": weights, "samples": 96, "seq_len": 384,
+                        "modifiers": mods})
+    # AWQ with the mse observer searches clipping inside every scale-grid point: slowest, last
+    return sorted(out, key=lambda g: g["method"].startswith("awq") and
+                  g["weights"]["observer"] == "mse")
 
 
 def write_texts(folder: Path) -> None:
@@ -103,7 +130,8 @@ def main() -> None:
     ap.add_argument("--score", action="append", default=[], metavar="NAME=FILE",
                     help="a text to score every grid point on (repeatable)")
     ap.add_argument("--select", default="eval", help="the --score text that picks the best")
-    ap.add_argument("--grid", default="all", help="all, or methods: gptq,awq,awq_asym,rtn,...")
+    ap.add_argument("--grid", default="all",
+                    help="all, schemes (group size and observer), or methods: gptq,awq,rtn,...")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", type=Path, required=True)
@@ -135,7 +163,7 @@ def main() -> None:
                 "activation_overrides": [], "modifiers": point["modifiers"]}
         groups, _ = O.config_groups(model, spec)
         ds = O.calibration(tok, calib_text, point["samples"], point["seq_len"])
-        calibrate = point["method"] not in ("rtn", "rtn_asym")
+        calibrate = not point["method"].startswith("rtn")
         t0 = time.perf_counter()
         oneshot(model=model, dataset=ds if calibrate else None,
                 recipe=O.build_modifiers(spec, groups), max_seq_length=point["seq_len"],
@@ -148,13 +176,17 @@ def main() -> None:
             pass
         model.to(device)
         row = {**{k: v for k, v in point.items() if k != "weights"},
-               "symmetric": point["weights"]["symmetric"], "oneshot_s": round(took, 2)}
+               "symmetric": point["weights"]["symmetric"],
+               "group_size": point["weights"]["group_size"],
+               "observer": point["weights"].get("observer", "minmax"),
+               "oneshot_s": round(took, 2)}
         for name, wins in scored.items():
             kl = per_window_kld(model, wins, refs[name], device)
             row[f"kld_{name}"] = sum(kl) / len(kl)
             row[f"kld_{name}_ci95"] = interval(kl)
         print(json.dumps(row), flush=True)
         results.append(row)
+        args.out.write_text(json.dumps({"select": args.select, "results": results}, indent=1))
         del model
     best = {}
     for r in results:

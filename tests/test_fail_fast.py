@@ -214,3 +214,14 @@ def test_make_builds_the_tools_first_for_the_variants_that_run_them():
         assert "scripts/build_llama_tools.sh" in recipe(*words), words
     for words in (["pipeline", "+quant=gguf_q4_k_m"], ["sweep", "SWEEP=int8,gguf_q4_0"]):
         assert "scripts/build_llama_tools.sh" not in recipe(*words), words
+
+
+def test_a_config_error_survives_the_trip_back_from_a_cluster_job():
+    """submitit and Ray pickle a job's exception back to the launcher: it must load there whole
+    (it once failed to, and the launcher printed a TypeError instead of the job's one line)."""
+    import pickle
+
+    from quantpipe.errors import ConfigError
+    e = pickle.loads(pickle.dumps(ConfigError("tracking.uri", "no answer", "make cluster-up")))
+    assert (e.key, e.problem, e.fix) == ("tracking.uri", "no answer", "make cluster-up")
+    assert str(e) == "tracking.uri: no answer -> make cluster-up"

@@ -270,10 +270,13 @@ def test_deployment_table_shows_the_smoke_run_figures():
            "metrics": {"deploy_smoke_ok": 1.0, "deploy_requests": 8, "deploy_errors": 0,
                        "deploy_latency_p50_ms": 1234.4, "deploy_latency_p90_ms": 1500.2,
                        "deploy_latency_p99_ms": 1600.9, "deploy_tok_s": 42.25,
-                       "deploy_ready_s": 1.7}}
-    line = deployment([row]).splitlines()[-1]
-    assert line == ("| **gguf_q4_k_m** | ok | 8 | 0 | 1234 | 1500 | 1601 | 42.2 | 1.7 | "
-                    "`01234567` |")
+                       "deploy_ready_s": 1.7},
+           "tags": {}, "params": {"deploy.concurrency": "4"}}  # a run from before the tags
+    vllm = {**row, "tags": {"deploy.server": "vllm", "deploy.concurrency": "8"}, "params": {}}
+    old, new = deployment([row, vllm]).splitlines()[-2:]
+    assert old == ("| **gguf_q4_k_m** | llama.cpp | 4 | ok | 8 | 0 | 1234 | 1500 | 1601 | 42.2 | "
+                   "1.7 | `01234567` |")
+    assert new.startswith("| **gguf_q4_k_m** | vllm | 8 | ok | 8 | 0 |")
 
 
 def test_gguf_stage_table_shows_the_bench_run_steps_convert_first():

@@ -11,3 +11,8 @@ class ConfigError(ValueError):
     def __init__(self, key: str, problem: str, fix: str = ""):
         self.key, self.problem, self.fix = key, problem, fix
         super().__init__(f"{key}: {problem}" + (f" -> {fix}" if fix else ""))
+
+    def __reduce__(self):
+        """Pickle by its three parts: a SLURM or Ray job's error reaches the launcher whole
+        (the default would call ConfigError(message) and fail to load there)."""
+        return type(self), (self.key, self.problem, self.fix)

@@ -45,6 +45,8 @@ class Tag:
     PUBLISHED = "quantpipe.published"       # the published model, relative to paths.root
     MODEL_FINGERPRINT = "quantpipe.model_fingerprint"  # publish run holding a copy of this model
     ERROR = "quantpipe.error"
+    DEPLOY_SERVER = "deploy.server"              # a deploy run's server: llama.cpp | vllm
+    DEPLOY_CONCURRENCY = "deploy.concurrency"    # a deploy run's requests in flight at once
     RECOVERED = "quantpipe.recovered"
     PID = "quantpipe.pid"
     PID_START = "quantpipe.pid_start"

@@ -37,7 +37,8 @@ def run(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, float]:
     schema.check(cfg)  # types, ranges and backend options: before any run or stage
     quant = require_quant(cfg)
     set_threads(cfg.threads)
-    tracking.setup(cfg.tracking)
+    # a sweep job: the launcher found the server up, so a restart is waited out (bounded)
+    tracking.setup(cfg.tracking, wait_s=tracking.RETRY_WAIT_S if parent_run_id else 0.0)
     recovery.recover(cfg)  # close runs of killed pipelines, clean their temporaries
     tags = {Tag.KIND: Kind.VARIANT, Tag.QUANT_NAME: str(quant.name),
             Tag.QUANT_FAMILY: str(quant.family), Tag.QUANT_METHOD: str(quant.method),

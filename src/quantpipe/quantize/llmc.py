@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,9 +51,13 @@ CALIB_SCORE_PREFIX = ("calib_kld", "calib_top1", "calib_tokens_scored")
 # speed of a folder run by transformers on CPU: decompressed weights, fp16 matmuls
 
 
-# 2: calibration computed in float32 (COMPUTE_DTYPE); 3: the result holds the calibration-text
-# output error and the Linear inputs' int8 error. Bump when the folder or the result changes
-RECIPE = 3
+# The oneshot's own folder and result (the llmc cache): 2: calibration computed in float32
+# (COMPUTE_DTYPE); 3: the result holds the calibration-text output error and the Linear inputs'
+# int8 error. Bump when the oneshot writes something else.
+ONESHOT_RECIPE = 3
+# The published folder made from it (the quantise stage): 4: the dynamic twin stores its
+# formerly weight-only groups int-quantized (swap_activations). Bump when that changes.
+RECIPE = 4
 LIBRARIES = ("transformers", "compressed-tensors")  # the main venv's, that load the folder
 
 
@@ -141,18 +146,46 @@ def run_isolated(py: Path, script: Path, src: Path, tmp: Path, text: str, spec: 
 
 def swap_activations(folder: Path, dst: Path, acts: dict) -> None:
     """Copy `folder` to `dst` with every group's input activations set to `acts`; dynamic
-    activations carry no stored scales, so the static input_scale tensors are left out."""
-    from safetensors.numpy import load_file, save_file
+    activations carry no stored scales, so the static input_scale tensors are left out.
+
+    A group saved weight-only (a layer whose inputs the static recipe kept 16-bit) is stored
+    pack-quantized; with activations now quantised it becomes int-quantized, the format of an
+    activation-quantised group: vLLM reads a pack-quantized group as weight-only whatever its
+    input_activations say (W8A16, which its CPU build has no kernel for). Its int8 values are
+    unpacked by compressed-tensors' own helper, unchanged."""
+    import torch
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file, save_file
     for f in folder.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
                                                                           art.PROVENANCE):
             shutil.copy2(f, dst / f.name)
     cfg = json.loads((folder / "config.json").read_text())
-    for group in cfg["quantization_config"]["config_groups"].values():
+    qcfg = cfg["quantization_config"]
+    packed_bits = []  # (target patterns, bits) of the groups stored pack-quantized
+    for group in qcfg["config_groups"].values():
         group["input_activations"] = dict(acts)
+        if group.get("format", qcfg.get("format")) == "pack-quantized":
+            packed_bits.append((group["targets"], int(group["weights"]["num_bits"])))
+            group["format"] = "int-quantized"
+    if {g.get("format") for g in qcfg["config_groups"].values()} == {"int-quantized"}:
+        qcfg["format"] = "int-quantized"
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    def bits_of(layer: str) -> int:
+        for targets, bits in packed_bits:
+            if any(re.fullmatch(t[3:], layer) if t.startswith("re:") else t == layer
+                   for t in targets):
+                return bits
+        raise ValueError(f"{folder}: {layer} is stored pack-quantized but in no such group")
+
     for f in folder.glob("*.safetensors"):
         tensors = {k: v for k, v in load_file(f).items() if not k.endswith(STATIC_INPUT_KEYS)}
+        for key in [k for k in tensors if k.endswith(".weight_packed")]:
+            layer = key.removesuffix(".weight_packed")
+            shape = torch.Size(tensors.pop(f"{layer}.weight_shape").tolist())
+            tensors[f"{layer}.weight"] = unpack_from_int32(tensors.pop(key), bits_of(layer),
+                                                           shape).to(torch.int8).contiguous()
         save_file(tensors, dst / f.name, metadata={"format": "pt"})
 
 
@@ -257,7 +290,7 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
             "activation_overrides": activation_overrides or [], "calibrate": calibrated,
             "save_format": save_format}
     fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py),
-                         RECIPE)
+                         ONESHOT_RECIPE)
     folder, prov, reused = art.ensure_cached(
         ctx.artifacts, "llmc", fp, lambda tmp: run_oneshot(py, Path(src), tmp, text, spec),
         {"merged": ctx.src_fingerprint, "calibration_source": source, "spec": spec})

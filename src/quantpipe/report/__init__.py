@@ -76,10 +76,12 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
                   "GPTQ/AWQ/W8A8 have no GPU row: their int4/int8 kernels come with vLLM, "
                   "which the GPU machine's image does not have."]
     if sel.deploy:
-        parts += ["## Deployment (llama.cpp's OpenAI-compatible server, `make smoke`)",
+        parts += ["## Deployment (OpenAI-compatible servers, `make smoke`)",
                   tables.deployment(sel.deploy),
+                  "The newest smoke/load-test run of each served format, server and concurrency "
+                  "(`make smoke QUANT=<variant> [SERVER=vllm] ARGS=\"--concurrency 1 4 8\"`). "
                   "Latency includes queueing: llama-cpp-python's server answers one request at "
-                  "a time. The newest smoke/load-test run of each served format."]
+                  "a time; vLLM batches the requests in flight. Both on this CPU."]
     if sel.bench:
         p = sel.bench["params"]
         parts += ["## GGUF stage vs llama.cpp's own tools (`make bench`)",

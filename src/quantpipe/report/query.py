@@ -118,7 +118,10 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
                             r["tags"].get(Tag.SHAPE, ""),
                             -r["metrics"].get(Metric.SIZE_MB, 0.0)))  # small models first
     deploy = _newest_per([as_row(r) for r in _search(client, exp.experiment_id,
-                                                     f"{kind} = '{Kind.DEPLOY}'")], Tag.QUANT_NAME)
+                                                     f"{kind} = '{Kind.DEPLOY}'")],
+                         Tag.QUANT_NAME, Tag.DEPLOY_SERVER, Tag.DEPLOY_CONCURRENCY)
+    deploy.sort(key=lambda r: (r["name"], r["tags"].get(Tag.DEPLOY_SERVER, ""),
+                               int(r["tags"].get(Tag.DEPLOY_CONCURRENCY, "0") or 0)))
     bench = _search(client, exp.experiment_id, f"{kind} = '{Kind.BENCHMARK}' and "
                     "tags.`benchmark.name` = 'gguf_stage' and attributes.status = 'FINISHED'")
     scale = _newest_per([as_row(r) for r in _search(

@@ -152,8 +152,13 @@ DEPLOY_COLUMNS = [("requests", Metric.DEPLOY_REQUESTS, 0), ("errors", Metric.DEP
 
 
 def deployment(rows: list[dict]) -> str:
-    header = ["format", "smoke (stops at EOS)"] + [h for h, _, _ in DEPLOY_COLUMNS] + ["run"]
-    body = [[f"**{r['name']}**", "ok" if r["metrics"].get(Metric.DEPLOY_SMOKE_OK) else "FAILED"]
+    """One row per variant, server and concurrency level (runs before the server and level
+    tags: llama.cpp, the level in their params)."""
+    header = ["format", "server", "concurrency", "smoke (stops at EOS)"] \
+        + [h for h, _, _ in DEPLOY_COLUMNS] + ["run"]
+    body = [[f"**{r['name']}**", r["tags"].get(Tag.DEPLOY_SERVER, "llama.cpp"),
+             r["tags"].get(Tag.DEPLOY_CONCURRENCY) or r["params"].get("deploy.concurrency", NA),
+             "ok" if r["metrics"].get(Metric.DEPLOY_SMOKE_OK) else "FAILED"]
             + [metric(r, k, d) for _, k, d in DEPLOY_COLUMNS] + [short(r["run_id"])]
             for r in rows]
     return table(header, body)
