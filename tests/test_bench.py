@@ -19,8 +19,8 @@ def test_bench_matches_the_tools_bytes_and_lands_in_the_report(cfg_factory, tmp_
     from benchmarks.gguf_stage import main
     from quantpipe import tracking
     from quantpipe.quantize.gguf import convert_f16
+    from quantpipe.quantize.gguf_report import BENCHMARK, gguf_stage
     from quantpipe.report.query import select
-    from quantpipe.report.tables import gguf_stage
     from quantpipe.tools import tool_path
     tool_path(TOOLS, "llama-quantize")  # a ConfigError here means: run `make tools`
     cfg = cfg_factory(f"paths.tools={TOOLS}", "threads=1")
@@ -37,5 +37,5 @@ def test_bench_matches_the_tools_bytes_and_lands_in_the_report(cfg_factory, tmp_
     assert m["convert_f16.ratio"] > 0 and m["quantize_q8_0.tool_rss_mb"] > 0
     assert r.data.params["hf"] == cfg.model.path
     sel = select(mlflow.MlflowClient(), cfg.tracking.experiment)
-    assert sel.bench["run_id"] == r.info.run_id
-    assert "| convert f16 |" in gguf_stage(sel.bench)
+    assert sel.benchmarks[BENCHMARK]["run_id"] == r.info.run_id
+    assert "| convert f16 |" in gguf_stage(sel.benchmarks[BENCHMARK])

@@ -192,7 +192,7 @@ def test_pipeline_logs_task_metrics_deltas_and_samples(cfg_factory, user_tasks):
 
 
 def test_report_task_table_and_recommendation():
-    from quantpipe.report import tasks
+    from quantpipe.evaluate import harness_report as tasks
 
     def row(name, size, acc, low, high, method="dynamic"):
         return {"name": name, "run_id": name * 4, "method": method, "params": {}, "tags": {},

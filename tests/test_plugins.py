@@ -1,9 +1,10 @@
 """The plug-in shape (README "Architecture"): formats and evaluation runtimes are registered
 classes, and no shared module names a format.
 
-A shared module (pipeline, schema, memory, tracking, evaluate/ but its `*_runtime.py` plug-ins,
-report/) may speak of a format in its docstrings only: no name, attribute, argument or string
-constant in its code spells a format, a format's module or a library only a format uses.
+A shared module (pipeline, schema, memory, tracking, evaluate/ but its `*_runtime.py` and
+`*_report.py` plug-ins, report/) may speak of a format in its docstrings only: no name,
+attribute, argument or string constant in its code spells a format, a format's module or a
+library only a format uses.
 
     .venv/bin/python -m pytest -q tests/test_plugins.py
 """
@@ -26,7 +27,7 @@ REPORT = sorted((SRC / "report").glob("*.py"))
 RUNTIME_TOOLS = {"parity.py"}
 SHARED = [SRC / "pipeline.py", SRC / "schema.py", SRC / "memory.py", SRC / "tracking.py",
           *(p for p in sorted((SRC / "evaluate").glob("*.py"))
-            if not p.stem.endswith("_runtime") and p.name not in RUNTIME_TOOLS)]
+            if not p.stem.endswith(("_runtime", "_report")) and p.name not in RUNTIME_TOOLS)]
 # the baseline (fp16: the merged model itself, "the FP16 reference") and the Hugging Face folder
 # (the input every format starts from) are not formats a shared module could branch on
 NOT_FORMATS = {"fp16", "hf"}
@@ -104,11 +105,20 @@ def test_no_shared_module_names_a_format_in_code():
     assert found == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 22 item 3: the tuned, GGUF-stage and static vs "
-                   "dynamic report sections are not yet plug-ins of their formats")
 def test_no_report_module_names_a_format_in_code():
     words = format_words()
     assert [f for p in REPORT for f in names_a_format(p, words)] == []
+
+
+def test_report_sections_are_found_beside_their_formats_in_report_order():
+    from quantpipe.report import sections
+    found = {slot: [s.render.__module__.rsplit(".", 1)[1] for s in sections.sections(slot)]
+             for slot in sections.SLOTS}
+    assert found["formats"] == ["llmc_report", "tuned_report"]  # static vs dynamic, then tuned
+    assert found["serving"] == ["harness_report", "vllm_report"]
+    assert found["benchmarks"] == ["gguf_report"] and found["recommend"] == ["tuned_report"]
+    with pytest.raises(TypeError, match="report slot 'appendix' is not one of"):
+        sections.register("appendix")
 
 
 def test_the_check_finds_a_format_named_in_code_but_not_in_a_docstring(tmp_path):

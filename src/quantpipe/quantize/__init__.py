@@ -63,6 +63,9 @@ class QuantContext:
 Backend = Callable[[Path, Path, QuantContext], dict]
 FIXED_ARGS = 3  # src, dst, ctx: given by the pipeline, not by the config
 RESULT_KEYS = ("artifact", "runtime")  # what every backend's result must name
+# the seeds' formats in the order the report's workflow lists the variants (report/query.py
+# `order`: the transformers formats from FP16 down, then the llama.cpp files)
+WORKFLOW = "FP16 -> INT8 -> INT4 -> GGUF"
 
 
 @dataclass(frozen=True)

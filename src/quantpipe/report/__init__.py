@@ -2,14 +2,17 @@
 
 query.py picks the runs (search_runs only), tables.py writes the markdown sections, plots.py the
 PNGs (in report/ beside the markdown), recommend.py the per-scenario answer. `write_report`
-puts them in order.
+puts them in order, with the sections formats and runtimes add in the slots of sections.py
+(their `*_report.py` modules, found by name). The core knows metrics and tags only.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from quantpipe.report import plots, recommend, subjects, tables, tasks, vllm
+from quantpipe.quantize import WORKFLOW
+from quantpipe.report import plots, recommend, subjects, tables
 from quantpipe.report.query import Selection
+from quantpipe.report.sections import parts as plugged
 
 
 def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | None) -> str:
@@ -20,8 +23,8 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
              f"Generated from MLflow by `make report`; runs: {scope}. Every number below is a "
              "metric, parameter, tag or start/end time of the run named beside it.",
              "## Recommendation"]
-    for scenario, row, reason in (recommend.recommendations(cpu, gpu) + tasks.recommendation(cpu)
-                                  + vllm.recommendation(cpu)):
+    for scenario, row, reason in (recommend.recommendations(cpu) + plugged("recommend", sel)
+                                  + recommend.gpu_serving(cpu, gpu) + plugged("serving", sel)):
         name = f"**{row['name']}** (run {tables.short(row['run_id'])})" if row else "none"
         parts.append(f"- **{scenario}**: {name}: {reason}.")
     parts.append(f"- **Fine-tune**: {recommend.finetune_note(cpu)}.")
@@ -36,14 +39,14 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "FP16 resampled together). Variants whose intervals overlap cannot be told apart "
               "on this text (a conservative reading: a pair not named below differs):",
               *tables.indistinguishable(cpu),
-              *tasks.section(cpu),
+              *plugged("comparison", sel),
               "## Verdicts across subjects and texts",
               "Each calibrated variant against its round-to-nearest control and the best "
               "uncalibrated variant of its group, on every base model (subject) and evaluation "
               "text it was scored on (the newest finished run of each; `builtin:ood` is text "
               "from another domain than the calibration set). \"beats\" = the KLD 95 % "
               "intervals lie apart.",
-              subjects.section(sel.everything),
+              subjects.section(sel.everything, "; ".join(plugged("verdicts.hint", sel))),
               "## Fine-tune retention and generation agreement",
               tables.finetune_and_generation(cpu),
               "Fine-tune kept % = 100 · (PPL_base − PPL_variant) / (PPL_base − PPL_FP16 merged), "
@@ -53,28 +56,22 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "the eval text against FP16's own (prefix match % = share of prompts whose first "
               "eval.generation.match_k tokens equal FP16's); task columns: exact match and "
               "ROUGE-L against the references of eval.tasks_file, when one was given."]
-    if no_speed := [r["name"] for r in cpu if r["tags"].get("eval.speed")]:
-        parts.append("**No CPU speed for** " + ", ".join(no_speed) + ": transformers "
-                     "decompresses these compressed-tensors folders to fp16 on CPU, so their "
-                     "tokens/s (logged as *_decompressed) are not the format's speed; vLLM's "
-                     "kernels give it (section \"vLLM (CPU build)\", where it ran). Their "
-                     "quality numbers are the format's.")
+    parts += plugged("speed", sel)
     overlap = tables.overlapping(cpu)
     if overlap:
         parts.append("**Speed caution**: these runs overlapped in time (a parallel launcher), so "
                      "their speed and memory figures were measured under contention: "
                      + ", ".join(f"{a}/{b}" for a, b in overlap) + ".")
-    parts += vllm.section(cpu)
+    parts += plugged("cpu", sel)
     if gpu:
-        parts += ["## Comparison (GPU)", tables.gpu_comparison(gpu),
+        parts += ["## Comparison (GPU)", tables.gpu_comparison(gpu), " ".join([
                   "GPU runs measure speed and memory on random weights of the named shape; "
                   "quality comes from the CPU runs. transformers rows: eager HF generate, batch 1 "
                   "(launch-bound); llama.cpp rows: llama-bench on llama.cpp's CUDA build, every "
                   "layer offloaded, flash attention, tg from an empty context. peak GPU MB: "
                   "torch's allocator (transformers) or the process (llama.cpp); GPU process MB: "
-                  "the process's own memory from NVML, CUDA context included, for both. "
-                  "GPTQ/AWQ/W8A8 have no GPU row: their int4/int8 kernels come with vLLM, "
-                  "which the GPU machine's image does not have."]
+                  "the process's own memory from NVML, CUDA context included, for both.",
+                  *plugged("gpu.note", sel)])]
     if sel.deploy:
         parts += ["## Deployment (OpenAI-compatible servers, `make smoke`)",
                   tables.deployment(sel.deploy),
@@ -82,17 +79,7 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
                   "(`make smoke QUANT=<variant> [SERVER=vllm] ARGS=\"--concurrency 1 4 8\"`). "
                   "Latency includes queueing: llama-cpp-python's server answers one request at "
                   "a time; vLLM batches the requests in flight. Both on this CPU."]
-    if sel.bench:
-        p = sel.bench["params"]
-        parts += ["## GGUF stage vs llama.cpp's own tools (`make bench`)",
-                  tables.gguf_stage(sel.bench),
-                  f"Run {tables.short(sel.bench['run_id'])}: median of {p.get('repeats', '?')} "
-                  f"alternating runs each, {p.get('threads', '?')} threads, load average "
-                  f"{sel.bench['tags'].get('benchmark.load_before', '?')} before. Convert: "
-                  "llama.cpp's converter as the pipeline runs it (writing the provenance key) "
-                  "vs the converter alone; same bytes = the converter's file with that key "
-                  "added by gguf's own copy routine. Quantise: llama_model_quantize through "
-                  "llama-cpp-python vs `llama-quantize`, same threads."]
+    parts += plugged("benchmarks", sel)
     if sel.scale:
         parts += ["## Real-size models (`benchmarks/scale.py --pipeline`)", tables.scale(sel.scale),
                   "Synthetic Llama shapes (random FP16 weights and a random rank-16 LoRA on "
@@ -104,9 +91,7 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
     parts += ["## Plots", f"![size vs ΔPPL]({size_plot})",
               f"Pareto front (no other variant is both smaller and closer to FP16): {front}.",
               f"![decode tokens/s]({speed_plot})",
-              "## Workflow: FP16 -> INT8 -> INT4 -> GGUF", tables.workflow(cpu),
-              "## Static vs dynamic quantisation", tables.static_vs_dynamic(cpu),
-              "## Tuned vs imatrix vs plain (GGUF at one size)", tables.tuned_vs_imatrix(cpu),
+              f"## Workflow: {WORKFLOW}", tables.workflow(cpu), *plugged("formats", sel),
               "## Provenance", tables.provenance(sel)]
     return "\n\n".join(parts) + "\n"
 

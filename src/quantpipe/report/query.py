@@ -3,7 +3,7 @@
 By default the newest sweep (tag quantpipe.kind=sweep) and its variant runs; with no sweep in
 the experiment, the newest finished variant run of each quant.name. GPU rows come from runs
 tagged quantpipe.kind=gpu_bench: the newest finished one per (GPU, shape, quant.name); deployment
-rows from kind=deploy, the GGUF-stage benchmark from the newest kind=benchmark run. Every run
+rows from kind=deploy, benchmarks from the newest finished kind=benchmark run of each name. Every run
 becomes a plain dict (a "row") that the other report modules read: ids, tags, params, metrics,
 times, plus the row's stage runs and dataset inputs.
 """
@@ -29,7 +29,8 @@ class Selection:
     failed: list[dict] = field(default_factory=list)
     gpu: list[dict] = field(default_factory=list)
     deploy: list[dict] = field(default_factory=list)   # newest deploy (make smoke) run per format
-    bench: dict | None = None   # newest `make bench` run (GGUF stage vs llama.cpp's tools)
+    # the newest finished benchmark run per benchmark.name (`make bench`: a format's section)
+    benchmarks: dict[str, dict] = field(default_factory=dict)
     scale: list[dict] = field(default_factory=list)  # benchmarks/scale.py --pipeline, per size
     # every finished variant run of the experiment, newest first (any sweep, subject or eval
     # text): the verdicts across subjects and texts (report/subjects.py)
@@ -122,16 +123,18 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
                          Tag.QUANT_NAME, Tag.DEPLOY_SERVER, Tag.DEPLOY_CONCURRENCY)
     deploy.sort(key=lambda r: (r["name"], r["tags"].get(Tag.DEPLOY_SERVER, ""),
                                int(r["tags"].get(Tag.DEPLOY_CONCURRENCY, "0") or 0)))
-    bench = _search(client, exp.experiment_id, f"{kind} = '{Kind.BENCHMARK}' and "
-                    "tags.`benchmark.name` = 'gguf_stage' and attributes.status = 'FINISHED'")
+    benchmarks = {}
+    for b in _search(client, exp.experiment_id,
+                     f"{kind} = '{Kind.BENCHMARK}' and attributes.status = 'FINISHED'"):
+        benchmarks.setdefault(b.data.tags.get(Tag.BENCHMARK_NAME, ""), as_row(b))
     scale = _newest_per([as_row(r) for r in _search(
-        client, exp.experiment_id, f"{kind} = 'benchmark' and "
-        "tags.`benchmark.name` = 'scale_pipeline'")], "scale.size", "quant.name")
+        client, exp.experiment_id, f"{kind} = '{Kind.BENCHMARK}' and "
+        f"tags.`{Tag.BENCHMARK_NAME}` = 'scale_pipeline'")], "scale.size", "quant.name")
     scale.sort(key=lambda r: (r["metrics"].get("fp16_gb", 0.0), r["name"]))
     everything = [as_row(r) for r in _search(
         client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and attributes.status = 'FINISHED'")]
     return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
-                     as_row(bench[0]) if bench else None, scale, everything)
+                     benchmarks, scale, everything)
 
 
 def order(rows: list[dict]) -> list[dict]:

@@ -63,25 +63,26 @@ def finetune_note(cpu: list[dict]) -> str:
                    if lost else "; every variant keeps part of the fine-tune's gain or more")
 
 
-def _pick(rows: list[dict], key: str, largest: bool = False) -> dict | None:
+def pick(rows: list[dict], key: str, largest: bool = False) -> dict | None:
     ok = [r for r in rows if key in r["metrics"]]
     return (max if largest else min)(ok, key=lambda r: r["metrics"][key], default=None)
 
 
-def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None, str]]:
-    """[(scenario, chosen row or None, reason)]"""
+def recommendations(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
+    """[(scenario, chosen row or None, reason)] of the CPU scenarios (the formats' and runtimes'
+    own follow, quantpipe.report.sections, then `gpu_serving`)."""
     passed = [r for r in cpu if r["gate"] == Gate.PASSED]
     fp16 = next((r for r in cpu if r["method"] == "none"), None)
     out = []
 
-    r = _pick([r for r in cpu if r["method"] != "none"], Metric.KLD_MEAN)
+    r = pick([r for r in cpu if r["method"] != "none"], Metric.KLD_MEAN)
     out.append(("Max fidelity", r, "no quantised variant has a KLD" if r is None else
                 f"lowest mean KLD vs FP16 of the quantised variants: {metric(r, 'kld_mean', 5)} "
                 f"nats (p99 {metric(r, 'kld_p99', 4)}), top-1 agreement "
                 f"{metric(r, 'top1_agree_pct', 2)} %, ΔPPL {metric(r, 'delta_ppl_pct', 2)} % "
                 f"{interval(r, 'delta_ppl', 2)}, {metric(r, 'size_mb', 2)} MB{_kept(r)}"))
 
-    r = _pick(passed, Metric.SIZE_MB)
+    r = pick(passed, Metric.SIZE_MB)
     smaller_failed = "".join(
         f"; smaller but failed the gate: {f['name']} {metric(f, Metric.SIZE_MB, 2)} MB "
         f"({f['tags'].get(Tag.GATE_REASON, 'over the bound')})" for f in cpu
@@ -94,41 +95,13 @@ def recommendations(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | 
                 f"{metric(r, 'kld_mean', 5)} inside the gate ({_gate(r)}){_kept(r)}"
                 f"{smaller_failed}"))
 
-    r = _pick(passed, Metric.DECODE_TOK_S, largest=True)
+    r = pick(passed, Metric.DECODE_TOK_S, largest=True)
     vs = (f", FP16 decodes {metric(fp16, Metric.DECODE_TOK_S, 1)} tok/s"
           if fp16 is not None and r is not fp16 else "")
     out.append(("Fastest on CPU (passes the gate)", r, "no variant passes the gate" if r is None
                 else f"{metric(r, 'decode_tok_s', 1)} tok/s decode, TTFT {metric(r, 'ttft_ms', 1)} "
                 f"ms at {r['params'].get('threads', '?')} threads{vs}; ΔPPL "
                 f"{metric(r, 'delta_ppl_pct', 2)} % {interval(r, 'delta_ppl', 2)}{_kept(r)}"))
-    return out + same_size_gguf(cpu) + gpu_serving(cpu, gpu)
-
-
-SAME_SIZE = 1.001  # sizes within 0.1 % compete as one size
-
-
-def same_size_gguf(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
-    """Where a tuned GGUF ran: the lowest held-out KLD among the variants no larger than the plain
-    one of its comparison group (quant.compare: plain, imatrix and tuned compete at one size)."""
-    out = []
-    for t in [r for r in cpu if any("tune_s" in s["metrics"] for s in r["stages"])]:
-        qtype = t["params"].get("quant.compare", "?")
-        plain = [r for r in cpu if r["family"] == t["family"] and r["method"] == "dynamic"
-                 and r["params"].get("quant.compare") == qtype and "size_mb" in r["metrics"]]
-        limit = min((r["metrics"]["size_mb"] for r in plain), default=t["metrics"].get("size_mb"))
-        if limit is None:
-            continue
-        # within 0.1 %: llama.cpp's imatrix file carries a few hundred bytes more metadata than
-        # plain's (the matrix's name and dataset), not a larger model
-        fits = [r for r in cpu if r["family"] == t["family"]
-                and r["metrics"].get("size_mb", float("inf")) <= limit * SAME_SIZE]
-        r = _pick(fits, "kld_mean")
-        out.append((f"GGUF at the {qtype} size", r, "no GGUF with a KLD" if r is None else
-                    f"lowest held-out KLD of the GGUFs no larger than plain {qtype} "
-                    f"({limit:.2f} MB): {metric(r, 'kld_mean', 5)} nats, ΔPPL "
-                    f"{metric(r, 'delta_ppl_pct', 2)} %, {metric(r, 'size_mb', 2)} MB; "
-                    f"compared: " + ", ".join(f"{f['name']} {metric(f, 'kld_mean', 5)}"
-                                              for f in fits)))
     return out
 
 
@@ -142,15 +115,15 @@ def gpu_serving(cpu: list[dict], gpu: list[dict]) -> list[tuple[str, dict | None
     for shape in sorted({g["tags"].get(Tag.SHAPE, "?") for g in gpu}):
         ok = [g for g in gpu if g["tags"].get(Tag.SHAPE, "?") == shape
               and gate_of.get(g["name"], Gate.PASSED) == Gate.PASSED]
-        r = _pick(ok, Metric.DECODE_TOK_S, largest=True)
+        r = pick(ok, Metric.DECODE_TOK_S, largest=True)
         quality = ("its CPU run passed the gate" if r is not None and r["name"] in gate_of
                    else "the FP16 reference itself" if r is not None and r["method"] == "none"
                    else "its quality was not measured on CPU")
         # the process's own GPU memory (NVML) where every row has it: torch's allocator counter
         # leaves out the CUDA context that llama.cpp's figure includes
-        mem = ("gpu_process_peak_mb" if ok and all("gpu_process_peak_mb" in g["metrics"]
-                                                   for g in ok) else "peak_gpu_mb")
-        small = _pick(ok, mem)
+        mem = (Metric.GPU_PROCESS_PEAK_MB if ok and all(Metric.GPU_PROCESS_PEAK_MB in g["metrics"]
+                                                        for g in ok) else Metric.PEAK_GPU_MB)
+        small = pick(ok, mem)
         if small is not None and small is not r:
             quality += (f"; least memory: {small['name']}, {metric(small, mem, 0)} MB "
                         f"at {metric(small, 'decode_tok_s', 1)} tok/s")

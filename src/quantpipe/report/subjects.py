@@ -72,12 +72,13 @@ def _yes(v: bool | None) -> str:
     return NA if v is None else ("yes" if v else "**no**")
 
 
-def section(rows: list[dict]) -> str:
+def section(rows: list[dict], hint: str = "") -> str:
+    """The verdicts table; with none, says so and how to get one (`hint`: the formats' own,
+    the report's "verdicts.hint" slot)."""
     verdicts = judged(rows)
     if not verdicts:
-        return ("No calibrated variant with a `control` was scored (e.g. `make sweep "
-                "SWEEP=rtn_w4a16,gptq_w4a16,awq_w4a16`, with `eval.text_file=builtin:ood` for a "
-                "second text).")
+        return ("No calibrated variant with a `control` was scored"
+                + (f" ({hint})" if hint else "") + ".")
     body = []
     for v in verdicts:
         r, c, d = v["row"], v["control"], v["dynamic"]

@@ -11,30 +11,32 @@ import re
 from collections import defaultdict
 
 from quantpipe import gridcheck
+from quantpipe.base import base_source_note
 from quantpipe.names import Metric, Tag
 from quantpipe.report.query import Selection, all_datasets
 
 NA = "—"
 # (header, metric, decimals): the comparison table, one row per variant run
-COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
-           ("compression ×", "compression", 2), ("load s", "load_s", 2),
-           ("peak RSS MB", "peak_rss_mb", 0), ("TTFT ms", "ttft_ms", 1),
-           ("decode tok/s", "decode_tok_s", 1), ("PPL", "ppl", 3), ("± err", "ppl_err", 3),
-           ("ΔPPL %", "delta_ppl_pct", 2), ("KLD mean", "kld_mean", 5),
-           ("KLD p99", "kld_p99", 4), ("top-1 %", "top1_agree_pct", 2)]
+COLUMNS = [("bits/weight", Metric.BITS_PER_WEIGHT, 2), ("size MB", Metric.SIZE_MB, 2),
+           ("compression ×", Metric.COMPRESSION, 2), ("load s", Metric.LOAD_S, 2),
+           ("peak RSS MB", Metric.PEAK_RSS_MB, 0), ("TTFT ms", Metric.TTFT_MS, 1),
+           ("decode tok/s", Metric.DECODE_TOK_S, 1), ("PPL", Metric.PPL, 3),
+           ("± err", Metric.PPL_ERR, 3), ("ΔPPL %", Metric.DELTA_PPL_PCT, 2),
+           ("KLD mean", Metric.KLD_MEAN, 5), ("KLD p99", Metric.KLD_P99, 4),
+           ("top-1 %", Metric.TOP1_AGREE_PCT, 2)]
 # (header after which it goes, header, interval metric prefix, decimals): 95 % intervals
 INTERVALS = [("ΔPPL %", "ΔPPL 95 % CI", "delta_ppl", 2), ("KLD mean", "KLD 95 % CI", "kld", 5)]
 # the fine-tune and generation table: (header, metric, decimals)
-FINETUNE_COLUMNS = [("base PPL (no adapter)", "base_ppl", 3), ("PPL", "ppl", 3),
-                    ("fine-tune kept %", "finetune_retention_pct", 1)]
-GENERATION_COLUMNS = [("gen prefix match %", "gen_prefix_match_pct", 1),
-                      ("gen mean match tokens", "gen_mean_match_len", 2),
-                      ("task exact match %", "task_exact_match_pct", 1),
-                      ("task ROUGE-L %", "task_rouge_l_pct", 1)]
-GPU_COLUMNS = [("bits/weight", "bits_per_weight", 2), ("size MB", "size_mb", 2),
-               ("load s", "load_s", 2), ("peak GPU MB", "peak_gpu_mb", 0),
-               ("GPU process MB", "gpu_process_peak_mb", 0), ("TTFT ms", "ttft_ms", 1),
-               ("prefill tok/s", "prefill_tok_s", 0), ("decode tok/s", "decode_tok_s", 1)]
+FINETUNE_COLUMNS = [("base PPL (no adapter)", Metric.BASE_PPL, 3), ("PPL", Metric.PPL, 3),
+                    ("fine-tune kept %", Metric.FINETUNE_RETENTION_PCT, 1)]
+GENERATION_COLUMNS = [("gen prefix match %", Metric.GEN_PREFIX_MATCH_PCT, 1),
+                      ("gen mean match tokens", Metric.GEN_MEAN_MATCH_LEN, 2),
+                      ("task exact match %", Metric.TASK_EXACT_MATCH_PCT, 1),
+                      ("task ROUGE-L %", Metric.TASK_ROUGE_L_PCT, 1)]
+GPU_COLUMNS = [("bits/weight", Metric.BITS_PER_WEIGHT, 2), ("size MB", Metric.SIZE_MB, 2),
+               ("load s", Metric.LOAD_S, 2), ("peak GPU MB", Metric.PEAK_GPU_MB, 0),
+               ("GPU process MB", Metric.GPU_PROCESS_PEAK_MB, 0), ("TTFT ms", Metric.TTFT_MS, 1),
+               ("prefill tok/s", Metric.PREFILL_TOK_S, 0), ("decode tok/s", Metric.DECODE_TOK_S, 1)]
 
 
 def num(value: float | None, decimals: int, sign: bool = False) -> str:
@@ -105,7 +107,7 @@ def finetune_and_generation(rows: list[dict]) -> str:
     body = []
     for r in rows:
         if no_finetune(r):
-            ft = [NA, metric(r, "ppl", 3), "no fine-tune", NA]
+            ft = [NA, metric(r, Metric.PPL, 3), "no fine-tune", NA]
         else:
             ft = [metric(r, k, d) for _, k, d in FINETUNE_COLUMNS] + [
                 interval(r, "finetune_retention", 1)]
@@ -138,8 +140,8 @@ def indistinguishable(rows: list[dict]) -> list[str]:
 
 def gpu_comparison(rows: list[dict]) -> str:
     header = ["shape", "GPU", "format", "runtime"] + [h for h, _, _ in GPU_COLUMNS] + ["run"]
-    body = [[r["tags"].get("shape", NA), r["tags"].get("hardware.gpu", NA), f"**{r['name']}**",
-             r["tags"].get("eval.runtime", "transformers")]
+    body = [[r["tags"].get(Tag.SHAPE, NA), r["tags"].get(Tag.HARDWARE_GPU, NA), f"**{r['name']}**",
+             r["tags"].get(Tag.EVAL_RUNTIME, "transformers")]
             + [metric(r, k, d) for _, k, d in GPU_COLUMNS] + [short(r["run_id"])] for r in rows]
     return table(header, body)
 
@@ -162,23 +164,6 @@ def deployment(rows: list[dict]) -> str:
             + [metric(r, k, d) for _, k, d in DEPLOY_COLUMNS] + [short(r["run_id"])]
             for r in rows]
     return table(header, body)
-
-
-def gguf_stage(row: dict) -> str:
-    """The `make bench` run: each step of the pipeline's GGUF stage against llama.cpp's own tool
-    (metrics `<step>.<field>`, as benchmarks/gguf_stage.py logs them)."""
-    m = row["metrics"]
-    steps = sorted({k.split(".", 1)[0] for k in m if k.endswith(".ratio")},
-                   key=lambda s: (not s.startswith("convert"), s))
-    body = []
-    for s in steps:
-        same = m.get(f"{s}.identical")
-        body.append([s.replace("_", " ", 1), num(m.get(f"{s}.ours_s"), 2),
-                     num(m.get(f"{s}.tool_s"), 2), f"**{num(m.get(f'{s}.ratio'), 3)}×**",
-                     num(m.get(f"{s}.ours_rss_mb"), 0), num(m.get(f"{s}.tool_rss_mb"), 0),
-                     "–" if same is None else ("yes" if same else "no")])
-    return table(["step", "pipeline s", "llama.cpp tool s", "pipeline / tool",
-                  "pipeline peak RSS MiB", "tool peak RSS MiB", "same bytes"], body)
 
 
 SCALE_STAGES = ("merge", "quantise", "evaluate", "publish")
@@ -238,10 +223,7 @@ def provenance(sel: Selection) -> str:
     out = []
     base = _values(cpu, lambda r: r["tags"].get(Tag.BASE_SOURCE, "unknown"))
     out.append(_line("Base model", base))
-    if any("Q4_1" in b for b in base):
-        out.append("  The default base is SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF "
-                   "packaged on PyPI: \"FP16\" here is an FP16 copy of a 4-bit model, and every "
-                   "quality delta below is measured against that copy.")
+    out += base_source_note(base)
     out += base_grid(cpu)
     out.append(_line("Adapter", _values(cpu, lambda r: _adapter(r["params"]))))
     texts: dict[tuple, set[str]] = defaultdict(set)
@@ -252,14 +234,8 @@ def provenance(sel: Selection) -> str:
         used = "all variants" if len(names) == len(cpu) else ", ".join(sorted(names))
         out.append(f"- **{context or 'dataset'} text**: {name}, digest `{digest}`, "
                    f"source `{source}` ({used})")
-    static = [r for r in cpu if r["method"] == "static"]
     if not any(c.startswith("calib") for c, *_ in texts):  # a reused quantise stage logs none
-        configured = ", ".join(f"{r['name']}: {r['params'].get('quant.backend.imatrix.text_file')}"
-                               for r in static)
-        out.append("- **calibration text**: " + (
-            f"not logged; quant.backend.imatrix.text_file = {configured} (None = the calib "
-            "split of pydoc_data.topics)" if static
-            else "none (no variant in this selection is calibrated)"))
+        out.append(_calibration_configured([r for r in cpu if r["method"] == "static"]))
     out.append(_line("Evaluation protocol", _values(cpu, _protocol)))
     out.append(_line("Threads (CPU runs)", _values(cpu, lambda r: r["params"].get("threads", "?"))))
     for kind, group in (("CPU runs", cpu), ("GPU runs", sel.gpu)):
@@ -285,6 +261,19 @@ def provenance(sel: Selection) -> str:
         out.append("- **Not finished (left out)**: " + ", ".join(
             f"{r['name']} `{r['run_id']}` ({r['status']})" for r in sel.failed))
     return "\n".join(out)
+
+
+def _calibration_configured(static: list[dict]) -> str:
+    """The calibration line when no stage logged the text (a reused quantise stage logs none):
+    the `quant.backend.*.text_file` option each static variant was configured with."""
+    if not static:
+        return "- **calibration text**: none (no variant in this selection is calibrated)"
+    keys = [k for r in static for k in sorted(r["params"])
+            if k.startswith("quant.backend.") and k.endswith(".text_file")]
+    key = keys[0] if keys else "quant.backend.*.text_file"
+    configured = ", ".join(f"{r['name']}: {r['params'].get(key)}" for r in static)
+    return (f"- **calibration text**: not logged; {key} = {configured} (None = the calib "
+            "split of pydoc_data.topics)")
 
 
 def base_grid(rows: list[dict]) -> list[str]:
@@ -388,49 +377,7 @@ def workflow(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def static_vs_dynamic(rows: list[dict]) -> str:
-    """Per comparison group (`quant.compare` in conf/quant: one precision, e.g. int4 = NF4, GPTQ,
-    AWQ), the calibrated (static) variants next to the uncalibrated (dynamic) ones, scored on
-    the same evaluation text (same dataset digest)."""
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["method"] in ("static", "dynamic") and r["params"].get("quant.compare",
-                                                                    "None") != "None":
-            groups.setdefault(r["params"]["quant.compare"], []).append(r)
-    groups = {g: m for g, m in groups.items() if any(r["method"] == "static" for r in m)}
-    if not groups:
-        return ("No static (calibrated) variant in this selection: every quantised variant is "
-                "dynamic (no calibration data). Add one with `make sweep SWEEP=int4,gptq_w4a16,"
-                "awq_w4a16,int8,w8a8_int8,w8a8_int8_dynamic,gguf_q4_k_m,gguf_imatrix_q4_k_m` "
-                "to compare them on the same text.")
-    body, notes = [], []
-    for group, members in sorted(groups.items()):
-        members.sort(key=lambda r: (r["method"] != "dynamic", r["name"]))
-        for r in members:
-            calib = next((d for d in all_datasets(r) if d["context"].startswith("calib")), None)
-            body.append([group, f"**{r['name']}**", r["method"], calib["name"] if calib else NA,
-                         f"`{eval_digest(r)}`", metric(r, "size_mb", 2),
-                         metric(r, "delta_ppl_pct", 2), interval(r, "delta_ppl", 2),
-                         metric(r, "kld_mean", 5), interval(r, "kld", 5),
-                         metric(r, "top1_agree_pct", 2), short(r["run_id"])])
-        for s in (r for r in members if r["method"] == "static"):
-            for d in (r for r in members if r["method"] == "dynamic"):
-                if eval_digest(s) != eval_digest(d):
-                    notes.append(f"{s['name']} and {d['name']} were scored on different texts: "
-                                 "not comparable")
-                elif "kld_mean" in s["metrics"] and d["metrics"].get("kld_mean"):
-                    change = 100 * (s["metrics"]["kld_mean"] / d["metrics"]["kld_mean"] - 1)
-                    notes.append(f"{group}: {s['name']} (static) vs {d['name']} (dynamic) on the "
-                                 f"same text: KLD {metric(d, 'kld_mean', 5)} -> "
-                                 f"{metric(s, 'kld_mean', 5)} ({change:+.1f} %), ΔPPL "
-                                 f"{metric(d, 'delta_ppl_pct', 2)} % -> "
-                                 f"{metric(s, 'delta_ppl_pct', 2)} %{_told_apart(d, s)}")
-    header = ["group", "format", "method", "calibration text", "eval text digest", "size MB",
-              "ΔPPL %", "ΔPPL 95 % CI", "KLD mean", "KLD 95 % CI", "top-1 %", "run"]
-    return table(header, body) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-
-
-def _told_apart(a: dict, b: dict) -> str:
+def told_apart(a: dict, b: dict) -> str:
     """Whether two variants' 95 % intervals separate them (see `indistinguishable`)."""
     said = []
     for label, prefix in (("ΔPPL", "delta_ppl"), ("KLD", "kld")):
@@ -439,57 +386,3 @@ def _told_apart(a: dict, b: dict) -> str:
             said.append(f"{label} cannot be told apart (95 % intervals overlap)"
                         if overlaps(ca, cb) else f"{label} differs (95 % intervals do not overlap)")
     return f"; {', '.join(said)}" if said else ""
-
-
-def _tune_stage(row: dict) -> dict | None:
-    """The quantise stage's metrics if the variant was searched (quantpipe.quantize.tuned)."""
-    return next((s["metrics"] for s in row["stages"] if "tune_s" in s["metrics"]), None)
-
-
-def tuned_vs_imatrix(rows: list[dict]) -> str:
-    """Each tuned GGUF beside llama.cpp's imatrix and plain files of its quant.type, on the same
-    evaluation text: which one is closest to FP16 at (at most) the plain file's size."""
-    tuned = [r for r in rows if _tune_stage(r) is not None]
-    if not tuned:
-        return ("No tuned GGUF in this selection. Add one with `make sweep SWEEP=gguf_q4_k_m,"
-                "gguf_imatrix_q4_k_m,gguf_tuned`.")
-    out = []
-    for t in tuned:
-        qtype = t["params"].get("quant.compare")
-        same = [r for r in rows if r["family"] == t["family"] and r is not t
-                and r["params"].get("quant.compare") == qtype and _tune_stage(r) is None
-                and r["method"] in ("dynamic", "static") and eval_digest(r) == eval_digest(t)]
-        trio = [(r, "plain" if r["method"] == "dynamic" else "calibrated") for r in same]
-        trio.append((t, "tuned"))
-        body = [[f"**{r['name']}**", how, metric(r, "size_mb", 2), metric(r, "bits_per_weight", 2),
-                 metric(r, "delta_ppl_pct", 2), interval(r, "delta_ppl", 2),
-                 metric(r, "kld_mean", 5), interval(r, "kld", 5), metric(r, "top1_agree_pct", 2),
-                 short(r["run_id"])] for r, how in trio]
-        out.append(table(["format", "method", "size MB", "bits/weight", "ΔPPL %", "ΔPPL 95 % CI",
-                          "KLD mean", "KLD 95 % CI", "top-1 %", "run"], body))
-        scored = [(r, how) for r, how in trio if "kld_mean" in r["metrics"]]
-        if scored:
-            best, how = min(scored, key=lambda p: p[0]["metrics"]["kld_mean"])
-            out.append(f"- Lowest held-out KLD: **{best['name']}** ({how}), "
-                       f"{metric(best, 'kld_mean', 5)} nats, ΔPPL {metric(best, 'delta_ppl_pct', 2)} "
-                       f"%, {metric(best, 'size_mb', 2)} MB.")
-        m = _tune_stage(t)
-        calib = {k.removeprefix("tune_kld_calib_"): v for k, v in m.items()
-                 if k.startswith("tune_kld_calib_")}
-        won = next((k for k in calib if m.get(f"tune_won_{k}")), None)
-        won = f"the {won} candidate" if won else "a candidate other than its searched mix"
-        calib = ", ".join(f"{k} {num(v, 5)}" for k, v in calib.items())
-        ar = (f"; AutoRound {num(m.get('autoround_s'), 0)} s"
-              f"{' (cached)' if m.get('autoround_reused') else ''}, peak RSS "
-              f"{num(m.get('autoround_peak_rss_mb'), 0)} MB") if "autoround_s" in m else ""
-        out.append(f"- The tuner published {won}; calibration-split KLD: {calib}; budget "
-                   f"{num(m.get('budget_mb'), 2)} MB; tuning {num(m.get('tune_s'), 0)} s, "
-                   f"{num(m.get('tune_candidates_scored'), 0)} candidates, peak RSS "
-                   f"{num(m.get('tune_peak_rss_mb'), 0)} MB (llama-quantize "
-                   f"{num(m.get('tune_quantize_peak_rss_mb'), 0)} MB){ar}.")
-        missing = {"plain", "calibrated"} - {how for _, how in trio}
-        if missing:
-            out.append(f"- No {' or '.join(sorted(missing))} {qtype} run on the same evaluation "
-                       "text in this selection to compare with.")
-    return "\n\n".join(out)
-

@@ -1,8 +1,11 @@
-"""vLLM's CPU build on each variant (eval.vllm): does it load, its perplexity on the same windows,
+"""vLLM's CPU build on each variant (eval.vllm): the report section of quantpipe.evaluate's vLLM
+pass (found by quantpipe.report.sections): does it load, its perplexity on the same windows,
 its CPU kernels' speed. Read from the variant runs' metrics and their evaluate stage's tags only.
 """
 from __future__ import annotations
 
+from quantpipe.report.query import Selection
+from quantpipe.report.sections import register
 from quantpipe.report.tables import NA, metric, num, short, short_error, table
 
 
@@ -15,6 +18,16 @@ def _stage_tag(r: dict, key: str) -> str | None:
 
 def tried(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "vllm_loads" in r["metrics"] or _stage_tag(r, "vllm.skipped")]
+
+
+@register("cpu")
+def report_section(sel: Selection) -> list[str]:
+    return section(sel.variants)
+
+
+@register("serving", order=20)
+def report_recommendation(sel: Selection) -> list[tuple[str, dict | None, str]]:
+    return recommendation(sel.variants)
 
 
 def section(rows: list[dict]) -> list[str]:

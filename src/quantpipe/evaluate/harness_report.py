@@ -1,5 +1,6 @@
-"""Task accuracy (lm-evaluation-harness, eval.lm_eval): a table per task and the verdict that
-uses it, read from the runs' metrics only.
+"""Task accuracy (lm-evaluation-harness, eval.lm_eval): the report section of quantpipe.evaluate's
+harness (found by quantpipe.report.sections), a table per task and the verdict that uses it,
+read from the runs' metrics only.
 
 Each variant run logs, per task and metric, `task_<task>_<metric>` and its `_stderr`, the change
 against FP16 in points with a paired 95 % interval (`_delta_pts`, `_delta_ci95_low/high`: a
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from quantpipe.report.query import Selection
+from quantpipe.report.sections import register
 from quantpipe.report.tables import NA, num, short, table
 
 _VALUE = re.compile(r"^task_(.+)_(acc|acc_norm|exact_match|f1|mcc|bleu|rouge\w*)$")
@@ -33,6 +36,16 @@ def _delta(r: dict, key: str) -> str:
     return (f"{num(m[f'{key}_delta_pts'], 1, sign=True)} "
             f"[{num(m.get(f'{key}_delta_ci95_low'), 1, sign=True)}, "
             f"{num(m.get(f'{key}_delta_ci95_high'), 1, sign=True)}]")
+
+
+@register("comparison")
+def report_section(sel: Selection) -> list[str]:
+    return section(sel.variants)
+
+
+@register("serving", order=10)
+def report_recommendation(sel: Selection) -> list[tuple[str, dict | None, str]]:
+    return recommendation(sel.variants)
 
 
 def section(rows: list[dict]) -> list[str]:

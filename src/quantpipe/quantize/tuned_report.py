@@ -1,0 +1,113 @@
+"""The tuned GGUF's report sections (quantpipe.report.sections): its search beside llama.cpp's
+imatrix and plain files of the same type, and the "GGUF at one size" recommendation.
+
+A variant is tuned when its quantise stage logged the search's time (`tune_s`, written by
+quantpipe.quantize.tuned with the calibration-split KLD of each candidate and, where the
+AutoRound candidate ran, its time and memory).
+"""
+from __future__ import annotations
+
+from quantpipe.names import Metric
+from quantpipe.report.query import Selection
+from quantpipe.report.recommend import pick
+from quantpipe.report.sections import register
+from quantpipe.report.tables import eval_digest, interval, metric, num, short, table
+
+TUNE_S = "tune_s"  # the tuner's search time: only a tuned variant's quantise stage logs it
+SAME_SIZE = 1.001  # sizes within 0.1 % compete as one size
+
+
+def tune_stage(row: dict) -> dict | None:
+    """The quantise stage's metrics if the variant was searched (quantpipe.quantize.tuned)."""
+    return next((s["metrics"] for s in row["stages"] if TUNE_S in s["metrics"]), None)
+
+
+@register("formats", order=20)
+def section(sel: Selection) -> list[str]:
+    return ["## Tuned vs imatrix vs plain (GGUF at one size)", tuned_vs_imatrix(sel.variants)]
+
+
+def tuned_vs_imatrix(rows: list[dict]) -> str:
+    """Each tuned GGUF beside llama.cpp's imatrix and plain files of its quant.type, on the same
+    evaluation text: which one is closest to FP16 at (at most) the plain file's size."""
+    tuned = [r for r in rows if tune_stage(r) is not None]
+    if not tuned:
+        return ("No tuned GGUF in this selection. Add one with `make sweep SWEEP=gguf_q4_k_m,"
+                "gguf_imatrix_q4_k_m,gguf_tuned`.")
+    out = []
+    for t in tuned:
+        qtype = t["params"].get("quant.compare")
+        same = [r for r in rows if r["family"] == t["family"] and r is not t
+                and r["params"].get("quant.compare") == qtype and tune_stage(r) is None
+                and r["method"] in ("dynamic", "static") and eval_digest(r) == eval_digest(t)]
+        trio = [(r, "plain" if r["method"] == "dynamic" else "calibrated") for r in same]
+        trio.append((t, "tuned"))
+        body = [[f"**{r['name']}**", how, metric(r, Metric.SIZE_MB, 2),
+                 metric(r, Metric.BITS_PER_WEIGHT, 2), metric(r, Metric.DELTA_PPL_PCT, 2),
+                 interval(r, "delta_ppl", 2), metric(r, Metric.KLD_MEAN, 5),
+                 interval(r, "kld", 5), metric(r, Metric.TOP1_AGREE_PCT, 2),
+                 short(r["run_id"])] for r, how in trio]
+        out.append(table(["format", "method", "size MB", "bits/weight", "ΔPPL %", "ΔPPL 95 % CI",
+                          "KLD mean", "KLD 95 % CI", "top-1 %", "run"], body))
+        scored = [(r, how) for r, how in trio if Metric.KLD_MEAN in r["metrics"]]
+        if scored:
+            best, how = min(scored, key=lambda p: p[0]["metrics"][Metric.KLD_MEAN])
+            out.append(f"- Lowest held-out KLD: **{best['name']}** ({how}), "
+                       f"{metric(best, Metric.KLD_MEAN, 5)} nats, ΔPPL "
+                       f"{metric(best, Metric.DELTA_PPL_PCT, 2)} %, "
+                       f"{metric(best, Metric.SIZE_MB, 2)} MB.")
+        out.append(_search(tune_stage(t)))
+        missing = {"plain", "calibrated"} - {how for _, how in trio}
+        if missing:
+            out.append(f"- No {' or '.join(sorted(missing))} {qtype} run on the same evaluation "
+                       "text in this selection to compare with.")
+    return "\n\n".join(out)
+
+
+def _search(m: dict) -> str:
+    """What the tuner did, from its quantise stage's metrics: the candidate it published, each
+    candidate's calibration-split KLD, its budget, time and memory (AutoRound's, where it ran)."""
+    calib = {k.removeprefix("tune_kld_calib_"): v for k, v in m.items()
+             if k.startswith("tune_kld_calib_")}
+    won = next((k for k in calib if m.get(f"tune_won_{k}")), None)
+    won = f"the {won} candidate" if won else "a candidate other than its searched mix"
+    calib = ", ".join(f"{k} {num(v, 5)}" for k, v in calib.items())
+    ar = (f"; AutoRound {num(m.get('autoround_s'), 0)} s"
+          f"{' (cached)' if m.get('autoround_reused') else ''}, peak RSS "
+          f"{num(m.get('autoround_peak_rss_mb'), 0)} MB") if "autoround_s" in m else ""
+    return (f"- The tuner published {won}; calibration-split KLD: {calib}; budget "
+            f"{num(m.get('budget_mb'), 2)} MB; tuning {num(m.get(TUNE_S), 0)} s, "
+            f"{num(m.get('tune_candidates_scored'), 0)} candidates, peak RSS "
+            f"{num(m.get('tune_peak_rss_mb'), 0)} MB (llama-quantize "
+            f"{num(m.get('tune_quantize_peak_rss_mb'), 0)} MB){ar}.")
+
+
+@register("recommend")
+def recommendation(sel: Selection) -> list[tuple[str, dict | None, str]]:
+    return same_size_gguf(sel.variants)
+
+
+def same_size_gguf(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:
+    """Where a tuned GGUF ran: the lowest held-out KLD among the variants no larger than the plain
+    one of its comparison group (quant.compare: plain, imatrix and tuned compete at one size)."""
+    out = []
+    for t in [r for r in cpu if tune_stage(r) is not None]:
+        qtype = t["params"].get("quant.compare", "?")
+        plain = [r for r in cpu if r["family"] == t["family"] and r["method"] == "dynamic"
+                 and r["params"].get("quant.compare") == qtype and Metric.SIZE_MB in r["metrics"]]
+        limit = min((r["metrics"][Metric.SIZE_MB] for r in plain),
+                    default=t["metrics"].get(Metric.SIZE_MB))
+        if limit is None:
+            continue
+        # within 0.1 %: llama.cpp's imatrix file carries a few hundred bytes more metadata than
+        # plain's (the matrix's name and dataset), not a larger model
+        fits = [r for r in cpu if r["family"] == t["family"]
+                and r["metrics"].get(Metric.SIZE_MB, float("inf")) <= limit * SAME_SIZE]
+        r = pick(fits, Metric.KLD_MEAN)
+        out.append((f"GGUF at the {qtype} size", r, "no GGUF with a KLD" if r is None else
+                    f"lowest held-out KLD of the GGUFs no larger than plain {qtype} "
+                    f"({limit:.2f} MB): {metric(r, Metric.KLD_MEAN, 5)} nats, ΔPPL "
+                    f"{metric(r, Metric.DELTA_PPL_PCT, 2)} %, {metric(r, Metric.SIZE_MB, 2)} MB; "
+                    f"compared: " + ", ".join(f"{f['name']} {metric(f, Metric.KLD_MEAN, 5)}"
+                                              for f in fits)))
+    return out
