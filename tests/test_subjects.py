@@ -42,3 +42,16 @@ def test_no_control_no_verdict():
     rows = [row("nf4", "float", None, 0.08, (0.07, 0.09), method="dynamic")]
     assert subjects.judged(rows) == []
     assert "No calibrated variant" in subjects.section(rows)
+
+
+def test_a_control_of_another_weight_scheme_is_no_control():
+    """The newest method run and the newest control run differ in their weight scheme (one of
+    them predates a config change): no verdict, and a note that names the key to re-run for."""
+    rows = cell("smol", None, (0.05, (0.04, 0.06)), 78.9)
+    rows[0]["params"]["quant.backend.weights.observer"] = "minmax"   # gptq, before the change
+    rows[1]["params"]["quant.backend.weights.observer"] = "mse"      # rtn, after it
+    assert subjects.judged(rows) == []
+    (note,) = subjects.unmatched(rows)
+    assert "gptq is not judged" in note and "`quant.backend.weights.observer`" in note
+    rows[1]["params"]["quant.backend.weights.observer"] = "minmax"
+    assert len(subjects.judged(rows)) == 1 and subjects.unmatched(rows) == []

@@ -53,13 +53,38 @@ def _best_dynamic(runs: dict[str, dict], group: str | None) -> dict | None:
     return min(peers, key=lambda r: r["metrics"][Metric.KLD_MEAN], default=None)
 
 
-def judged(rows: list[dict]) -> list[dict]:
-    """One verdict per calibrated variant with a control, per subject and text."""
+SCHEME = "quant.backend.weights."  # the weight scheme a control must share with its method
+
+
+def scheme_differs(a: dict, b: dict) -> list[str]:
+    """The weight-scheme parameters in which two runs differ (a control measured before its
+    method's scheme changed, or after: not a control of that run)."""
+    keys = {k for r in (a, b) for k in r["params"] if k.startswith(SCHEME)}
+    return sorted(k for k in keys if _p(a, k) != _p(b, k))
+
+
+def unmatched(rows: list[dict]) -> list[str]:
+    """Notes for each calibrated run whose newest control ran another weight scheme."""
     out = []
     for (subj, txt), runs in sorted(cells(rows).items()):
         for r in sorted(runs.values(), key=lambda r: r["name"]):
             control = runs.get(_p(r, "quant.control") or "")
-            if control is None or Metric.KLD_MEAN not in r["metrics"]:
+            if control is not None and (keys := scheme_differs(r, control)):
+                out.append(f"{subj}, `{txt}`: {r['name']} is not judged: its newest run and its "
+                           f"control's differ in {', '.join(f'`{k}`' for k in keys)} (re-run "
+                           "both with the current configs)")
+    return out
+
+
+def judged(rows: list[dict]) -> list[dict]:
+    """One verdict per calibrated variant with a control of its very weight scheme, per subject
+    and text."""
+    out = []
+    for (subj, txt), runs in sorted(cells(rows).items()):
+        for r in sorted(runs.values(), key=lambda r: r["name"]):
+            control = runs.get(_p(r, "quant.control") or "")
+            if control is None or Metric.KLD_MEAN not in r["metrics"] \
+                    or scheme_differs(r, control):
                 continue
             dyn = _best_dynamic(runs, _p(r, "quant.compare"))
             out.append({"subject": subj, "text": txt, "row": r, "control": control,
@@ -108,7 +133,7 @@ def notes(verdicts: list[dict], rows: list[dict]) -> list[str]:
         elif vs and not won:
             out.append(f"{subj}: {name} does not beat its control with intervals apart on any "
                        "text scored")
-    out += ranking_notes(rows)
+    out += unmatched(rows) + ranking_notes(rows)
     return out or ["every calibrated variant beat its control on every text scored"]
 
 
