@@ -69,6 +69,7 @@ class Tag:
     MERGED_FINGERPRINT = "merged.fingerprint"
     VARIANT_RUN_ID = "variant_run_id"
     METRIC_PREFIX = "metric."               # metric.<name> = repr(value)
+    REGISTERING = "registering"             # until the champion is re-elected (registry.py)
 
 
 class Gate:
