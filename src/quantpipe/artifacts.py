@@ -285,6 +285,27 @@ def out_of_space(folder: Path, stage: str, need_bytes: int) -> ConfigError:
                        "finished stages are reused")
 
 
+def no_space(error: BaseException, root: str | Path) -> ConfigError | None:
+    """One line for a write outside a cache stage that found the disk full (a Modelfile, the
+    MLflow store's files or its SQLite database), or None when `error` is something else."""
+    seen, e = [], error
+    while e is not None and len(seen) < 20:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    full = [x for x in seen if isinstance(x, OSError) and x.errno == errno.ENOSPC]
+    if not full and not any("database or disk is full" in str(x) for x in seen):
+        return None
+    where = Path(full[0].filename).parent if full and full[0].filename else Path(root)
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    return ConfigError("paths.root", f"the disk of {where} is full ({free}); nothing "
+                       "half-written was published", "free some space (make clean deletes "
+                       "artifacts/ and quantized/), then run the same command again: finished "
+                       "stages are reused and that run closes this one's runs")
+
+
 # --- damaged cache entries ------------------------------------------------------------------
 # Each cache entry records, when built, every file's size, mtime and SHA-256. Reuse checks size
 # and mtime only (one stat per file: microseconds, so an unchanged sweep stays as fast); the
