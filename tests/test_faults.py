@@ -239,13 +239,15 @@ def test_a_fault_at_a_stage_loses_nothing_and_the_rerun_completes(world, fault, 
     if fault == "disk full" and not world.tmpfs:
         pytest.skip("a full disk needs a tmpfs, mounted as root")
     if fault == "damaged cache":
-        # the stage's cached bytes (for publish: through the published hard link) are damaged
-        # before a run that would reuse them: that run is the re-run
+        # the bytes of the entry the stage's re-run reuses are damaged: its largest file, or
+        # its provenance.json when that is all it holds (an evaluation: the metrics); for
+        # publish, the published GGUF, a hard link to the quantise entry's. An intermediate
+        # the re-run does not read (gguf-f16 behind a cached quantise) is checked when read.
         TALLY["injected"] += 1
         target = (root / "quantized" / PUBLISHED if stage == "publish" else
-                  max((p for n in BUILT_BY[stage] for p in (root / "artifacts" / n).rglob("*")
-                       if p.is_file() and p.name != art.PROVENANCE),
-                      key=lambda p: p.stat().st_size))
+                  max((p for e in (root / "artifacts" / BUILT_BY[stage][0]).glob("[!.]*")
+                       for p in e.rglob("*") if p.is_file()),
+                      key=lambda p: (p.name != art.PROVENANCE, p.stat().st_size)))
         before = files(root)
         flip_a_byte(target)
         # the damaged file's whole cache entry is built again (a new provenance.json too)
