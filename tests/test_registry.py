@@ -129,6 +129,13 @@ def test_the_same_model_published_again_is_stored_once_and_registered_once(reg, 
     assert copy.read_bytes() == reg.model.read_bytes()
     changed, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=85.0)  # new figures
     assert int(changed.version) > int(first.version) and changed.source == first.source
+    # its run is the one holding the bytes (an MLflow server refuses any other), and the run
+    # that registered it is in a tag, for recovery to judge a half registration by
+    (third_publish,) = reg.client.search_runs(
+        [exp], "attributes.run_name = 'publish'", order_by=["attributes.start_time DESC"],
+        max_results=1)
+    assert changed.run_id == first.run_id
+    assert changed.tags["publish_run_id"] == third_publish.info.run_id != first.run_id
     import shutil
     shutil.rmtree(Path(reg.client.get_run(first.run_id).info.artifact_uri.removeprefix("file://"))
                   / "model")

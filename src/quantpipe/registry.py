@@ -59,9 +59,14 @@ def register_variant(name: str, publish_run_id: str, model_uri: str, variant_run
                  key=lambda v: int(v.version), default=None)
     new = not (newest is not None and newest.source == model_uri
                and {k: newest.tags.get(k) for k in tags} == tags)
+    # the version's run is the one holding its bytes: an MLflow server refuses a source under
+    # another run's artefacts ("The run_id request parameter must identify the resource that
+    # contains the source"), which a re-run with new figures has (model/same_as.json)
+    holder = model_uri.split("/")[1] if model_uri.startswith("runs:/") else publish_run_id
     version = newest if not new else client.create_model_version(
-        name, model_uri, run_id=publish_run_id,
-        tags={**tags, Tag.VARIANT_RUN_ID: variant_run_id, Tag.REGISTERING: "true"})
+        name, model_uri, run_id=holder,
+        tags={**tags, Tag.VARIANT_RUN_ID: variant_run_id, Tag.PUBLISH_RUN_ID: publish_run_id,
+              Tag.REGISTERING: "true"})
     client.set_tag(variant_run_id, Tag.REGISTRY_VERSION, f"{name}/{version.version}")
     return version, new
 
@@ -155,8 +160,9 @@ def drop_half_registered(registry_cfg: Mapping) -> list[str]:
     name = str(registry_cfg["name"])
     dropped, merged = [], set()
     for v in client.search_model_versions(f"name = '{name}' and tags.`{Tag.REGISTERING}` = 'true'"):
-        try:
-            running = client.get_run(v.run_id).info.status == "RUNNING"
+        try:  # the publish run (a version's own run may be an earlier one holding the bytes)
+            publisher = v.tags.get(Tag.PUBLISH_RUN_ID) or v.run_id
+            running = client.get_run(publisher).info.status == "RUNNING"
         except MlflowException:  # its run was deleted
             running = False
         if running:  # another pipeline is registering it now
