@@ -6,7 +6,7 @@ final name, and the same command run again completes, leaves no run RUNNING and 
 bytes its cache entry recorded. The session ends with `faults injected N / survived N / files
 lost 0` (tests/conftest.py prints it).
 
-    .venv/bin/python -m pytest -q -m slow tests/test_faults.py      # ~8 min on 2 cores
+    .venv/bin/python -m pytest -q -m slow tests/test_faults.py      # ~11 min on 2 busy cores
 
 How a fault lands at a stage: the stage's cache entries are deleted first, so the run builds it;
 the pipeline is frozen (SIGSTOP) the moment the stage's temporary folder appears, the fault is
