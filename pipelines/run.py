@@ -42,8 +42,10 @@ def main(cfg: DictConfig) -> None:
         from quantpipe.tracking import sweep_parent_id
         run(cfg, parent_run_id=sweep_parent_id(hc.sweep.dir) if multirun else None)
     except Exception as e:
+        from quantpipe.artifacts import no_space
         from quantpipe.tracking import server_lost
-        lost = server_lost(e, str(cfg.tracking.uri))  # a server that died mid-run: one line
+        # a server that died mid-run, a disk that filled outside a cache stage: one line
+        lost = server_lost(e, str(cfg.tracking.uri)) or no_space(e, cfg.paths.root)
         if multirun:  # the sweep goes on; Hydra raises the first failure after the last job
             log_job_error(log, lost or e)
         else:

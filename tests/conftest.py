@@ -107,3 +107,13 @@ def adapter_missing_modules(tmp_path, tiny_adapter) -> Path:
     cfg["target_modules"] = ["query_key_value"]
     (bad / "adapter_config.json").write_text(json.dumps(cfg))
     return bad
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fault suite's closing figures (tests/test_faults.py), when it ran."""
+    import sys
+    faults = sys.modules.get("tests.test_faults")
+    if faults is not None and faults.TALLY["injected"]:
+        t = faults.TALLY
+        terminalreporter.write_line(f"faults injected {t['injected']} / survived {t['survived']}"
+                                    f" / files lost {t['lost']}")

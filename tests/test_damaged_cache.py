@@ -1,7 +1,8 @@
 """A cached artefact whose bytes no longer match what was recorded when it was built is never
 reused or published: it is built again, with one warning line naming the file.
 
-Fast: the cache entry on its own (edited, truncated, deleted, touched, from before manifests).
+Fast: the cache entry on its own (edited, truncated, deleted, touched, its provenance.json
+garbled or edited, from before manifests).
 Pipeline: a damaged quantise artefact on the tiny model is rebuilt and the published GGUF equals
 a clean build's; an unchanged second run finds nothing damaged (no stage writes into a cached
 or hard-linked published file in place).
@@ -46,6 +47,8 @@ def test_the_manifest_records_every_file_and_an_intact_entry_is_reused(tmp_path)
     ("edit", "weights.bin changed since it was built"),
     ("truncate", "weights.bin is 100 bytes, 4096 when it was built"),
     ("delete", "sub/config.json is missing"),
+    ("garble record", "provenance.json is unreadable"),  # a byte flipped: no longer UTF-8
+    ("edit record", "provenance.json changed since it was built"),  # still JSON, other numbers
 ])
 def test_a_damaged_entry_is_built_again_with_one_line(tmp_path, caplog, fault, said):
     calls: list = []
@@ -57,6 +60,13 @@ def test_a_damaged_entry_is_built_again_with_one_line(tmp_path, caplog, fault, s
             f.write(b"\x02")
     elif fault == "truncate":
         os.truncate(weights, 100)
+    elif fault == "garble record":
+        record = (folder / art.PROVENANCE).read_bytes()
+        (folder / art.PROVENANCE).write_bytes(record[:40] + bytes([record[40] ^ 0xFF])
+                                               + record[41:])
+    elif fault == "edit record":
+        text = (folder / art.PROVENANCE).read_text()
+        (folder / art.PROVENANCE).write_text(text.replace('"n": 1', '"n": 7'))
     else:
         (folder / "sub" / "config.json").unlink()
     with caplog.at_level(logging.WARNING, logger="quantpipe.artifacts"):
@@ -79,8 +89,9 @@ def test_a_touched_file_with_the_same_bytes_is_reused_after_a_hash(tmp_path, cap
 
 def test_an_entry_from_before_manifests_is_trusted(tmp_path):
     calls: list = []
-    folder, prov, _ = cached(tmp_path, calls)
-    del prov[art.FILES]
+    folder, _, _ = cached(tmp_path, calls)
+    prov = art.read_provenance(folder)
+    del prov[art.FILES], prov[art.RECORD]
     (folder / art.PROVENANCE).write_text(json.dumps(prov))
     with open(folder / "weights.bin", "r+b") as f:  # nothing recorded to compare against
         f.write(b"\x03")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +17,7 @@ import mlflow
 import pytest
 
 from quantpipe.errors import ConfigError
-from quantpipe.registry import CHAMPION, publish_to_registry
+from quantpipe.registry import CHAMPION, drop_half_registered, publish_to_registry
 from quantpipe.tracking import log_model
 
 
@@ -126,11 +129,64 @@ def test_the_same_model_published_again_is_stored_once_and_registered_once(reg, 
     assert copy.read_bytes() == reg.model.read_bytes()
     changed, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=85.0)  # new figures
     assert int(changed.version) > int(first.version) and changed.source == first.source
+    # its run is the one holding the bytes (an MLflow server refuses any other), and the run
+    # that registered it is in a tag, for recovery to judge a half registration by
+    (third_publish,) = reg.client.search_runs(
+        [exp], "attributes.run_name = 'publish'", order_by=["attributes.start_time DESC"],
+        max_results=1)
+    assert changed.run_id == first.run_id
+    assert changed.tags["publish_run_id"] == third_publish.info.run_id != first.run_id
     import shutil
     shutil.rmtree(Path(reg.client.get_run(first.run_id).info.artifact_uri.removeprefix("file://"))
                   / "model")
     third, _ = reg.publish("q4_0", True, fingerprint="fp-a", size_mb=85.0)
     assert third.source == f"runs:/{third.run_id}/model" != first.source
+
+
+# a pipeline's publish stage up to its first registry request: the version is created, then the
+# process dies (SIGKILL, no handler runs) before the champion is re-elected
+HALF_REGISTER = """
+import os, signal, sys
+import mlflow
+from quantpipe.recovery import process_tags
+from quantpipe.registry import register_variant
+from quantpipe.tracking import log_model
+db, exp, name, model = sys.argv[1:]
+mlflow.set_tracking_uri(f"sqlite:///{db}")
+mlflow.set_experiment(experiment_id=exp)
+with mlflow.start_run(run_name="q2_k", tags=process_tags()) as variant:
+    with mlflow.start_run(run_name="publish", nested=True, tags=process_tags()) as pub:
+        uri = log_model(model, 300, "model", name + "-q2_k")
+        register_variant(name, pub.info.run_id, uri, variant.info.run_id, "q2_k", "m1", True,
+                         {"size_mb": 50.0})
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_version_half_registered_by_a_killed_process_is_deleted_by_the_next_run(reg, store):
+    """Killed between creating its version and electing the champion: the smallest passing
+    version would be champion, but the alias still points at the old one. The next run's
+    recovery closes the dead runs, deletes that version and re-elects without it."""
+    from quantpipe.recovery import mark_dead_runs
+    root, exp = store
+    reg.publish("q8_0", True, size_mb=136.0)
+    child = subprocess.run([sys.executable, "-c", HALF_REGISTER, str(root / "mlflow.db"), exp,
+                            reg.name, str(reg.model)], capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (half,) = reg.client.search_model_versions(f"name = '{reg.name}' and "
+                                               "tags.`quant.name` = 'q2_k'")
+    assert half.tags["registering"] == "true" and reg.champion() == "q8_0"
+    assert drop_half_registered({"name": reg.name, "champion_by": "size_mb",
+                                 "champion_mode": "min"}) == []  # its run is still RUNNING
+    mark_dead_runs(exp)  # what recovery.recover does first
+    assert drop_half_registered({"name": reg.name, "champion_by": "size_mb",
+                                 "champion_mode": "min"}) == [str(half.version)]
+    versions = reg.client.search_model_versions(f"name = '{reg.name}'")
+    assert [v.tags["quant.name"] for v in versions] == ["q8_0"] and reg.champion() == "q8_0"
+    assert "registering" not in versions[0].tags  # a finished registration keeps its version
+    version, _ = reg.publish("q2_k", True, size_mb=50.0)  # the re-run registers it whole
+    assert reg.champion() == "q2_k"
+    assert "registering" not in reg.client.get_model_version(reg.name, version.version).tags
 
 
 def test_a_model_above_the_copy_limit_is_logged_as_relative_paths_and_hashes(store, tmp_path):

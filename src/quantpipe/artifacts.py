@@ -231,15 +231,14 @@ def ensure_cached(artifacts_root: Path, stage: str, fp: str, build,
     building, the disk must have `need_bytes + margin_bytes` free (else ConfigError, nothing
     written)."""
     folder = cache_dir(artifacts_root, stage, fp)
-    prov = read_provenance(folder)
-    if prov is not None and damage(folder, prov.get(FILES) or {}) is None:
+    prov, why = read_entry(folder)
+    if prov is not None and why is None:
         return folder, prov, True
     with file_lock(lock_path(folder), f"{stage} {fp}"):
-        prov = read_provenance(folder)  # finished (or rebuilt) while we waited for the lock
-        if prov is not None:
-            # an entry built before manifests existed has none: trusted as it is
-            if (why := damage(folder, prov.get(FILES) or {})) is None:
-                return folder, prov, True
+        prov, why = read_entry(folder)  # finished (or rebuilt) while we waited for the lock
+        if prov is not None and why is None:
+            return folder, prov, True
+        if why is not None:
             log.warning("cache: %s is damaged (%s): building it again",
                         portable_path(folder), why)
             shutil.rmtree(folder)  # never reused, never published
@@ -250,8 +249,9 @@ def ensure_cached(artifacts_root: Path, stage: str, fp: str, build,
                 extra = provenance() if callable(provenance) else provenance
                 prov = {"stage": stage, "fingerprint": fp, "result": result, **(extra or {}),
                         FILES: manifest(tmp)}
-                (tmp / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True,
-                                                         default=str))
+                record = json.loads(json.dumps(prov, default=str))  # as a reader will see it
+                record[RECORD] = record_digest(record)
+                (tmp / PROVENANCE).write_text(json.dumps(record, indent=2, sort_keys=True))
         except Exception as e:
             if disk_full(e, folder.parent):
                 raise out_of_space(folder.parent, stage, need_bytes) from e
@@ -285,6 +285,27 @@ def out_of_space(folder: Path, stage: str, need_bytes: int) -> ConfigError:
                        "finished stages are reused")
 
 
+def no_space(error: BaseException, root: str | Path) -> ConfigError | None:
+    """One line for a write outside a cache stage that found the disk full (a Modelfile, the
+    MLflow store's files or its SQLite database), or None when `error` is something else."""
+    seen, e = [], error
+    while e is not None and len(seen) < 20:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    full = [x for x in seen if isinstance(x, OSError) and x.errno == errno.ENOSPC]
+    if not full and not any("database or disk is full" in str(x) for x in seen):
+        return None
+    where = Path(full[0].filename).parent if full and full[0].filename else Path(root)
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    return ConfigError("paths.root", f"the disk of {where} is full ({free}); nothing "
+                       "half-written was published", "free some space (make clean deletes "
+                       "artifacts/ and quantized/), then run the same command again: finished "
+                       "stages are reused and that run closes this one's runs")
+
+
 # --- damaged cache entries ------------------------------------------------------------------
 # Each cache entry records, when built, every file's size, mtime and SHA-256. Reuse checks size
 # and mtime only (one stat per file: microseconds, so an unchanged sweep stays as fast); the
@@ -296,6 +317,9 @@ def out_of_space(folder: Path, stage: str, need_bytes: int) -> ConfigError:
 # published files share their cache entry's inode, so an edit there is caught here too.
 
 FILES = "files"
+# provenance.json checks itself too: for an evaluation it is the whole artefact (the metrics
+# are its "result"), and a byte changed in it must not become a published number
+RECORD = "record_sha256"
 
 
 def manifest(folder: Path) -> dict[str, list]:
@@ -306,6 +330,30 @@ def manifest(folder: Path) -> dict[str, list]:
             st = p.stat()
             out[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns, file_sha256(p)]
     return out
+
+
+def record_digest(prov: dict) -> str:
+    """SHA-256 of a provenance record without its own digest, in one canonical spelling."""
+    rest = {k: v for k, v in prov.items() if k != RECORD}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def read_entry(folder: Path) -> tuple[dict | None, str | None]:
+    """(provenance, why the entry is damaged or None) of a cache entry; (None, None) when it
+    is not finished. An entry from before manifests (no `files`, no `record_sha256`) is
+    trusted as it is."""
+    p = Path(folder) / PROVENANCE
+    if not p.is_file():
+        return None, None
+    try:
+        prov = json.loads(p.read_bytes())
+    except ValueError as e:  # a changed byte that is no longer UTF-8 or JSON
+        return None, f"{PROVENANCE} is unreadable ({type(e).__name__})"
+    if not isinstance(prov, dict):
+        return None, f"{PROVENANCE} is not a record"
+    if RECORD in prov and prov[RECORD] != record_digest(prov):
+        return prov, f"{PROVENANCE} changed since it was built (its SHA-256 differs)"
+    return prov, damage(folder, prov.get(FILES) or {})
 
 
 def damage(folder: Path, files: dict[str, list]) -> str | None:

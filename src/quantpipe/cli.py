@@ -55,13 +55,24 @@ def one_line(e: BaseException) -> str:
 
 
 def one_line_errors(main: Callable[[], Any]) -> Any:
-    """Run `main`; bad input prints `error: <key or file>: <problem> -> <fix>` and exits 2."""
+    """Run `main`; bad input prints `error: <key or file>: <problem> -> <fix>` and exits 2.
+    SIGTERM unwinds the stack (temporaries deleted, runs ended FAILED), then one line, exit
+    143."""
+    from quantpipe.recovery import Terminated, raise_on_sigterm
     os.environ.setdefault(USER_VERBOSE_ENV, os.environ.get(VERBOSE_ENV, ""))
     os.environ[VERBOSE_ENV] = "1"  # Hydra re-raises; we decide what the user sees
+    raise_on_sigterm()
     try:
         return main()
     except user_error_types() as e:
         exit_on_user_error(e)
+        raise
+    except Terminated:
+        for h in logging.getLogger().handlers:
+            h.flush()
+        print("error: stopped by SIGTERM: its temporaries are deleted and its runs ended FAILED; "
+              "run the same command again to resume (finished stages are reused)",
+              file=sys.stderr, flush=True)
         raise
 
 

@@ -29,7 +29,9 @@ KNOWN_WARNINGS = [
 QUIET_LOGGERS = {
     "bitsandbytes": logging.ERROR,   # "MatMul8bitLt: inputs will be cast", "cannot fetch
                                      # kernels from the hub" (offline on purpose): every load
-    "mlflow.store.db.utils": logging.WARNING,  # "Creating initial MLflow database tables..."
+    # "Creating initial MLflow database tables..."; and on a full disk, a traceback per failed
+    # write before MLflow raises the same error, which the pipeline reports in one line
+    "mlflow.store.db.utils": logging.CRITICAL,
     "alembic": logging.WARNING,      # MLflow's schema migrations on first use of a store
     "httpx": logging.WARNING,        # a line per request when the smoke test talks to the server
 }

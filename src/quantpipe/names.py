@@ -71,7 +71,9 @@ class Tag:
     # tags of a registered model version (quantpipe.registry)
     MERGED_FINGERPRINT = "merged.fingerprint"
     VARIANT_RUN_ID = "variant_run_id"
+    PUBLISH_RUN_ID = "publish_run_id"       # the run that registered it (its run_id: the bytes')
     METRIC_PREFIX = "metric."               # metric.<name> = repr(value)
+    REGISTERING = "registering"             # until the champion is re-elected (registry.py)
 
 
 class Gate:

@@ -10,14 +10,20 @@ Temporaries are dot-prefixed siblings of their final names (quantpipe.artifacts.
 `.X.tmp-<host>-<pid>-<ns>` is deleted when its process is dead; `.X.old-...` is the previous
 published folder, moved aside during a swap: deleted if X exists, else renamed back to X (a kill
 between the two renames of a folder swap would otherwise lose the published model).
+
+SIGTERM (a `kill`, a scheduler's cancel) is better than kill -9: `raise_on_sigterm` turns it into
+an exception, so the stack unwinds as for an error: temporaries are deleted where they were made
+and the open runs end FAILED at once, not when the next run finds them.
 """
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -155,12 +161,44 @@ def clean_stale_temps(*roots: Path) -> list[Path]:
 
 
 def recover(cfg) -> None:
-    """Both of the above for the configured artifacts/, quantized/ and MLflow experiment."""
+    """Both of the above for the configured artifacts/, quantized/ and MLflow experiment, then
+    the registry's versions whose registration those runs left unfinished."""
     import mlflow
+
+    from quantpipe.registry import drop_half_registered
     clean_stale_temps(Path(cfg.paths.artifacts), Path(cfg.paths.quantized))
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if exp is not None:
         mark_dead_runs(exp.experiment_id)
+    drop_half_registered(cfg.registry)
+
+
+class Terminated(SystemExit):
+    """SIGTERM as an exception. A SystemExit, so Hydra's job runner and `except Exception`
+    blocks let it through; the exit status is 143 (128 + 15), as a shell reports a process
+    that SIGTERM ended."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+    def __str__(self) -> str:
+        return "stopped by SIGTERM"
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises `Terminated` in the main thread. Only where SIGTERM still has
+    its default action: a launcher's own handler (submitit requeues on it) is kept. A second
+    SIGTERM while the first unwinds ends the process at once, as kill -9 would; the next run
+    cleans up after it."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -170,7 +208,6 @@ def die_with_parent(parent_pid: int) -> None:
     (seen: a 3B int4 worker ran 20 minutes after its pipeline was killed). Elsewhere it does
     nothing; a parent already gone before the call ends this process at once."""
     import ctypes
-    import signal
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG

@@ -13,6 +13,12 @@ has finished. Versions compete only with versions of the same merged model (tag
 merged.fingerprint), and only the newest version of each quant.name counts, so re-running a
 variant replaces its entry and a new adapter starts a new contest.
 
+Registering is two requests (create the version, then move the alias), and a process can die or
+lose its server between them. A version is created tagged `registering` and the tag is removed
+once the champion has been re-elected; the next run's recovery (quantpipe.recovery.recover)
+deletes a version still so tagged whose publish run is no longer RUNNING and re-elects the
+champion without it (`drop_half_registered`), so the registry never keeps half a registration.
+
     mlflow.artifacts.download_artifacts("models:/SmolLM2-135M-Instruct-quantised@champion")
 """
 from __future__ import annotations
@@ -53,8 +59,14 @@ def register_variant(name: str, publish_run_id: str, model_uri: str, variant_run
                  key=lambda v: int(v.version), default=None)
     new = not (newest is not None and newest.source == model_uri
                and {k: newest.tags.get(k) for k in tags} == tags)
+    # the version's run is the one holding its bytes: an MLflow server refuses a source under
+    # another run's artefacts ("The run_id request parameter must identify the resource that
+    # contains the source"), which a re-run with new figures has (model/same_as.json)
+    holder = model_uri.split("/")[1] if model_uri.startswith("runs:/") else publish_run_id
     version = newest if not new else client.create_model_version(
-        name, model_uri, run_id=publish_run_id, tags={**tags, Tag.VARIANT_RUN_ID: variant_run_id})
+        name, model_uri, run_id=holder,
+        tags={**tags, Tag.VARIANT_RUN_ID: variant_run_id, Tag.PUBLISH_RUN_ID: publish_run_id,
+              Tag.REGISTERING: "true"})
     client.set_tag(variant_run_id, Tag.REGISTRY_VERSION, f"{name}/{version.version}")
     return version, new
 
@@ -135,4 +147,33 @@ def publish_to_registry(registry_cfg: Mapping, publish_run_id: str, model_uri: s
         except MlflowException:
             return version, None  # no variant of this merged model passes the gate
     champion = update_champion(name, merged_fingerprint, by, str(registry_cfg["champion_mode"]))
+    MlflowClient().delete_model_version_tag(name, version.version, Tag.REGISTERING)
     return version, champion
+
+
+def drop_half_registered(registry_cfg: Mapping) -> list[str]:
+    """Delete the versions of the registered model whose registration never finished (still
+    tagged `registering`, their publish run no longer RUNNING: killed, failed, or cut off from
+    the server), then re-elect the champion of each merged model they belonged to. Returns the
+    deleted version numbers."""
+    client = MlflowClient()
+    name = str(registry_cfg["name"])
+    dropped, merged = [], set()
+    for v in client.search_model_versions(f"name = '{name}' and tags.`{Tag.REGISTERING}` = 'true'"):
+        try:  # the publish run (a version's own run may be an earlier one holding the bytes)
+            publisher = v.tags.get(Tag.PUBLISH_RUN_ID) or v.run_id
+            running = client.get_run(publisher).info.status == "RUNNING"
+        except MlflowException:  # its run was deleted
+            running = False
+        if running:  # another pipeline is registering it now
+            continue
+        client.delete_model_version(name, v.version)
+        dropped.append(str(v.version))
+        merged.add(v.tags.get(Tag.MERGED_FINGERPRINT, ""))
+    for fp in merged:
+        update_champion(name, fp, str(registry_cfg["champion_by"]),
+                        str(registry_cfg["champion_mode"]))
+    if dropped:
+        log.warning("registry %s: deleted version(s) %s, registered by runs that ended before "
+                    "electing the champion", name, ", ".join(dropped))
+    return dropped

@@ -307,9 +307,10 @@ def stage_run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
 def error_tag() -> Iterator[None]:
     """Inside an active run: on an exception, tag the run with it (quantpipe.error), so the UI
     and the report say why a run FAILED; the exception propagates."""
+    from quantpipe.recovery import Terminated
     try:
         yield
-    except Exception as e:
+    except (Exception, Terminated) as e:
         if server_lost(e, mlflow.get_tracking_uri()) is not None:
             # the retries are spent: the runs still open fail at once, not a minute each
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"

@@ -68,7 +68,12 @@ def run_worker(spec: dict, need: int, limit_gb: float | None, what: str) -> None
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.Popen([sys.executable, "-m", "quantpipe.evaluate.worker", f.name],
                                 env=env)
-        status, peak_mb = _wait_sampling(proc)
+        try:
+            status, peak_mb = _wait_sampling(proc)
+        except BaseException:  # SIGTERM (recovery.Terminated) or Ctrl-C: the worker goes too
+            proc.kill()
+            proc.wait()
+            raise
     finally:
         os.unlink(f.name)
     memory.note_child_peak(peak_mb)
