@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--sweep", metavar="RUN_ID", help="the sweep run to report (default: newest)")
+    ap.add_argument("--sweep", metavar="RUN_ID", help="the sweep run to report (default: "
+                    "newest); several, comma-separated: their variants, the newest run of each")
     ap.add_argument("--out", type=Path, default=PROJECT_ROOT / "QUANTISATION-REPORT.md",
                     help="markdown file to write; plots go to report/ beside it")
     ap.add_argument("--experiment", help="MLflow experiment (default: tracking.experiment)")

@@ -387,3 +387,33 @@ def test_a_long_refusal_is_printed_whole_up_to_its_fix():
     assert what + " |" in tables.scale([row]) and "raise" not in tables.scale([row])
     cell = tables.short_error("word " * 100)
     assert cell.endswith("word …") and len(cell) <= 302
+
+
+def test_several_sweeps_report_together_the_newest_run_of_each_variant(tmp_path):
+    """`--sweep A,B`: the variants of both sweep runs, and where both ran one, the newer run."""
+    import time
+
+    from quantpipe.names import Kind, Tag
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("x")
+
+    def make(name: str | None, parent: str | None = None, kld: float = 0.0) -> str:
+        tags = {Tag.KIND: Kind.SWEEP} if parent is None else {
+            Tag.KIND: Kind.VARIANT, Tag.QUANT_NAME: name, Tag.PARENT_RUN: parent}
+        r = client.create_run(exp, tags=tags)
+        if parent is not None:
+            client.log_metric(r.info.run_id, "kld_mean", kld)
+        client.set_terminated(r.info.run_id, "FINISHED")
+        time.sleep(0.01)  # distinct start times
+        return r.info.run_id
+
+    old = make(None)
+    make("a", old, 0.3), make("b", old, 0.2)
+    new = make(None)
+    newer_a = make("a", new, 0.1)
+    sel = select(client, "x", f"{old},{new}")
+    assert {r["name"]: r["metrics"]["kld_mean"] for r in sel.variants} == {"a": 0.1, "b": 0.2}
+    assert next(r for r in sel.variants if r["name"] == "a")["run_id"] == newer_a
+    assert sel.sweep["run_id"] == old and sel.sweep["also"] == [new]
+    with pytest.raises(ConfigError, match="no run nope"):
+        select(client, "x", f"{old},nope")

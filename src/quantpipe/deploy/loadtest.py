@@ -176,9 +176,11 @@ def smoke_test(variant: serve.Variant, threads: int | None, s: LoadSettings,
         finally:
             serve.stop_server(proc)
         problems = smoke_problems(smoke)
+        # the Ollama export of what was served (a GGUF), written once, logged with each level
+        modelfile = write_modelfile(variant.path) if variant.path.suffix == ".gguf" else None
         for level, results, wall_s in measured:
             run_id, metrics = _log_level(variant, server, cmd, threads, s, level, smoke, results,
-                                         wall_s, ready_s, server_log, problems)
+                                         wall_s, ready_s, [server_log, modelfile], problems)
     if problems:
         raise SmokeFailed(f"{variant.path}: " + "; ".join(problems))
     return run_id, metrics
@@ -186,7 +188,7 @@ def smoke_test(variant: serve.Variant, threads: int | None, s: LoadSettings,
 
 def _log_level(variant: serve.Variant, server: str, cmd: list[str], threads: int | None,
                s: LoadSettings, level: int, smoke: Result, results: list[Result], wall_s: float,
-               ready_s: float, server_log: Path, problems: list[str]
+               ready_s: float, files: list[Path | None], problems: list[str]
                ) -> tuple[str, dict[str, float]]:
     """One concurrency level's deploy run (FAILED when a check failed: `problems` gains this
     level's failed requests)."""
@@ -204,9 +206,9 @@ def _log_level(variant: serve.Variant, server: str, cmd: list[str], threads: int
                            "deploy.smoke_max_tokens": s.smoke_max_tokens,
                            "deploy.request_timeout_s": s.request_timeout_s,
                            "deploy.threads": threads, "deploy.command": " ".join(cmd)})
-        if variant.path.suffix == ".gguf":  # the Ollama export of what was served
-            mlflow.log_artifact(str(write_modelfile(variant.path)))
-        mlflow.log_artifact(str(server_log))
+        for f in files:
+            if f is not None:
+                mlflow.log_artifact(str(f))
         metrics = summarise(smoke, results, wall_s, ready_s)
         mlflow.log_metrics(metrics)
         mlflow.log_dict({"smoke": asdict(smoke), "load": [asdict(r) for r in results]},

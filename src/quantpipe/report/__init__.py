@@ -19,6 +19,9 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
     cpu, gpu = sel.variants, sel.gpu
     scope = (f"sweep `{sel.sweep['run_id']}`" if sel.sweep
              else "the newest finished run of each variant (no sweep run found)")
+    if sel.sweep and sel.sweep.get("also"):
+        scope = (f"sweeps {', '.join(f'`{i}`' for i in [sel.sweep['run_id'], *sel.sweep['also']])}"
+                 " (the newest run of each variant)")
     parts = ["# Quantisation report",
              f"Generated from MLflow by `make report`; runs: {scope}. Every number below is a "
              "metric, parameter, tag or start/end time of the run named beside it.",

@@ -90,17 +90,23 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
                           f"{client.tracking_uri}", "run `make sweep` first, or name the "
                           "experiment and store (tracking=remote) the runs went to")
     kind = f"tags.`{Tag.KIND}`"
-    if sweep_id:
-        found = _search(client, exp.experiment_id, f"attributes.run_id = '{sweep_id}'")
-        if not found:
-            raise ConfigError("--sweep", f"no run {sweep_id} in experiment {experiment!r}",
+    found = []
+    # several sweeps (comma-separated): their variants together, the newest run of each wins
+    for one in [s.strip() for s in (sweep_id or "").split(",") if s.strip()]:
+        run = _search(client, exp.experiment_id, f"attributes.run_id = '{one}'")
+        if not run:
+            raise ConfigError("--sweep", f"no run {one} in experiment {experiment!r}",
                               "copy a sweep run id from `make ui` or leave --sweep out")
-    else:
+        found += run
+    if not sweep_id:
         found = _search(client, exp.experiment_id, f"{kind} = '{Kind.SWEEP}'")[:1]
     sweep = as_row(found[0]) if found else None
     if sweep is not None:
-        runs = _search(client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and "
-                       f"tags.`{Tag.PARENT_RUN}` = '{sweep['run_id']}'")
+        sweep["also"] = [r.info.run_id for r in found[1:]]
+        runs = [r for f in found for r in _search(
+            client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and "
+            f"tags.`{Tag.PARENT_RUN}` = '{f.info.run_id}'")]
+        runs.sort(key=lambda r: -r.info.start_time)  # newest first, across the sweeps
     else:
         runs = _search(client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}'")
     rows = [as_row(r) for r in runs]
