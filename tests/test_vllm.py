@@ -190,9 +190,11 @@ def test_smoke_serves_the_folder_with_vllm_at_each_concurrency(tmp_path):
     from pipelines.deploy import main as deploy_main
     cfg = make_cfg(tmp_path, ["+quant=rtn_w4a16", *FLOAT, "eval.vllm.enabled=false"])
     run(cfg)
-    deploy_main(["smoke", "--quant", "rtn_w4a16", "--server", "vllm", "--concurrency", "1", "4",
-                 "--requests", "4", "--max-tokens", "8", f"paths.root={tmp_path}", "model=float",
-                 "adapter=none"])
+    # round-to-nearest on 4 short windows may fail the default gate: serving is what is tested
+    code = deploy_main(["smoke", "--quant", "rtn_w4a16", "--server", "vllm", "--concurrency",
+                        "1", "4", "--requests", "4", "--max-tokens", "8", "--allow-failed-gate",
+                        f"paths.root={tmp_path}", "model=float", "adapter=none"])
+    assert code in (0, 1)  # 1: the float subject's answer need not end at end-of-turn
     deploys = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                  filter_string="tags.`quantpipe.kind` = 'deploy'")
     assert sorted(r.data.tags["deploy.concurrency"] for r in deploys) == ["1", "4"]
