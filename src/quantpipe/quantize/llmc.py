@@ -22,6 +22,8 @@ Logged on the quantise stage, from the oneshot's checks on calibration windows: 
 control rtn_w4a16) and, where activations are quantised, every Linear input's range and int8
 error (per tensor, per token, with the calibrated scale): the table
 llmc/activation_int8_error.csv, the worst layer as tag llmc.act_worst_layer and act_* metrics.
+Where AWQ runs, its scale search per mapping (llmc/awq_scale_search.csv) and awq_* metrics: what
+its scales left of plain rounding's output error, and how much the input channels stand out.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ CALIB_SCORE_PREFIX = ("calib_kld", "calib_top1", "calib_tokens_scored")
 # (COMPUTE_DTYPE); 3: the result holds the calibration-text output error and the Linear inputs'
 # int8 error. Bump when the oneshot writes something else.
 ONESHOT_RECIPE = 3
+# Per modifier, a later version of what its oneshot writes, for that modifier's results only
+# (the others stay cached): AWQModifier 4: the result holds AWQ's scale search (AwqProbe).
+MODIFIER_RECIPE = {"AWQModifier": 4}
 # The published folder made from it (the quantise stage): 4: the dynamic twin stores its
 # formerly weight-only groups int-quantized (swap_activations). Bump when that changes.
 RECIPE = 4
@@ -214,6 +219,16 @@ def activation_summary(rows: list[dict]) -> tuple[dict, str | None]:
             "act_worst_absmax_over_p999": worst["absmax_over_p999"]}, worst["layer"]
 
 
+def csv_table(rows: list[dict], columns: tuple[str, ...]) -> str:
+    """rows as CSV text with `columns` in order (floats to 6 digits, a missing value empty)."""
+    lines = [",".join(columns)]
+    for r in rows:
+        lines.append(",".join("" if r.get(c) is None else
+                              (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
+                              for c in columns))
+    return "\n".join(lines) + "\n"
+
+
 ACT_COLUMNS = ("layer", "absmax", "p999", "absmax_over_p999", "channel_max_over_median",
                "static_scale_absmax", "relmse_tensor", "relmse_token", "relmse_static",
                "relmse_served")
@@ -224,13 +239,39 @@ def log_activations(rows: list[dict], worst: str | None) -> None:
     import mlflow
     if not rows or mlflow.active_run() is None:
         return
-    lines = [",".join(ACT_COLUMNS)]
-    for r in sorted(rows, key=lambda r: -r["relmse_served"]):
-        lines.append(",".join("" if r.get(c) is None else
-                              (f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]))
-                              for c in ACT_COLUMNS))
-    mlflow.log_text("\n".join(lines) + "\n", "llmc/activation_int8_error.csv")
+    mlflow.log_text(csv_table(sorted(rows, key=lambda r: -r["relmse_served"]), ACT_COLUMNS),
+                    "llmc/activation_int8_error.csv")
     mlflow.set_tag("llmc.act_worst_layer", worst)
+
+
+AWQ_COLUMNS = ("smooth", "balance", "channel_max_over_median", "scale_max_over_min",
+               "error_identity", "error_best", "error_left")
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def awq_summary(rows: list[dict]) -> dict:
+    """AWQ's scale search in three numbers (llmc_oneshot.AwqProbe): the mappings searched, the
+    median share of plain rounding's module output error its scales left (1 = they bought
+    nothing), and the median input-channel peak (max over median of mean |x|)."""
+    left = [r["error_left"] for r in rows if r.get("error_left") is not None]
+    peak = [r["channel_max_over_median"] for r in rows if r.get("channel_max_over_median")]
+    if not left:
+        return {}
+    return {"awq_mappings": float(len(rows)), "awq_error_left_median": _median(left),
+            "awq_error_left_min": min(left),
+            **({"awq_channel_peak_median": _median(peak)} if peak else {})}
+
+
+def log_awq(rows: list[dict]) -> None:
+    """The per-mapping table of AWQ's scale search (CSV, in the model's order) on the run."""
+    import mlflow
+    if not rows or mlflow.active_run() is None:
+        return
+    mlflow.log_text(csv_table(rows, AWQ_COLUMNS), "llmc/awq_scale_search.csv")
 
 
 def eval_need(shape, **_) -> tuple[str, int]:
@@ -289,8 +330,9 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
             "threads": ctx.threads, "compute_dtype": COMPUTE_DTYPE,
             "activation_overrides": activation_overrides or [], "calibrate": calibrated,
             "save_format": save_format}
+    recipe = max([ONESHOT_RECIPE] + [MODIFIER_RECIPE.get(next(iter(m)), 0) for m in modifiers])
     fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py),
-                         ONESHOT_RECIPE)
+                         recipe)
     folder, prov, reused = art.ensure_cached(
         ctx.artifacts, "llmc", fp, lambda tmp: run_oneshot(py, Path(src), tmp, text, spec),
         {"merged": ctx.src_fingerprint, "calibration_source": source, "spec": spec})
@@ -307,8 +349,12 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
     rows = served_error(res.get("activations", []), serve_activations)
     act_metrics, worst = activation_summary(rows)
     log_activations(rows, worst)
+    if res.get("awq_missing"):
+        log.warning("llm-compressor: AWQ's scale search was not recorded (%s)", res["awq_missing"])
+    awq_metrics = awq_summary(res.get("awq", []))
+    log_awq(res.get("awq", []))
     return {"artifact": ".",
-            "metrics": {**metrics, **act_metrics, "llmc_reused": float(reused)},
+            "metrics": {**metrics, **act_metrics, **awq_metrics, "llmc_reused": float(reused)},
             "runtime": "transformers",
             "calibration": [{"name": "calibration-text", "text_file": s["text_file"],
                              "split": "calib", "key": key}] if calibrated else [],

@@ -23,7 +23,9 @@ Two checks run on the first calibration windows (SCORED_WINDOWS): the output err
 quantised model against the float model before oneshot (KL over the float model's top-k tokens
 plus a tail bucket, as the evaluation measures it: `calib_kld`), and, where activations are
 quantised, each Linear input's range and its int8 error per tensor vs per token
-(`activations` in the result; see InputStats).
+(`activations` in the result; see InputStats). Where AWQ runs, its own scale search is recorded
+per mapping (`awq` in the result; see AwqProbe): what the searched scales left of the error of
+plain rounding, and how far the input channels' mean |x| stands out, AWQ's premise.
 Writes dst (compressed-tensors folder + tokenizer + recipe.yaml) and dst/llmc_result.json.
 """
 from __future__ import annotations
@@ -243,6 +245,52 @@ class InputStats:
         return rows
 
 
+class AwqProbe:
+    """AWQ's scale search, per mapping (a norm or projection and the Linears it feeds), read
+    from llm-compressor's AWQModifier as it runs: the grid's first point is the identity scale
+    (plain rounding; llm-compressor puts it first whatever `duo_scaling` says), so its
+    `initial_error` / `best_error` (the parent module's output MSE) say what the searched scales
+    bought per module. `channel_max_over_median` is the input channels' mean |x| (the statistic
+    AWQ scales by) max over median: AWQ protects channels that stand out, and where none does
+    its scales stay near 1 and it can only match round-to-nearest.
+
+    Reads the modifier's private per-mapping state (`_smooth_activation_stats`,
+    `_error_metrics`) around `_compute_best_scale`, which 0.14 deletes after each mapping; with
+    another layout the probe records nothing and says so, and the oneshot is unchanged."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.missing: str | None = None
+
+    def install(self) -> None:
+        from llmcompressor.modifiers.transform import AWQModifier
+        search = getattr(AWQModifier, "_compute_best_scale", None)
+        if search is None:
+            self.missing = "AWQModifier._compute_best_scale not found"
+            return
+        probe = self
+
+        def probed(mod, mapping, *args, **kwargs):
+            stats = getattr(mod, "_smooth_activation_stats", {}).get(mapping.smooth_name)
+            scales = search(mod, mapping, *args, **kwargs)
+            errors = getattr(mod, "_error_metrics", None) or [{}]
+            probe.record(mapping, stats, scales, errors[-1])
+            return scales
+
+        AWQModifier._compute_best_scale = probed
+
+    def record(self, mapping, stats, scales, err: dict) -> None:
+        row = {"smooth": mapping.smooth_name,
+               "balance": "+".join(n.rsplit(".", 1)[-1] for n in mapping.balance_names or []),
+               "error_identity": err.get("initial_error"), "error_best": err.get("best_error"),
+               "error_left": err.get("reduction"),
+               "scale_max_over_min": float(scales.max() / scales.min().clamp(min=1e-12))}
+        if stats is not None:
+            x = (stats[0].double() / stats[1].double()).flatten()
+            row["channel_max_over_median"] = float(x.max() / x.median().clamp(min=1e-12))
+        self.rows.append(row)
+
+
 def cpu_shims(torch) -> None:
     """AWQModifier pins its cached activations before each smoothing grid search, only to speed
     up host-to-GPU copies; pin_memory() raises on a machine with no accelerator ("Cannot access
@@ -272,6 +320,9 @@ def main(spec_path: str) -> None:
                      spec["seq_len"])
     scored = [torch.tensor(r) for r in ds["input_ids"][:SCORED_WINDOWS]]
     refs = reference_topk(model, scored)
+    awq = AwqProbe()
+    if any("AWQModifier" in m for m in spec["modifiers"]):
+        awq.install()
     t0 = time.perf_counter()
     # data-free where nothing is calibrated (round-to-nearest weights): no pass over the windows
     oneshot(model=model, dataset=ds if spec["calibrate"] else None,
@@ -289,7 +340,9 @@ def main(spec_path: str) -> None:
     (dst / "llmc_result.json").write_text(json.dumps({
         "metrics": {"oneshot_s": oneshot_s, "calib_samples": len(ds),
                     "calib_tokens": len(ds) * spec["seq_len"], **metrics},
-        "group_sizes": summary, "activations": stats.table()}, indent=1))
+        "group_sizes": summary, "activations": stats.table(),
+        **({"awq": awq.rows} if awq.rows else {}),
+        **({"awq_missing": awq.missing} if awq.missing else {})}, indent=1))
 
 
 if __name__ == "__main__":
