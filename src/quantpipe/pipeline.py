@@ -376,7 +376,7 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     ctx = QuantContext(artifacts=Path(cfg.paths.artifacts), tools=Path(cfg.paths.tools),
                        src_fingerprint=merged["fingerprint"], threads=cfg.threads)
     fp = art.fingerprint(Stage.QUANTISE, merged["fingerprint"], quantise_key(quant["backend"]),
-                         fmt.made_by(), RESULT_CONTRACT)
+                         fmt.made_by(quant["backend"]), RESULT_CONTRACT)
     # at most 2x the FP16 input (a backend may write a full-precision copy before quantising)
     folder, prov = cached_stage(cfg, Stage.QUANTISE, fp,
                                 lambda tmp: backend(merged["path"], tmp, ctx),

@@ -20,6 +20,8 @@ A format missing a required part fails when its module is imported, not when a r
     check_machine  (tools, **options) -> None: what this machine must have (llama.cpp's tools,
                    an isolated environment), looked for before the first stage
     other_versions () -> {name: version}: libraries outside this venv, in the cache key too
+    recipe_of      (options dict) -> versions, falsy for none: recipe versions that depend on
+                   the options, where one option's artefact changed and the others' did not
     rules          {config key: quantpipe.schema rule}: the quant.* keys this format adds
     open_sections  config sections the format checks itself (quant.tune)
 
@@ -79,6 +81,7 @@ class Format:
     check_options: Callable[[dict], None] | None = None
     check_machine: Callable[..., None] | None = None
     other_versions: Callable[[], dict] | None = None
+    recipe_of: Callable[[dict], Any] | None = None
     rules: Mapping[str, Any] = field(default_factory=dict)
     open_sections: tuple[str, ...] = ()
 
@@ -99,7 +102,7 @@ class Format:
         for part in ("memory_need", "eval_need"):
             if not callable(getattr(self, part)):
                 raise TypeError(f"format {name}: {part} is required and must be callable")
-        for part in ("check_options", "check_machine", "other_versions"):
+        for part in ("check_options", "check_machine", "other_versions", "recipe_of"):
             if getattr(self, part) is not None and not callable(getattr(self, part)):
                 raise TypeError(f"format {name}: {part} must be callable or None")
 
@@ -108,14 +111,19 @@ class Format:
         """The `_target_` a quant config names it by."""
         return f"{self.quantize.__module__}.{self.quantize.__qualname__}"
 
-    def made_by(self) -> dict[str, Any]:
+    def made_by(self, options: dict | None = None) -> dict[str, Any]:
         """What makes the artefact besides its inputs (part of the quantise stage's cache key):
-        the recipe and the versions of the libraries, those outside this venv included."""
+        the recipe (with `options`, the backend's, and a `recipe_of`: its version for them
+        too) and the versions of the libraries, those outside this venv included."""
         from quantpipe import tracking
         versions = tracking.versions_of(self.libraries)
         if self.other_versions is not None:
             versions.update(self.other_versions())
-        return {"recipe": self.recipe, "versions": versions}
+        made = {"recipe": self.recipe, "versions": versions}
+        if self.recipe_of is not None and options is not None \
+                and (of_options := self.recipe_of(options)):
+            made["options_recipe"] = of_options
+        return made
 
     def check_result(self, result: dict) -> dict:
         """The backend's result names what the pipeline needs, and a runtime that exists."""

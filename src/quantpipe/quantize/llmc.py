@@ -57,9 +57,9 @@ CALIB_SCORE_PREFIX = ("calib_kld", "calib_top1", "calib_tokens_scored")
 # (COMPUTE_DTYPE); 3: the result holds the calibration-text output error and the Linear inputs'
 # int8 error. Bump when the oneshot writes something else.
 ONESHOT_RECIPE = 3
-# Per modifier, a later version of what its oneshot writes, for that modifier's results only
-# (the others stay cached): AWQModifier 4: the result holds AWQ's scale search (AwqProbe).
-MODIFIER_RECIPE = {"AWQModifier": 4}
+# Per modifier, a version of what the oneshot writes for it, bumped for that modifier's results
+# only (the others stay cached): AWQModifier 1: the result holds its scale search (AwqProbe).
+MODIFIER_RECIPE = {"AWQModifier": 1}
 # The published folder made from it (the quantise stage): 4: the dynamic twin stores its
 # formerly weight-only groups int-quantized (swap_activations). Bump when that changes.
 RECIPE = 4
@@ -274,6 +274,14 @@ def log_awq(rows: list[dict]) -> None:
     mlflow.log_text(csv_table(rows, AWQ_COLUMNS), "llmc/awq_scale_search.csv")
 
 
+def modifier_recipes(options: dict) -> dict[str, int]:
+    """The versions (MODIFIER_RECIPE) of the modifiers these options run, {} for none: in the
+    oneshot's cache key and the quantise stage's (a stage reusing an older oneshot result would
+    keep that result's metrics)."""
+    names = [next(iter(m)) for m in plain(options.get("modifiers")) or []]
+    return {n: MODIFIER_RECIPE[n] for n in names if n in MODIFIER_RECIPE}
+
+
 def eval_need(shape, **_) -> tuple[str, int]:
     """(runtime, weight bytes) of the evaluation: transformers decompresses to FP16 on CPU."""
     return "transformers", shape.fp16_bytes
@@ -303,6 +311,7 @@ def plain(value):
 
 
 @register(recipe=RECIPE, libraries=LIBRARIES, other_versions=other_versions,
+          recipe_of=modifier_recipes,
           check_machine=check_machine, memory_need=memory_need, eval_need=eval_need)
 def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
                   input_activations: dict | None = None, serve_activations: dict | None = None,
@@ -330,9 +339,9 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
             "threads": ctx.threads, "compute_dtype": COMPUTE_DTYPE,
             "activation_overrides": activation_overrides or [], "calibrate": calibrated,
             "save_format": save_format}
-    recipe = max([ONESHOT_RECIPE] + [MODIFIER_RECIPE.get(next(iter(m)), 0) for m in modifiers])
+    extra = modifier_recipes({"modifiers": modifiers})
     fp = art.fingerprint("llmc", ctx.src_fingerprint, spec, art.fingerprint(text), llmc_version(py),
-                         recipe)
+                         ONESHOT_RECIPE, *([extra] if extra else []))
     folder, prov, reused = art.ensure_cached(
         ctx.artifacts, "llmc", fp, lambda tmp: run_oneshot(py, Path(src), tmp, text, spec),
         {"merged": ctx.src_fingerprint, "calibration_source": source, "spec": spec})
