@@ -104,6 +104,18 @@ def test_int4_variant_quantises_reloads_and_logs_calibration(cfg_factory, quant)
     # 64 columns (q/k/v/o, gate/up) take groups of 64, down_proj's 128 keeps 128
     assert sorted(g["weights"]["group_size"] for g in groups) == [64, 128]
     assert rel_logit_error(folder, merged_folder(cfg)) < REL_TOL[quant]
+    # AWQ's scale search, per mapping, on the variant run (the report's AWQ section reads it
+    # there): each layer's norm -> q/k/v, norm -> gate/up and up -> down (v -> o is skipped
+    # under GQA), and its scales never leave more error than plain rounding, the identity
+    # being one of the candidates
+    awq = {k: v for k, v in variant_run(cfg, quant).data.metrics.items() if k.startswith("awq_")}
+    if quant.startswith("awq_"):
+        layers = json.loads((merged_folder(cfg) / "config.json").read_text())["num_hidden_layers"]
+        assert awq["awq_mappings"] >= 3 * layers
+        assert 0 < awq["awq_error_left_min"] <= awq["awq_error_left_median"] <= 1
+        assert awq["awq_channel_peak_median"] >= 1
+    else:
+        assert not awq
 
 
 def calibration_kld(folder: Path, reference: Path, text: str, samples: int,

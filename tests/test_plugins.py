@@ -114,7 +114,8 @@ def test_report_sections_are_found_beside_their_formats_in_report_order():
     from quantpipe.report import sections
     found = {slot: [s.render.__module__.rsplit(".", 1)[1] for s in sections.sections(slot)]
              for slot in sections.SLOTS}
-    assert found["formats"] == ["llmc_report", "tuned_report"]  # static vs dynamic, then tuned
+    # static vs dynamic, AWQ's scale search, then tuned
+    assert found["formats"] == ["llmc_report", "llmc_report", "tuned_report"]
     assert found["serving"] == ["harness_report", "vllm_report"]
     assert found["benchmarks"] == ["gguf_report"] and found["recommend"] == ["tuned_report"]
     with pytest.raises(TypeError, match="report slot 'appendix' is not one of"):
@@ -177,3 +178,29 @@ def _shape():
     from quantpipe.memory import Shape
     return Shape(n_params=10**9 // 2, stored_bytes=10**9, largest=32000 * 2048, vocab=32000,
                  layers=16, kv_dim=512)
+
+
+def test_a_recipe_that_depends_on_the_options_moves_only_their_cache_key():
+    """llm-compressor's AWQ results gained a record of its scale search: the quantise stage's
+    key (Format.made_by with the backend's options) moves for AWQ, and for no other modifier,
+    so the other calibrated variants stay cached."""
+    from quantpipe.quantize import llmc
+    fmt = llmc.quantize_llmc.format
+    plain = fmt.made_by()
+    assert fmt.made_by({"modifiers": [{"GPTQModifier": {}}]}) == plain
+    assert fmt.made_by({"modifiers": [{"QuantizationModifier": {}}]}) == plain
+    awq = fmt.made_by({"modifiers": [{"AWQModifier": {}}]})
+    assert awq != plain and awq["options_recipe"] == {"AWQModifier": llmc.MODIFIER_RECIPE[
+        "AWQModifier"]}
+
+
+def test_awq_summary_reads_the_scale_search_rows():
+    from quantpipe.quantize.llmc import awq_summary, csv_table
+    rows = [{"smooth": "l0.norm", "error_left": 0.9, "channel_max_over_median": 2.0},
+            {"smooth": "l0.up", "error_left": 0.5, "channel_max_over_median": 8.0},
+            {"smooth": "l1.norm", "error_left": 0.7, "channel_max_over_median": 4.0}]
+    assert awq_summary(rows) == {"awq_mappings": 3.0, "awq_error_left_median": 0.7,
+                                 "awq_error_left_min": 0.5, "awq_channel_peak_median": 4.0}
+    assert awq_summary([]) == {}
+    assert csv_table(rows[:1], ("smooth", "error_left", "scale_max_over_min")) == \
+        "smooth,error_left,scale_max_over_min\nl0.norm,0.9,\n"

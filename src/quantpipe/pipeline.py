@@ -383,6 +383,10 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
                                 {"merged": merged["fingerprint"]},
                                 need_bytes=2 * art.size_bytes(merged["path"], WEIGHT_FILES))
     result = fmt.check_result(prov["result"])
+    # the metrics the format shares with the variant run (the report reads them there, across
+    # subjects and sweeps, without opening stage runs)
+    mlflow.log_metrics({k: v for k, v in result.get("metrics", {}).items()
+                        if k in result.get("variant_metrics", ())})
     for ds in result.get("calibration", []):
         # calibrated: the calibration text is an input of the variant, built or reused
         from quantpipe.data import load_text

@@ -364,6 +364,7 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
     log_awq(res.get("awq", []))
     return {"artifact": ".",
             "metrics": {**metrics, **act_metrics, **awq_metrics, "llmc_reused": float(reused)},
+            "variant_metrics": sorted(awq_metrics),
             "runtime": "transformers",
             "calibration": [{"name": "calibration-text", "text_file": s["text_file"],
                              "split": "calib", "key": key}] if calibrated else [],

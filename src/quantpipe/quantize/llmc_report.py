@@ -91,3 +91,51 @@ def _versus(group: str, s: dict, d: dict) -> str:
             f"{metric(s, Metric.KLD_MEAN, 5)} ({change:+.1f} %), ΔPPL "
             f"{metric(d, Metric.DELTA_PPL_PCT, 2)} % -> "
             f"{metric(s, Metric.DELTA_PPL_PCT, 2)} %{told_apart(d, s)}")
+
+
+AWQ_MAPPINGS = "awq_mappings"  # llmc.awq_summary's metrics, shared with the variant run
+AWQ_LEFT = "awq_error_left_median"
+AWQ_LEFT_MIN = "awq_error_left_min"
+AWQ_PEAK = "awq_channel_peak_median"
+
+
+@register("formats", order=11)
+def awq_section(sel: Selection) -> list[str]:
+    """AWQ's own scale search per subject (the newest run of each AWQ variant per base model):
+    why it gains over its round-to-nearest control on one subject and not on another."""
+    from quantpipe.report import subjects
+    newest: dict[tuple[str, str], dict] = {}
+    for r in sel.everything:  # newest first
+        if AWQ_MAPPINGS in r["metrics"]:
+            newest.setdefault((subjects.subject(r), r["name"]), r)
+    if not newest:
+        return []
+    gains = {}
+    for v in subjects.judged(sel.everything):
+        c = v["control"]["metrics"].get(Metric.KLD_MEAN)
+        if c and v["row"]["metrics"].get(Metric.KLD_MEAN):
+            gains.setdefault((v["subject"], v["row"]["name"]), []).append(
+                f"{c / v['row']['metrics'][Metric.KLD_MEAN]:.2f}× on `{v['text']}`")
+    body = [[subj, f"**{name}**", metric(r, AWQ_MAPPINGS, 0), metric(r, AWQ_PEAK, 1) + "×",
+             _pct(r, AWQ_LEFT), _pct(r, AWQ_LEFT_MIN), "; ".join(gains.get((subj, name), [])) or NA]
+            for (subj, name), r in sorted(newest.items())]
+    header = ["subject", "variant", "mappings searched", "input-channel peak, median",
+              "output error its scales left, median", "least left", "control KLD / KLD"]
+    return ["## AWQ's scale search, per subject", table(header, body),
+            "AWQ multiplies each input channel of a Linear by a power of that channel's mean "
+            "|x| on the calibration text (the weights scaled up, the input down) before rounding, "
+            "searched per mapping (a norm or projection and the Linears it feeds) with the "
+            "identity among the candidates. *Input-channel peak*: the channels' mean |x|, max "
+            "over median, AWQ's premise: it protects channels that stand out. *Output error its "
+            "scales left*: the mapping's output error with the best scales over that of plain "
+            "rounding (the identity; 100 % = the scales bought nothing), as llm-compressor's "
+            "search measured it; per mapping in the quantise stage's "
+            "`llmc/awq_scale_search.csv`. Where no channel stands out the scales stay near 1 "
+            "and AWQ can only match its round-to-nearest control (*control KLD / KLD* near "
+            "1×, as in 'Verdicts across subjects and texts'); GPTQ, which corrects the "
+            "rounding error from the inputs' covariance, does not need outliers."]
+
+
+def _pct(row: dict, key: str) -> str:
+    v = row["metrics"].get(key)
+    return NA if v is None else f"{100 * v:.1f} %"
