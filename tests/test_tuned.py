@@ -107,6 +107,21 @@ class Sizes:
         return sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
 
 
+def test_the_recipe_in_the_metadata_reads_back_tensor_by_tensor():
+    from quantpipe.quantize.tuned import META, META_VALUE_MAX, metadata_bytes, mix_of, recipe_kv
+    mix = {f"blk.{i}.attn_q.weight": "q5_k" if i < 8 else "q4_k" for i in range(30)}
+    mix |= {f"blk.{i}.ffn_down.weight": "q6_k" if i < 4 or i > 25 else "q5_k" for i in range(30)}
+    mix |= {"token_embd.weight": "q8_0", "output.weight": "q6_k"}
+    kv = recipe_kv(mix)
+    assert kv[META + "attn_q"] == "q5_k*8,q4_k*22" and kv[META + "token_embd"] == "q8_0*1"
+    assert len(kv) == 4 and all(len(v) <= META_VALUE_MAX for v in kv.values())
+    assert mix_of(kv, list(mix)) == mix
+    # every key's bytes fit the room the search keeps for them
+    assert sum(8 + len(k) + 4 + 8 + len(v) for k, v in kv.items()) < metadata_bytes(len(kv))
+    with pytest.raises(RuntimeError, match="does not fit llama.cpp's metadata string"):
+        recipe_kv({f"blk.{i}.attn_q.weight": ["q5_k", "q4_k"][i % 2] for i in range(30)})
+
+
 def test_knapsack_keeps_to_the_budget_and_buys_the_cheapest_kld_first():
     tensors = model_tensors(2)
     groups = groups_of(tensors, bands=1)
@@ -257,11 +272,15 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
     (AutoRound, here with an interpreter that fails) is dropped with one line and the search
     goes on to the same file."""
     import hashlib
+    import os
     import subprocess
     import sys
 
+    import gguf
+
     from quantpipe.quantize import QuantContext
-    from quantpipe.quantize.tuned import quantize_tuned
+    from quantpipe.quantize import tuned as tuned_mod
+    from quantpipe.quantize.tuned import mix_of, quantize_tuned
     from quantpipe.tools import tool_path
     tool_path(TOOLS, "llama-quantize")  # a ConfigError here means: run `make tools`
     settings = {"imatrix": {"chunks": 4, "n_ctx": 64},
@@ -275,7 +294,10 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
         res = quantize_tuned(tiny_base, dst, ctx, "q4_k_m", imatrix=settings["imatrix"],
                              tune={**settings["tune"], "methods": list(methods)})
         digest = hashlib.sha256((dst / res["artifact"]).read_bytes()).hexdigest()
+        won[name], f16_of[name] = res["won"], Path(res["f16"])
         return digest, res["metrics"]
+
+    won, f16_of = {}, {}
 
     idle, m_idle = tuned("idle")
     spin = "import time\nt = time.time() + 600\nwhile time.time() < t: pass"
@@ -294,8 +316,23 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
     with caplog.at_level(logging.WARNING, logger="quantpipe.quantize.tuned"):
         dropped, m_dropped = tuned("dropped", ("sensitivity", "autoround"))
     assert m_dropped["autoround_dropped"] == 1.0 and dropped == idle
+    # the recipe ships with the file: its metadata names every quantised tensor's type, and
+    # recipe/recreate.sh writes the same bytes again with stock llama-quantize
+    out = tmp_path / "idle" / "out"
+    reader = gguf.GGUFReader(str(out / "model-tuned-q4_k_m.gguf"))
+    actual = {t.name: t.tensor_type.name.lower() for t in reader.tensors
+              if t.tensor_type.name not in ("F32", "F16")}
+    meta = {k: bytes(f.parts[f.data[0]]).decode() for k, f in reader.fields.items()
+            if k.startswith(tuned_mod.META)}
+    if won["idle"] == "sensitivity":
+        assert mix_of(meta, list(actual)) == actual
+    recipe = out / tuned_mod.RECIPE_DIR
+    (recipe / f16_of["idle"].name).symlink_to(f16_of["idle"])
+    subprocess.run(["bash", "recreate.sh"], cwd=recipe, check=True, capture_output=True,
+                   env={**os.environ, "PATH": f"{TOOLS}:{os.environ['PATH']}"})
+    assert hashlib.sha256((recipe / "model-tuned-q4_k_m.gguf").read_bytes()).hexdigest() == idle
     assert [r.getMessage() for r in caplog.records if "AutoRound dropped" in r.getMessage()]
-    import gguf  # nothing host-specific in what ships: the matrix and its text by name only
+    # nothing host-specific in what ships: the matrix and its text by name only
     fields = gguf.GGUFReader(str(tmp_path / "idle" / "out" / "model-tuned-q4_k_m.gguf")).fields
     named = {k: bytes(fields[k].parts[fields[k].data[0]]).decode() for k in
              ("quantize.imatrix.file", "quantize.imatrix.dataset")}

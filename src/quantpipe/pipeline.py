@@ -387,6 +387,9 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     # subjects and sweeps, without opening stage runs)
     mlflow.log_metrics({k: v for k, v in result.get("metrics", {}).items()
                         if k in result.get("variant_metrics", ())})
+    for rel in result.get("log_files", ()):  # e.g. the recipe that re-creates the artefact
+        (mlflow.log_artifacts if (folder / rel).is_dir() else mlflow.log_artifact)(
+            str(folder / rel), rel)
     for ds in result.get("calibration", []):
         # calibrated: the calibration text is an input of the variant, built or reused
         from quantpipe.data import load_text

@@ -33,6 +33,7 @@ format-specific the pipeline needs, so pipeline, evaluation and report name no f
     runtime      a registered evaluation runtime (quantpipe.evaluate.runtimes)      required
     metrics      {name: number} logged on the quantise stage
     variant_metrics  [names of those metrics] logged on the variant run too (the report's)
+    log_files    [paths inside dst] logged on the variant run (e.g. a recipe that re-creates it)
     calibration  [{name, text_file, split, key}]: texts logged as MLflow datasets (calibrated)
     speed        {"native": False, "why": ..., "rename_suffix": ...} where no real kernel runs
                  the format in evaluation (its tokens/s are then logged under suffixed names)

@@ -24,6 +24,12 @@ the calibration split (never the evaluation text) and writes it with stock llama
    published, and every candidate's KLD is logged (what lost, and by how much).
 
 Every KLD here is on calibration text; the held-out numbers come from the evaluation stage.
+
+The recipe ships with the file. A searched mix writes its per-tensor types into the GGUF's own
+metadata (`quantpipe.tensor_types.<kind>`: each tensor kind's types layer by layer, run-length
+coded, e.g. `q5_k*8,q4_k*22`; `mix_of` reads them back), and the published folder's `recipe/`
+holds what stock llama-quantize needs to write the same bytes again: `tensor-types.txt` (its
+`--tensor-type-file`), `imatrix.gguf` and `recreate.sh`, logged on the variant run as `recipe/`.
 """
 from __future__ import annotations
 
@@ -60,7 +66,12 @@ AUTOROUND = {"iters": 0, "samples": 32, "seq_len": 512}
 TUNE = {"max_groups": None, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
         "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
-RECIPE = 2  # bump when the file written changes: 2, bounded by work (max_groups), no host paths
+# bump when the file written changes: 2, bounded by work (max_groups), no host paths; 3, the
+# searched mix's per-tensor types in the file's metadata
+RECIPE = 3
+META = "quantpipe.tensor_types."  # + tensor kind: that kind's types, layer by layer (recipe_kv)
+META_VALUE_MAX = 127              # llama.cpp's --override-kv keeps 127 bytes of a string
+RECIPE_DIR = "recipe"
 
 
 def tune_settings(tune: dict) -> dict:
@@ -173,6 +184,51 @@ def groups_of(tensors: list[Tensor], bands: int) -> dict[str, list[Tensor]]:
     return out
 
 
+def recipe_kv(types: dict[str, str]) -> dict[str, str]:
+    """A mix {tensor name: type} as GGUF metadata: one key per tensor kind (`attn_q`, or the
+    whole name for token_embd / output), its types over the layers in order, run-length coded
+    (`q5_k*8,q4_k*22`)."""
+    kinds: dict[str, list[tuple[int, str]]] = {}
+    for name, t in types.items():
+        m = LAYER.match(name)
+        kind, layer = (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+        kinds.setdefault(kind, []).append((layer, t))
+    out = {}
+    for kind, layered in sorted(kinds.items()):
+        runs: list[list] = []
+        for _, t in sorted(layered):
+            if runs and runs[-1][0] == t:
+                runs[-1][1] += 1
+            else:
+                runs.append([t, 1])
+        value = ",".join(f"{t}*{n}" for t, n in runs)
+        if len(value) > META_VALUE_MAX:  # more type changes than levels x bands can make
+            raise RuntimeError(f"the recipe of {kind} does not fit llama.cpp's metadata string "
+                               f"({len(value)} > {META_VALUE_MAX} bytes): {value}")
+        out[META + kind] = value
+    return out
+
+
+def mix_of(metadata: dict[str, str], names: list[str]) -> dict[str, str]:
+    """recipe_kv read back: {tensor name: type} for `names` (a file's quantised tensors)."""
+    kinds = {k.removeprefix(META): [t for run in v.split(",") for t in
+                                    [run.rsplit("*", 1)[0]] * int(run.rsplit("*", 1)[1])]
+             for k, v in metadata.items() if k.startswith(META)}
+    by_kind: dict[str, list[tuple[int, str]]] = {}
+    for name in names:
+        m = LAYER.match(name)
+        kind, layer = (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+        by_kind.setdefault(kind, []).append((layer, name))
+    return {name: kinds[kind][i] for kind, layered in by_kind.items()
+            for i, (_, name) in enumerate(sorted(layered))}
+
+
+def metadata_bytes(kinds: int) -> int:
+    """The most bytes recipe_kv's keys can add to a file: per key its name (<= 64), type, two
+    lengths and a value of at most META_VALUE_MAX, plus the tensor data's alignment (32)."""
+    return kinds * (8 + 64 + 4 + 8 + META_VALUE_MAX) + 32
+
+
 # --- scoring on calibration text ----------------------------------------------------------------
 
 class CalibScorer:
@@ -227,8 +283,10 @@ class Search:
         args = ["--imatrix", Path(self.matrix).name]  # recorded as given: no host path
         if types is not None:
             spec = self.work / "tensor-types.txt"
-            spec.write_text("".join(f"^{re.escape(n)}$={t}\n" for n, t in types.items()))
+            spec.write_text(tensor_type_file(types))
             args += ["--tensor-type-file", spec.resolve()]
+            for key, value in recipe_kv(types).items():  # the recipe, in the file itself
+                args += ["--override-kv", f"{key}=str:{value}"]
         args += [Path(self.f16).resolve(), Path(out).resolve(), self.target.upper()]
         if self.ctx.threads:
             args.append(self.ctx.threads)
@@ -249,6 +307,12 @@ class Search:
 
     def seconds_per_candidate(self) -> float:
         return self.scoring_s / max(self.n_scored, 1)
+
+
+def tensor_type_file(types: dict[str, str]) -> str:
+    """llama-quantize's --tensor-type-file for a mix (anchored names: `blk.1.` must not match
+    `blk.11.`)."""
+    return "".join(f"^{re.escape(n)}$={t}\n" for n, t in types.items())
 
 
 def at_level(groups: dict[str, list[Tensor]], levels: list, choice: dict[str, int]) -> dict:
@@ -434,6 +498,8 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
     # every mix is written with --imatrix too: it carries the imatrix file's extra metadata
     imatrix_meta = max(sizes["imatrix"] - sizes["plain"], 0)
     search.overhead += imatrix_meta
+    # a searched mix also carries its recipe in the metadata (recipe_kv): room for it
+    search.overhead += metadata_bytes(len(recipe_kv({t.name: "x" for t in tensors})))
     if budget is None:  # the plain file's bytes, plus the few hundred bytes of metadata any
         # file written with the importance matrix carries: else llama.cpp's own imatrix file
         # (the same tensors) could never fit, and plain won over a lower-KLD imatrix file
@@ -475,6 +541,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
         search.quantise(how, out)
     if out.stat().st_size > budget:
         raise RuntimeError(f"{out.name} is {out.stat().st_size} bytes, over the budget {budget}")
+    write_recipe(dst / RECIPE_DIR, won, how, matrix, f16.name, out.name, type, ctx.threads)
     tune_s = time.monotonic() - t0
     art.write_json(dst / "search.json", {
         "budget_bytes": budget, "calibration_source": source, "calib_tokens_scored": scorer.tokens,
@@ -498,9 +565,37 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
              ", ".join(f"{k} {v[1]:.5f}" for k, v in candidates.items()), tune_s, search.n_scored)
     metrics.update(smoke(out, Path(src)))
     return {"artifact": out.name, "metrics": metrics, "f16": str(f16), "won": won,
-            "runtime": "llama.cpp", "publish": gguf_publish(),
+            "runtime": "llama.cpp", "publish": gguf_publish(), "log_files": [RECIPE_DIR],
             "calibration": [{"name": "calibration-text", "text_file": imatrix.get("text_file"),
                              "split": "calib", "key": "quant.backend.imatrix.text_file"}]}
+
+
+def write_recipe(folder: Path, won: str, how, matrix: Path, f16_name: str, out_name: str,
+                 type: str, threads: int | None) -> None:
+    """What stock llama-quantize needs to write the published file again, byte for byte, from
+    the F16 GGUF: the mix's --tensor-type-file, the importance matrix, and the command
+    (recreate.sh, run in this folder beside the F16 GGUF). AutoRound's file is its own
+    exporter's, not llama-quantize's: recreate.sh says so."""
+    folder.mkdir()
+    cmd = ["llama-quantize"]
+    if won == "autoround":
+        lines = ["# AutoRound wrote this file with its own GGUF exporter (auto-round, in",
+                 "# .venv-llmc); stock llama-quantize cannot write it again."]
+    else:
+        if won != "plain":
+            shutil.copyfile(matrix, folder / "imatrix.gguf")
+            cmd += ["--imatrix", "imatrix.gguf"]
+        if isinstance(how, dict):
+            (folder / "tensor-types.txt").write_text(tensor_type_file(how))
+            cmd += ["--tensor-type-file", "tensor-types.txt"]
+            for key, value in recipe_kv(how).items():
+                cmd += ["--override-kv", f"'{key}=str:{value}'"]
+        cmd += [f16_name, out_name, type.upper()] + ([str(threads)] if threads else [])
+        lines = [f"# re-creates {out_name} ({won} won the search) with stock llama-quantize",
+                 f"# from {f16_name}, the F16 GGUF of the merged model (convert_hf_to_gguf.py,",
+                 "# or the pipeline's cached one), in this folder; compare with sha256sum.",
+                 " \\\n    ".join(cmd)]
+    (folder / "recreate.sh").write_text("\n".join(lines) + "\n")
 
 
 def _plain(value):
