@@ -55,3 +55,24 @@ def test_a_control_of_another_weight_scheme_is_no_control():
     assert "gptq is not judged" in note and "`quant.backend.weights.observer`" in note
     rows[1]["params"]["quant.backend.weights.observer"] = "minmax"
     assert len(subjects.judged(rows)) == 1 and subjects.unmatched(rows) == []
+
+
+def test_awq_section_puts_its_scale_search_beside_its_gain_per_subject():
+    """llm-compressor's plug-in section: the newest AWQ run per subject, its scale-search
+    metrics (shared with the variant run) and the gain over its control from the verdicts."""
+    from quantpipe.quantize import llmc_report
+    from quantpipe.report.query import Selection
+    rows = (cell("float", None, (0.05, (0.04, 0.06)), 0.0)
+            + cell("smol", None, (0.02, (0.01, 0.03)), 78.9))
+    rows[0]["metrics"] |= {"awq_mappings": 24.0, "awq_error_left_median": 0.957,
+                           "awq_error_left_min": 0.80, "awq_channel_peak_median": 2.7}
+    rows[3]["metrics"] |= {"awq_mappings": 90.0, "awq_error_left_median": 0.62,
+                           "awq_error_left_min": 0.21, "awq_channel_peak_median": 41.0}
+    sel = Selection("e", "sqlite:///x", None, [], everything=rows)
+    heading, body, note = llmc_report.awq_section(sel)
+    assert heading == "## AWQ's scale search, per subject"
+    assert "| float | **gptq** | 24 | 2.7× | 95.7 % | 80.0 % | 2.00× on `the eval split` |" in body
+    assert "| smol | **gptq** | 90 | 41.0× | 62.0 % | 21.0 % | 5.00× on `the eval split` |" in body
+    assert "premise" in note
+    assert llmc_report.awq_section(Selection("e", "sqlite:///x", None, [], everything=rows[1:3])
+                                   ) == []
