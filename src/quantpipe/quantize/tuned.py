@@ -49,6 +49,7 @@ from quantpipe.errors import ConfigError
 from quantpipe.evaluate import metrics as M
 from quantpipe.memory import own_peak_mb
 from quantpipe.quantize import register
+from quantpipe.quantize.gguf import LIBRARIES as GGUF_LIBRARIES
 from quantpipe.quantize.gguf import eval_need as gguf_eval_need
 from quantpipe.quantize.gguf import f16_gguf, ftype_of, gguf_publish, llama_quantize, smoke
 from quantpipe.quantize.gguf import memory_need as gguf_memory_need
@@ -67,7 +68,7 @@ TUNE = {"max_groups": None, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands"
         "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
 # bump when the file written changes: 2, bounded by work (max_groups), no host paths; 3, the
-# searched mix's per-tensor types in the file's metadata
+# searched mix's per-tensor types in the file's metadata (and llama.cpp's versions in the key)
 RECIPE = 3
 META = "quantpipe.tensor_types."  # + tensor kind: that kind's types, layer by layer (recipe_kv)
 META_VALUE_MAX = 127              # llama.cpp's --override-kv keeps 127 bytes of a string
@@ -462,7 +463,9 @@ def memory_need(shape, n_ctx: int, type: str = "q4_k_m", imatrix: dict | None = 
 
 # libraries=(): its cache key has held no library versions since RECIPE 1 (the F16 GGUF, the
 # importance matrix and AutoRound's export it starts from are cached with their own)
-@register(recipe=RECIPE, libraries=(), check_options=_check, check_machine=check_machine,
+# llama.cpp's (gguf's LIBRARIES) in the quantise stage's key; AutoRound's candidate file is
+# cached under its own key, which holds auto-round's version (autoround_version)
+@register(recipe=RECIPE, libraries=GGUF_LIBRARIES, check_options=_check, check_machine=check_machine,
           memory_need=memory_need, eval_need=eval_need,
           rules={"quant.type": Str(), "quant.budget_mb": Num(lo=0, null=True)},
           open_sections=("quant.tune",))
