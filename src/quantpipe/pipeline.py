@@ -386,7 +386,7 @@ def stage_quantise(cfg: DictConfig, merged: dict) -> dict[str, Any]:
     # the metrics the format shares with the variant run (the report reads them there, across
     # subjects and sweeps, without opening stage runs)
     mlflow.log_metrics({k: v for k, v in result.get("metrics", {}).items()
-                        if k in result.get("variant_metrics", ())})
+                        if k in fmt.variant_metrics})
     for rel in result.get("log_files", ()):  # e.g. the recipe that re-creates the artefact
         (mlflow.log_artifacts if (folder / rel).is_dir() else mlflow.log_artifact)(
             str(folder / rel), rel)

@@ -22,6 +22,8 @@ A format missing a required part fails when its module is imported, not when a r
     other_versions () -> {name: version}: libraries outside this venv, in the cache key too
     recipe_of      (options dict) -> versions, falsy for none: recipe versions that depend on
                    the options, where one option's artefact changed and the others' did not
+    variant_metrics names of its result's metrics logged on the variant run too (the report
+                   reads them there, across subjects and sweeps, without opening stage runs)
     rules          {config key: quantpipe.schema rule}: the quant.* keys this format adds
     open_sections  config sections the format checks itself (quant.tune)
 
@@ -32,7 +34,6 @@ format-specific the pipeline needs, so pipeline, evaluation and report name no f
     artifact     path inside dst ("." = the folder itself)                          required
     runtime      a registered evaluation runtime (quantpipe.evaluate.runtimes)      required
     metrics      {name: number} logged on the quantise stage
-    variant_metrics  [names of those metrics] logged on the variant run too (the report's)
     log_files    [paths inside dst] logged on the variant run (e.g. a recipe that re-creates it)
     calibration  [{name, text_file, split, key}]: texts logged as MLflow datasets (calibrated)
     speed        {"native": False, "why": ..., "rename_suffix": ...} where no real kernel runs
@@ -84,6 +85,7 @@ class Format:
     check_machine: Callable[..., None] | None = None
     other_versions: Callable[[], dict] | None = None
     recipe_of: Callable[[dict], Any] | None = None
+    variant_metrics: tuple[str, ...] = ()
     rules: Mapping[str, Any] = field(default_factory=dict)
     open_sections: tuple[str, ...] = ()
 
@@ -101,6 +103,9 @@ class Format:
         if not isinstance(self.libraries, tuple) or not all(
                 isinstance(x, str) for x in self.libraries):
             raise TypeError(f"format {name}: libraries must be a tuple of distribution names")
+        if not isinstance(self.variant_metrics, tuple) or not all(
+                isinstance(x, str) for x in self.variant_metrics):
+            raise TypeError(f"format {name}: variant_metrics must be a tuple of metric names")
         for part in ("memory_need", "eval_need"):
             if not callable(getattr(self, part)):
                 raise TypeError(f"format {name}: {part} is required and must be callable")

@@ -253,6 +253,10 @@ def _median(values: list[float]) -> float:
     return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 
 
+AWQ_METRICS = ("awq_mappings", "awq_error_left_median", "awq_error_left_min",
+               "awq_channel_peak_median")  # awq_summary's, on the variant run too
+
+
 def awq_summary(rows: list[dict]) -> dict:
     """AWQ's scale search in three numbers (llmc_oneshot.AwqProbe): the mappings searched, the
     median share of plain rounding's module output error its scales left (1 = they bought
@@ -261,9 +265,9 @@ def awq_summary(rows: list[dict]) -> dict:
     peak = [r["channel_max_over_median"] for r in rows if r.get("channel_max_over_median")]
     if not left:
         return {}
-    return {"awq_mappings": float(len(rows)), "awq_error_left_median": _median(left),
-            "awq_error_left_min": min(left),
-            **({"awq_channel_peak_median": _median(peak)} if peak else {})}
+    mappings, left_median, left_min, peak_median = AWQ_METRICS
+    return {mappings: float(len(rows)), left_median: _median(left), left_min: min(left),
+            **({peak_median: _median(peak)} if peak else {})}
 
 
 def log_awq(rows: list[dict]) -> None:
@@ -311,7 +315,7 @@ def plain(value):
 
 
 @register(recipe=RECIPE, libraries=LIBRARIES, other_versions=other_versions,
-          recipe_of=modifier_recipes,
+          recipe_of=modifier_recipes, variant_metrics=AWQ_METRICS,
           check_machine=check_machine, memory_need=memory_need, eval_need=eval_need)
 def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
                   input_activations: dict | None = None, serve_activations: dict | None = None,
@@ -364,7 +368,6 @@ def quantize_llmc(src: Path, dst: Path, ctx, modifiers: list, weights: dict,
     log_awq(res.get("awq", []))
     return {"artifact": ".",
             "metrics": {**metrics, **act_metrics, **awq_metrics, "llmc_reused": float(reused)},
-            "variant_metrics": sorted(awq_metrics),
             "runtime": "transformers",
             "calibration": [{"name": "calibration-text", "text_file": s["text_file"],
                              "split": "calib", "key": key}] if calibrated else [],

@@ -10,6 +10,7 @@ the `eval.speed` tag (quantpipe.quantize.llmc's result, `speed`).
 from __future__ import annotations
 
 from quantpipe.names import Metric
+from quantpipe.quantize.llmc import AWQ_METRICS
 from quantpipe.report.query import Selection, all_datasets
 from quantpipe.report.sections import register
 from quantpipe.report.tables import NA, eval_digest, interval, metric, short, table, told_apart
@@ -93,10 +94,8 @@ def _versus(group: str, s: dict, d: dict) -> str:
             f"{metric(s, Metric.DELTA_PPL_PCT, 2)} %{told_apart(d, s)}")
 
 
-AWQ_MAPPINGS = "awq_mappings"  # llmc.awq_summary's metrics, shared with the variant run
-AWQ_LEFT = "awq_error_left_median"
-AWQ_LEFT_MIN = "awq_error_left_min"
-AWQ_PEAK = "awq_channel_peak_median"
+# llmc.awq_summary's metrics, shared with the variant run
+AWQ_MAPPINGS, AWQ_LEFT, AWQ_LEFT_MIN, AWQ_PEAK = AWQ_METRICS
 
 
 @register("formats", order=11)
