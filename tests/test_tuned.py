@@ -231,7 +231,11 @@ def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} - {"F32", "F16"}
     llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False)  # stock llama.cpp loads it
     assert len(llm.tokenize(b"hello")) > 0
-    tune = quantise_metrics(mlflow.last_active_run().info.run_id)  # the stage run holds them
+    variant_run = mlflow.last_active_run().info.run_id
+    tune = quantise_metrics(variant_run)  # the stage run holds them
+    # the recipe that re-creates the file, on the variant run (tested byte for byte below)
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(variant_run, "recipe")}
+    assert "recipe/recreate.sh" in logged and "recipe/imatrix.gguf" in logged
     assert tune["tune_kld_calib_sensitivity"] <= tune["tune_kld_calib_plain"]
     # on held-out text the tiny random-weight model makes no promise (a 64-wide mix tuned on
     # 256 calibration tokens can lose to plain there); the default model's figures are in the
