@@ -130,6 +130,33 @@ def test_a_slurm_sweep_without_slurm_is_refused_before_the_sweep_run(tmp_path):
     assert not list(tmp_path.glob("multirun/*/*/*"))  # no job folder
 
 
+def test_a_slurm_sweep_whose_controller_does_not_answer_is_refused_in_one_line(tmp_path):
+    """SLURM installed, no cluster running (or no configuration): sbatch failed with submitit's
+    traceback once the sweep run was open. The controller is asked first (`scontrol ping`):
+    SLURM's own scontrol where this machine has one, with a configuration file that is not
+    there, else a stand-in that answers as it does."""
+    import shutil
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for cmd in ("sbatch", "srun"):
+        (bare / cmd).write_text("#!/bin/sh\nexit 0\n")
+        (bare / cmd).chmod(0o755)
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        (bare / "scontrol").symlink_to(scontrol)
+    else:
+        (bare / "scontrol").write_text("#!/bin/sh\necho 'scontrol: fatal: Could not establish a "
+                                       "configuration source' >&2\nexit 1\n")
+        (bare / "scontrol").chmod(0o755)
+    line, _ = refuse("hydra.mode=MULTIRUN", "hydra/launcher=slurm", "+quant=int8,gguf_q8_0",
+                     f"paths.root={tmp_path}", env={"PATH": f"{bare}:/usr/bin:/bin",
+                                                    "SLURM_CONF": str(tmp_path / "none.conf")})
+    assert line.startswith("error: hydra/launcher: slurm submits to SLURM, but its controller "
+                           "does not answer (`scontrol ping`: "), line
+    assert "make cluster-up" in line and "hydra/launcher=local" in line
+    assert not (tmp_path / "mlruns").exists()  # no sweep run was opened
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="Ray is importable here")
 def test_a_ray_sweep_without_ray_is_refused_before_the_sweep_run(tmp_path):
     line, _ = refuse("hydra.mode=MULTIRUN", "hydra/launcher=ray_cluster", "+quant=int8,gguf_q8_0",

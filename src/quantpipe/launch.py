@@ -3,12 +3,14 @@
 
 - `paths.root` can be created and written. Hydra creates the run folder under it before our
   code runs, so `paths.root=/proc/x` was a bare FileNotFoundError traceback.
-- a sweep's launcher finds its engine: SLURM's `sbatch` and `srun` for hydra/launcher=slurm
-  (submitit otherwise fails once the sweep run is open: `Could not detect "srun"`), the Ray
+- a sweep's launcher finds its engine: SLURM's `sbatch` and `srun` and a controller that
+  answers `scontrol ping` for hydra/launcher=slurm (submitit otherwise fails once the sweep run
+  is open: `Could not detect "srun"`, or sbatch's "Could not establish a configuration
+  source" where SLURM is installed but no cluster runs), the Ray
   launcher importable and a Ray cluster that answers for hydra/launcher=ray_cluster.
 
-Each refusal is one line naming the key and the fix, exit code 2 (quantpipe.cli), in well under
-a second: MLflow, torch and the launcher plugins are not imported for it.
+Each refusal is one line naming the key and the fix, exit code 2 (quantpipe.cli), in about a
+second: MLflow, torch and the launcher plugins are not imported for it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +75,35 @@ def check_launcher(config: DictConfig) -> None:
         check_ray(name, OmegaConf.select(config, "hydra.launcher.ray.init.address", default=None))
 
 
+SLURM_UP = ("run `make cluster-up` (a one-node SLURM cluster and MLflow server here; or log in "
+            "to a SLURM site's submit node)" + OR_LOCAL)
+SLURM_PING_S = 15.0  # `scontrol ping`: the controller answers in milliseconds when it runs
+
+
 def check_slurm(name: str) -> None:
+    """sbatch and srun are on the PATH, and SLURM's controller answers `scontrol ping` (SLURM
+    installed with no cluster running, or no configuration, made sbatch fail with submitit's
+    traceback once the sweep run was open)."""
     missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None]
     if missing:
         raise ConfigError("hydra/launcher", f"{name} submits to SLURM, but {' and '.join(missing)} "
                           f"{'is' if len(missing) == 1 else 'are'} not on this machine's PATH",
-                          "run `make cluster-up` (a one-node SLURM cluster and MLflow server "
-                          "here; or log in to a SLURM site's submit node)" + OR_LOCAL)
+                          SLURM_UP)
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:  # a submit node without SLURM's admin tool: sbatch will tell
+        return
+    try:
+        r = subprocess.run([scontrol, "ping"], capture_output=True, text=True,
+                           timeout=SLURM_PING_S)
+    except subprocess.TimeoutExpired:
+        why = f"no answer in {SLURM_PING_S:.0f} s"
+    else:
+        if r.returncode == 0 and " is UP" in r.stdout:
+            return
+        lines = [ln.strip() for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        why = lines[-1] if lines else f"exit {r.returncode}"
+    raise ConfigError("hydra/launcher", f"{name} submits to SLURM, but its controller does not "
+                      f"answer (`scontrol ping`: {why})", SLURM_UP)
 
 
 def check_ray(name: str, address: str | None) -> None:
