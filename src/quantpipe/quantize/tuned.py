@@ -561,7 +561,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
                    float(search.n_scored + 1 + ("autoround" in candidates)),
                "tune_groups": float(len(groups)), "tune_groups_measured": float(measured),
                "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": own_peak_mb(),
-               "tune_calib_tokens": float(scorer.tokens),
+               "tune_calib_tokens": float(scorer.tokens), "tune_recipe": 1.0,
                **{f"tune_kld_calib_{k}": v[1] for k, v in candidates.items()},
                **{f"tune_won_{k}": float(won == k) for k in candidates}}
     log.info("tune: %s won on calibration KLD (%s) in %.0f s, %d candidates", won,

@@ -14,6 +14,7 @@ from quantpipe.report.sections import register
 from quantpipe.report.tables import eval_digest, interval, metric, num, short, table
 
 TUNE_S = "tune_s"  # the tuner's search time: only a tuned variant's quantise stage logs it
+RECIPE_LOGGED = "tune_recipe"  # 1: recipe/ (re-creates the file) logged on the variant run
 SAME_SIZE = 1.001  # sizes within 0.1 % compete as one size
 
 
@@ -57,6 +58,11 @@ def tuned_vs_imatrix(rows: list[dict]) -> str:
                        f"{metric(best, Metric.DELTA_PPL_PCT, 2)} %, "
                        f"{metric(best, Metric.SIZE_MB, 2)} MB.")
         out.append(_search(tune_stage(t)))
+        if tune_stage(t).get(RECIPE_LOGGED):
+            out.append(f"- Its recipe: the per-tensor types in the file's own metadata "
+                       f"(`quantpipe.tensor_types.*`) and `recipe/` on run `{short(t['run_id'])}`"
+                       " (tensor-types.txt, imatrix.gguf, recreate.sh: stock llama-quantize "
+                       "writes the same bytes again).")
         missing = {"plain", "calibrated"} - {how for _, how in trio}
         if missing:
             out.append(f"- No {' or '.join(sorted(missing))} {qtype} run on the same evaluation "
