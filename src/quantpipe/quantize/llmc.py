@@ -248,26 +248,22 @@ AWQ_COLUMNS = ("smooth", "balance", "channel_max_over_median", "scale_max_over_m
                "error_identity", "error_best", "error_left")
 
 
-def _median(values: list[float]) -> float:
-    v = sorted(values)
-    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
-
-
 AWQ_METRICS = ("awq_mappings", "awq_error_left_median", "awq_error_left_min",
                "awq_channel_peak_median")  # awq_summary's, on the variant run too
 
 
 def awq_summary(rows: list[dict]) -> dict:
-    """AWQ's scale search in three numbers (llmc_oneshot.AwqProbe): the mappings searched, the
-    median share of plain rounding's module output error its scales left (1 = they bought
-    nothing), and the median input-channel peak (max over median of mean |x|)."""
+    """AWQ's scale search in four numbers (llmc_oneshot.AwqProbe): the mappings searched, the
+    median and least share of plain rounding's module output error its scales left (1 = they
+    bought nothing), and the median input-channel peak (max over median of mean |x|)."""
+    from statistics import median
     left = [r["error_left"] for r in rows if r.get("error_left") is not None]
     peak = [r["channel_max_over_median"] for r in rows if r.get("channel_max_over_median")]
     if not left:
         return {}
     mappings, left_median, left_min, peak_median = AWQ_METRICS
-    return {mappings: float(len(rows)), left_median: _median(left), left_min: min(left),
-            **({peak_median: _median(peak)} if peak else {})}
+    return {mappings: float(len(rows)), left_median: median(left), left_min: min(left),
+            **({peak_median: median(peak)} if peak else {})}
 
 
 def log_awq(rows: list[dict]) -> None:
