@@ -131,7 +131,9 @@ def notes(verdicts: list[dict], rows: list[dict]) -> list[str]:
             out.append(f"{subj}: {name} wins on {', '.join(f'`{t}`' for t in won)} only: do not "
                        "pick it for text unlike that")
         elif vs and not won:
-            out.append(f"{subj}: {name} does not beat its control with intervals apart on any "
+            which = ("its control" if not any(v["beats_control"] for v in vs) else
+                     "both its control and the best dynamic variant of its group")
+            out.append(f"{subj}: {name} does not beat {which} with intervals apart on any "
                        "text scored")
     out += unmatched(rows) + ranking_notes(rows)
     return out or ["every calibrated variant beat its control on every text scored"]
