@@ -185,14 +185,19 @@ def groups_of(tensors: list[Tensor], bands: int) -> dict[str, list[Tensor]]:
     return out
 
 
+def kind_and_layer(name: str) -> tuple[str, int]:
+    """`blk.3.attn_q.weight` -> ("attn_q", 3); `token_embd.weight` -> ("token_embd", 0)."""
+    m = LAYER.match(name)
+    return (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+
+
 def recipe_kv(types: dict[str, str]) -> dict[str, str]:
     """A mix {tensor name: type} as GGUF metadata: one key per tensor kind (`attn_q`, or the
     whole name for token_embd / output), its types over the layers in order, run-length coded
     (`q5_k*8,q4_k*22`)."""
     kinds: dict[str, list[tuple[int, str]]] = {}
     for name, t in types.items():
-        m = LAYER.match(name)
-        kind, layer = (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+        kind, layer = kind_and_layer(name)
         kinds.setdefault(kind, []).append((layer, t))
     out = {}
     for kind, layered in sorted(kinds.items()):
@@ -217,8 +222,7 @@ def mix_of(metadata: dict[str, str], names: list[str]) -> dict[str, str]:
              for k, v in metadata.items() if k.startswith(META)}
     by_kind: dict[str, list[tuple[int, str]]] = {}
     for name in names:
-        m = LAYER.match(name)
-        kind, layer = (m.group(2), int(m.group(1))) if m else (name.removesuffix(".weight"), 0)
+        kind, layer = kind_and_layer(name)
         by_kind.setdefault(kind, []).append((layer, name))
     return {name: kinds[kind][i] for kind, layered in by_kind.items()
             for i, (_, name) in enumerate(sorted(layered))}
@@ -283,11 +287,7 @@ class Search:
         (anchored names: `blk.1.` must not match `blk.11.`), None = llama.cpp's own mix."""
         args = ["--imatrix", Path(self.matrix).name]  # recorded as given: no host path
         if types is not None:
-            spec = self.work / "tensor-types.txt"
-            spec.write_text(tensor_type_file(types))
-            args += ["--tensor-type-file", spec.resolve()]
-            for key, value in recipe_kv(types).items():  # the recipe, in the file itself
-                args += ["--override-kv", f"{key}=str:{value}"]
+            args += mix_args(types, self.work / "tensor-types.txt")
         args += [Path(self.f16).resolve(), Path(out).resolve(), self.target.upper()]
         if self.ctx.threads:
             args.append(self.ctx.threads)
@@ -310,10 +310,15 @@ class Search:
         return self.scoring_s / max(self.n_scored, 1)
 
 
-def tensor_type_file(types: dict[str, str]) -> str:
-    """llama-quantize's --tensor-type-file for a mix (anchored names: `blk.1.` must not match
-    `blk.11.`)."""
-    return "".join(f"^{re.escape(n)}$={t}\n" for n, t in types.items())
+def mix_args(types: dict[str, str], spec: Path, relative: bool = False) -> list[str]:
+    """llama-quantize's arguments for a mix: its --tensor-type-file, written to `spec` (anchored
+    names: `blk.1.` must not match `blk.11.`), and the recipe in the file's own metadata
+    (--override-kv, recipe_kv). `relative`: the file named as in its folder."""
+    spec.write_text("".join(f"^{re.escape(n)}$={t}\n" for n, t in types.items()))
+    args = ["--tensor-type-file", spec.name if relative else str(spec.resolve())]
+    for key, value in recipe_kv(types).items():
+        args += ["--override-kv", f"{key}=str:{value}"]
+    return args
 
 
 def at_level(groups: dict[str, list[Tensor]], levels: list, choice: dict[str, int]) -> dict:
@@ -588,11 +593,8 @@ def write_recipe(folder: Path, won: str, how, matrix: Path, f16_name: str, out_n
         if won != "plain":
             shutil.copyfile(matrix, folder / "imatrix.gguf")
             cmd += ["--imatrix", "imatrix.gguf"]
-        if isinstance(how, dict):
-            (folder / "tensor-types.txt").write_text(tensor_type_file(how))
-            cmd += ["--tensor-type-file", "tensor-types.txt"]
-            for key, value in recipe_kv(how).items():
-                cmd += ["--override-kv", f"'{key}=str:{value}'"]
+        if isinstance(how, dict):  # quoted for the shell: the values hold `*`
+            cmd += [f"'{a}'" for a in mix_args(how, folder / "tensor-types.txt", relative=True)]
         cmd += [f16_name, out_name, type.upper()] + ([str(threads)] if threads else [])
         lines = [f"# re-creates {out_name} ({won} won the search) with stock llama-quantize",
                  f"# from {f16_name}, the F16 GGUF of the merged model (convert_hf_to_gguf.py,",
