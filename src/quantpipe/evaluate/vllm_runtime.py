@@ -15,6 +15,9 @@ quantpipe/evaluate/vllm_score.py, fed the evaluation's own windows of token ids.
 Logged: vllm_loads (1/0, the error as the `vllm.error` tag), vllm_ppl and vllm_ppl_diff_pct
 (against the project's PPL on the same windows), vllm_ttft_ms, vllm_decode_tok_s, vllm_load_s,
 vllm_peak_rss_mb, and the kernel vLLM chose (`vllm.kernel`). GGUF files are not sent to vLLM.
+With eval.lm_eval tasks, vLLM also answers their requests (the token ids every runtime gets,
+quantpipe.evaluate.task_lm.record) in the same load: `vllm_task_<task>_<metric>` and its
+difference in points from the project's runtime on the same variant (`..._diff_pts`).
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ FIX = "run `make vllm` (builds .venv-vllm from requirements/vllm.txt, ~4 min)"
 # vLLM's own processes (engine, worker: each imports torch) besides the weights, measured on
 # SmolLM2-135M: 4.1 GB summed over the three processes' peaks
 OVERHEAD_BYTES = 4 * 2**30
-RECIPE = 3  # bump when what is measured or logged here changes: cached evaluations then re-run
+RECIPE = 4  # bump when what is measured or logged here changes: cached evaluations then re-run
 
 
 def python() -> Path:
@@ -81,9 +84,10 @@ def versions() -> dict[str, str]:
 
 
 def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], first: int,
-            limit_gb: float | None) -> tuple[dict, dict]:
-    """(metrics, tags) of vLLM on `folder` over `windows` (lists of token ids). A folder vLLM
-    refuses gives vllm_loads=0 and the reason; nothing here stops the pipeline."""
+            limit_gb: float | None, lm_eval: dict | None = None) -> tuple[dict, dict, dict | None]:
+    """(metrics, tags, answers) of vLLM on `folder` over `windows` (lists of token ids), and
+    its answers to `lm_eval`'s requests (task_lm.record's; None without). A folder vLLM refuses
+    gives vllm_loads=0 and the reason; nothing here stops the pipeline."""
     from quantpipe import memory
     from quantpipe.evaluate import weights_size
     need = weights_size(folder) * 2 + OVERHEAD_BYTES  # weights held twice while loading
@@ -95,7 +99,7 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
                 "windows": [list(map(int, w)) for w in windows], "first": first,
                 "speed_prompt": speed_prompt,
                 "speed": {"new_tokens": int(e.speed.new_tokens), "warmup": int(e.speed.warmup),
-                          "repeats": int(e.speed.repeats)},
+                          "repeats": int(e.speed.repeats)}, "lm_eval": lm_eval,
                 "out": str(Path(tmp) / "out.json")}
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # its own packages
@@ -109,7 +113,7 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
         if not out_file.is_file():
             last = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or ["?"]
             return ({"vllm_loads": 0.0},
-                    {"vllm.error": f"vLLM exited {proc.returncode}: {last[0][-400:]}"})
+                    {"vllm.error": f"vLLM exited {proc.returncode}: {last[0][-400:]}"}, None)
         out = json.loads(out_file.read_text())
     if out["metrics"].get("vllm_loads") == 0 and (cause := root_cause(
             (proc.stdout or "") + "\n" + (proc.stderr or ""))):
@@ -118,7 +122,7 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
         out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
     if out["metrics"].get("vllm_loads") == 0:
         log.warning("vLLM does not load %s: %s", folder.name, out["tags"].get("vllm.error"))
-    return out["metrics"], out["tags"]
+    return out["metrics"], out["tags"], out.get("lm_eval")
 
 
 _LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ERROR \S+ \S+ \[[^\]]+\] ?")

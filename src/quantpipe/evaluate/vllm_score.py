@@ -12,7 +12,11 @@ runtimes score) and the speed settings. It writes SPEC["out"] (JSON):
 - vllm_ttft_ms (a 1-token generation of the speed prompt) and vllm_decode_tok_s (greedy, end of
   sequence ignored, the TTFT taken out), medians of the repeats, batch 1;
 - vllm_load_s and vllm_peak_rss_mb (VmHWM of this process plus vLLM's engine process: its
-  weights and KV cache live there).
+  weights and KV cache live there);
+- with SPEC["lm_eval"] (lm-eval's requests as token ids, quantpipe.evaluate.task_lm.record),
+  the answers under "lm_eval": per scored request the continuation's summed log-prob and
+  whether each of its tokens is vLLM's top-1 (prompt log-probs), per generation request the
+  greedy text up to its `until` strings or the end-of-sequence token.
 vLLM starts its engine in a spawned process, hence the `__main__` guard. Python puts this
 script's folder first on sys.path: no module beside it may be named `vllm`.
 """
@@ -55,7 +59,8 @@ def main(spec_path: str) -> None:
     t0 = time.perf_counter()
     try:
         # a window plus the one token each request must generate; the speed prompt and its run
-        longest = max(spec["n_ctx"] + 1, len(spec["speed_prompt"]) + spec["speed"]["new_tokens"])
+        # (a task request: n_ctx + 1 ids, then the one token generated)
+        longest = max(spec["n_ctx"] + 2, len(spec["speed_prompt"]) + spec["speed"]["new_tokens"])
         llm = LLM(model=spec["artifact"], dtype=spec["dtype"], max_model_len=longest,
                   enforce_eager=True, seed=0, max_num_seqs=4)
     except Exception as e:  # noqa: BLE001 - any refusal is the measurement: log it, go on
@@ -79,6 +84,10 @@ def main(spec_path: str) -> None:
             nll.append(-lps[i][w[i]].logprob)
     out["metrics"]["vllm_ppl"] = math.exp(sum(nll) / len(nll))
     out["metrics"]["vllm_tokens_scored"] = float(len(nll))
+    if spec.get("lm_eval"):
+        t0 = time.perf_counter()
+        out["lm_eval"] = lm_eval_answers(llm, spec["lm_eval"], longest)
+        out["metrics"]["vllm_tasks_s"] = time.perf_counter() - t0
 
     sp = spec["speed"]
     prompt = TokensPrompt(prompt_token_ids=spec["speed_prompt"])
@@ -99,6 +108,29 @@ def main(spec_path: str) -> None:
     out["metrics"]["vllm_decode_tok_s"] = (sp["new_tokens"] - 1) / max(t_all - t_first, 1e-9)
     out["metrics"]["vllm_peak_rss_mb"] = tree_peak_mb()
     write()
+
+
+def lm_eval_answers(llm, requests: dict, max_len: int) -> dict:
+    """{"score": [[loglikelihood, greedy], ...], "generate": [text, ...]} for lm-eval's requests
+    {"score": [[ids, n], ...], "generate": [[ids, until, max_new], ...]}: the last n ids of each
+    scored request are the continuation; a generation stops at max_len ids in all, as the
+    project's runtimes stop at their context."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    score, generate = [], []
+    if requests["score"]:  # prompt log-probs with the top-1: the actual token's rank is 1 or not
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+        results = llm.generate([TokensPrompt(prompt_token_ids=w) for w, _ in requests["score"]],
+                               sp, use_tqdm=True)
+        for (w, n), r in zip(requests["score"], results):
+            lps = [r.prompt_logprobs[i][w[i]] for i in range(len(w) - n, len(w))]
+            score.append([sum(lp.logprob for lp in lps), all(lp.rank == 1 for lp in lps)])
+    if requests["generate"]:
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _, _ in requests["generate"]]
+        params = [SamplingParams(max_tokens=max(1, min(m, max_len - len(ids))), temperature=0.0,
+                                 stop=list(u) or None) for ids, u, m in requests["generate"]]
+        generate = [r.outputs[0].text for r in llm.generate(prompts, params, use_tqdm=True)]
+    return {"score": score, "generate": generate}
 
 
 if __name__ == "__main__":
