@@ -218,3 +218,16 @@ def test_vllm_scores_the_lm_eval_task_on_the_same_token_ids(tmp_path):
     assert abs(m["vllm_task_pydoc_cloze_acc_diff_pts"]) <= 7.5, m  # at most 3 of 40 documents
     assert m["vllm_task_pydoc_cloze_acc_diff_pts"] == pytest.approx(
         100 * (m["vllm_task_pydoc_cloze_acc"] - m["task_pydoc_cloze_acc"]))
+
+
+def test_the_report_shows_vllm_s_task_accuracy_beside_its_difference():
+    from quantpipe.evaluate.vllm_report import section
+    row = {"name": "gptq_w4a16", "run_id": "0123456789abcdef", "tags": {}, "gate": "passed",
+           "stages": [{"tags": {"vllm.kernel": "CPUWNA16LinearKernel"}}],
+           "metrics": {"vllm_loads": 1.0, "vllm_ppl": 10.33, "ppl": 10.32,
+                       "vllm_task_pydoc_cloze_acc": 0.696,
+                       "vllm_task_pydoc_cloze_acc_stderr": 0.036,
+                       "vllm_task_pydoc_cloze_acc_diff_pts": -0.6}}
+    table = section([row])[-1]
+    assert "task acc, vLLM (diff pts)" in table
+    assert "pydoc_cloze 69.6 % (-0.6)" in table and "CPUWNA16LinearKernel" in table
