@@ -107,7 +107,9 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if cfg.threads:
             env["OMP_NUM_THREADS"] = str(cfg.threads)
-        log.info("vLLM: loading %s (about 30 s on CPU)", folder.name)
+        log.info("vLLM: loading %s (about 30 s on CPU), then %d windows%s", folder.name,
+                 len(windows), f" and {len(lm_eval['score']) + len(lm_eval['generate'])} task "
+                 "requests" if lm_eval else "")
         proc = subprocess.run([str(python()), str(SCRIPT), str(Path(tmp) / "spec.json")],
                               capture_output=True, text=True, env=env, cwd=tmp)
         out_file = Path(tmp) / "out.json"
