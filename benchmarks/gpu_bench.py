@@ -69,7 +69,9 @@ SHAPES = {
 DEFAULT_SHAPES = "smollm2-135m,llama-3.2-1b,llama-3.1-8b"
 HF_VARIANTS = ("fp16", "int8", "int4")
 GGUF_VARIANTS = ("gguf_f16", "gguf_q8_0", "gguf_q4_0", "gguf_q4_k_m")
-VARIANTS = HF_VARIANTS + GGUF_VARIANTS
+# the compressed-tensors formats on gemlite's Triton kernels (benchmarks/gpu_gemlite.py)
+GEMLITE_VARIANTS = ("w4a16_gemlite", "w8a8_dynamic_gemlite")
+VARIANTS = HF_VARIANTS + GGUF_VARIANTS + GEMLITE_VARIANTS
 QUANT = {  # what each variant is, as the importer tags it (same names as conf/quant/*.yaml)
     "fp16": {"name": "fp16", "family": "hf", "method": "none", "bits": 16,
              "runtime": "transformers"},
@@ -98,6 +100,15 @@ def version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "absent"
+
+
+def gemlite_module():
+    """benchmarks/gpu_gemlite.py, whether this file runs as a script or is imported."""
+    try:
+        from benchmarks import gpu_gemlite
+    except ImportError:
+        import gpu_gemlite
+    return gpu_gemlite
 
 
 def gguf_module():
@@ -358,6 +369,29 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(record(shape, variant, info, quant, m, common))
                 write_json(args.out, records)
                 print_row(shape, variant, m)
+            for variant in [v for v in todo if v in GEMLITE_VARIANTS]:
+                if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
+                    print(f"{shape} {variant}: skipped, past --max-minutes", flush=True)
+                    failed.append(f"{shape}/{variant}")
+                    continue
+                from quantpipe.evaluate.worker import measure_speed
+                g = gemlite_module()
+                try:
+                    r = g.measure(torch, folder, variant, dtype, device, prompt, args,
+                                  SHAPES[shape], make_runtime, measure_speed)
+                except Exception as e:  # e.g. a Triton that cannot build the kernel
+                    print(f"{shape} {variant}: FAILED {type(e).__name__}: {e}", flush=True)
+                    failed.append(f"{shape}/{variant}")
+                    free(torch)
+                    continue
+                records.append(record(shape, variant, info, dict(g.QUANT[variant]), r["metrics"],
+                                      common, gemlite=r["gemlite"]))
+                write_json(args.out, records)
+                print_row(shape, variant, r["metrics"])
+                print(f"{shape} {variant}: kernel max rel err {r['metrics']['kernel_max_rel_err']:.2e}"
+                      f"; one layer's batch-1 matmuls {r['metrics']['matmul_us_layer']:.1f} us vs "
+                      f"fp16 {r['metrics']['matmul_us_layer_fp16']:.1f} us "
+                      f"({r['metrics']['matmul_speedup_vs_fp16']:.2f}x)", flush=True)
             if gguf := [v for v in todo if v in GGUF_VARIANTS]:
                 try:
                     res = gguf_module().gguf_variants(folder, shape, gguf, args, args.work, *llama)
