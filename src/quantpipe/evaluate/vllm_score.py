@@ -54,8 +54,7 @@ def main(spec_path: str) -> None:
     def write() -> None:
         Path(spec["out"]).write_text(json.dumps(out, indent=2))
 
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
     t0 = time.perf_counter()
     try:
         # a window plus the one token each request must generate; the speed prompt and its run
@@ -65,14 +64,35 @@ def main(spec_path: str) -> None:
                   enforce_eager=True, seed=0, max_num_seqs=4)
     except Exception as e:  # noqa: BLE001 - any refusal is the measurement: log it, go on
         out["metrics"]["vllm_loads"] = 0.0
-        # the head says why (e.g. "... not supported on cpu"); a list of what is supported follows
-        text = " ".join(f"{type(e).__name__}: {e}".split())
-        out["tags"]["vllm.error"] = text if len(text) <= 480 else text[:477] + "..."
+        out["tags"]["vllm.error"] = error_text(e)
+        write()
+        return
+    load_s = time.perf_counter() - t0
+    try:
+        score(llm, spec, out, longest)
+    except Exception as e:  # noqa: BLE001 - e.g. a kernel this CPU's build lacks, met at the
+        # first forward: the folder cannot run here, which is the measurement
+        out["metrics"] = {"vllm_loads": 0.0}
+        out["tags"]["vllm.error"] = error_text(e)
+        out.pop("lm_eval", None)
         write()
         return
     out["metrics"]["vllm_loads"] = 1.0
-    out["metrics"]["vllm_load_s"] = time.perf_counter() - t0
+    out["metrics"]["vllm_load_s"] = load_s
+    write()
 
+
+def error_text(e: Exception, limit: int = 480) -> str:
+    """The exception in one line; its head says why (e.g. "... not supported on cpu"), a list of
+    what is supported may follow."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def score(llm, spec: dict, out: dict, longest: int) -> None:
+    """PPL over the windows, the task requests' answers, TTFT and decode speed, into `out`."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
     windows, first = spec["windows"], spec["first"]
     greedy = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     results = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], greedy,
@@ -107,7 +127,6 @@ def main(spec_path: str) -> None:
     out["metrics"]["vllm_ttft_ms"] = 1000 * t_first
     out["metrics"]["vllm_decode_tok_s"] = (sp["new_tokens"] - 1) / max(t_all - t_first, 1e-9)
     out["metrics"]["vllm_peak_rss_mb"] = tree_peak_mb()
-    write()
 
 
 def lm_eval_answers(llm, requests: dict, max_len: int) -> dict:
