@@ -126,7 +126,7 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
     if kernel := re.findall(r"Using (\w+) for", (proc.stdout or "") + (proc.stderr or "")):
         out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
     if out["metrics"].get("vllm_loads") == 0:
-        log.warning("vLLM does not load %s: %s", folder.name, out["tags"].get("vllm.error"))
+        log.warning("vLLM cannot run %s: %s", folder.name, out["tags"].get("vllm.error"))
     return out["metrics"], out["tags"], out.get("lm_eval")
 
 
