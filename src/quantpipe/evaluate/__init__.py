@@ -232,14 +232,15 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     if vllm.wanted(cfg, runtime):  # the same windows the worker scored, through vLLM
         n = int(metrics[Metric.EVAL_WINDOWS_SCORED])
         wins = windows(ids, e.n_ctx, e.n_windows, bos)[:n]
-        requests = lm and _task_requests(merged, lm, e.n_ctx, bos)
+        tok = lm and _tokenizer(merged)
+        requests = lm and _task_requests(tok, lm, e.n_ctx, bos)
         got, vllm_tags, answers = vllm.measure(cfg, vpath, wins,
                                                ids[: e.speed.prompt_tokens].tolist(),
                                                first_scored(e.n_ctx), cfg.memory.limit_gb, requests)
         if "vllm_ppl" in got:
             got["vllm_ppl_diff_pct"] = 100 * (got["vllm_ppl"] / metrics["ppl"] - 1)
         if answers is not None:
-            got.update(_vllm_task_metrics(merged, lm, e.n_ctx, bos, requests, answers, metrics))
+            got.update(_vllm_task_metrics(tok, lm, e.n_ctx, bos, requests, answers, metrics))
         metrics.update(got)
     elif vllm.mode(cfg) == "auto" and vllm.serves(runtime):  # said, not silently dropped
         vllm_tags = {"vllm.skipped": f"no vLLM environment: {vllm.FIX}"}
@@ -253,24 +254,25 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
             "lm_eval_samples": result.get("lm_eval_samples"), "vllm_tags": vllm_tags}
 
 
-def _task_requests(merged: dict, lm: dict, n_ctx: int, bos: int | None) -> dict:
-    """The eval.lm_eval tasks' requests as token ids, for vLLM (task_lm.record)."""
+def _tokenizer(merged: dict):
+    """The merged model's tokenizer: the token ids of every runtime's task requests."""
     from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(merged["path"])
 
+
+def _task_requests(tok, lm: dict, n_ctx: int, bos: int | None) -> dict:
+    """The eval.lm_eval tasks' requests as token ids, for vLLM (task_lm.record)."""
     from quantpipe.evaluate import task_lm
-    return task_lm.record(AutoTokenizer.from_pretrained(merged["path"]), lm, n_ctx, bos)
+    return task_lm.record(tok, lm, n_ctx, bos)
 
 
-def _vllm_task_metrics(merged: dict, lm: dict, n_ctx: int, bos: int | None, requests: dict,
+def _vllm_task_metrics(tok, lm: dict, n_ctx: int, bos: int | None, requests: dict,
                        answers: dict, metrics: dict) -> dict:
     """vllm_task_<task>_<metric> (and _stderr) from vLLM's answers, scored by lm-eval as every
     runtime's are; `_diff_pts`: vLLM minus the project's runtime on the same variant, in points
     (the runtimes' arithmetic: bfloat16 kernels against float16 or llama.cpp)."""
-    from transformers import AutoTokenizer
-
     from quantpipe.evaluate import task_lm
-    res = task_lm.replay(AutoTokenizer.from_pretrained(merged["path"]), lm, n_ctx, bos,
-                         requests, answers, "vLLM tasks")
+    res = task_lm.replay(tok, lm, n_ctx, bos, requests, answers, "vLLM tasks")
     out = {f"vllm_{k}": v for k, v in res["metrics"].items()}
     for k, v in res["metrics"].items():
         if not k.endswith("_stderr") and k in metrics:
