@@ -25,6 +25,7 @@ PARITY_MAX_ABS_LOGP = 0.15
 PARITY_MEAN_KLD = 2e-3
 
 
+@pytest.mark.slow  # ~30 s: two references on the tiny model (make test stays inside 10 min)
 def test_llama_cpp_reference_matches_the_float32_one(cfg_factory):
     """The new reference (llama.cpp, F16 GGUF) against the former (transformers, float32), over
     the full vocabulary on the evaluation's own windows."""
@@ -103,6 +104,7 @@ def test_killed_worker_names_the_signal_and_the_estimate(cfg_factory):
     assert "estimated at" in msg and "GiB" in msg and "eval.n_ctx" in msg
 
 
+@pytest.mark.slow  # ~45 s: two whole pipeline runs on the tiny model
 def test_unchanged_evaluation_is_reused_without_a_worker(cfg_factory, monkeypatch):
     from quantpipe import evaluate
     first = run(cfg_factory("+quant=gguf_q4_0"))
