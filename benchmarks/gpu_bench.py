@@ -327,6 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{hw['gpu']} | torch {hw['torch']} CUDA {hw.get('cuda')} | transformers "
           f"{hw['transformers']} | bitsandbytes {hw['bitsandbytes']}", flush=True)
     t_start, failed = time.perf_counter(), []
+
+    def past_limit(shape: str, variant: str) -> bool:
+        """Past --max-minutes: the variant is skipped and counted as not measured."""
+        if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
+            print(f"{shape} {variant}: skipped, past --max-minutes", flush=True)
+            failed.append(f"{shape}/{variant}")
+            return True
+        return False
     records = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else []
     done = {(r["shape"], r["variant"]) for r in records}
     variants = args.variants.split(",")
@@ -352,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                                generator=gen).tolist()
         try:
             for variant in [v for v in todo if v in HF_VARIANTS]:
-                if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
-                    print(f"{shape} {variant}: skipped, past --max-minutes", flush=True)
-                    failed.append(f"{shape}/{variant}")
+                if past_limit(shape, variant):
                     continue
                 try:
                     m = measure_variant(torch, folder, variant, dtype, device, prompt, args)
@@ -370,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(args.out, records)
                 print_row(shape, variant, m)
             for variant in [v for v in todo if v in GEMLITE_VARIANTS]:
-                if args.max_minutes and time.perf_counter() - t_start > 60 * args.max_minutes:
-                    print(f"{shape} {variant}: skipped, past --max-minutes", flush=True)
-                    failed.append(f"{shape}/{variant}")
+                if past_limit(shape, variant):
                     continue
                 from quantpipe.evaluate.worker import measure_speed
                 g = gemlite_module()
