@@ -118,7 +118,7 @@ test: setup  ## fast test suite (tiny real models; no llama.cpp tools needed)
 	$(PY) -m pytest -q $(ARGS)
 
 test-slow: setup tools ray-deps chromium llmc vllm  ## end-to-end tests: default model, llama.cpp tools, llm-compressor, vLLM, SLURM + MLflow server (root), Ray, a browser
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -m slow --durations=40 $(ARGS)
 
 # the MLflow UI test loads the compare page in headless Chromium (Debian's package, ~100 MB)
 chromium:

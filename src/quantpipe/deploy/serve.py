@@ -186,6 +186,9 @@ def vllm_command(variant: Variant, host: str, port: int, n_ctx: int | None = Non
         raise ConfigError("SERVER", f"vllm, but there is no vLLM environment "
                           f"({vllm_runtime.python()})", "run `make vllm` first (an x86 CPU with "
                           "AVX2), or serve a GGUF with llama.cpp (SERVER unset)")
+    if why := vllm_runtime.missing_kernel(folder):
+        raise ConfigError(str(folder), why, "serve it on a CPU with AVX-512 or a GPU, or serve "
+                          "w8a8_int8_dynamic (SERVER=vllm) or a GGUF (llama.cpp) here")
     tok = json.loads((folder / "tokenizer_config.json").read_text()) \
         if (folder / "tokenizer_config.json").is_file() else {}
     if not (folder / "chat_template.jinja").is_file() and not tok.get("chat_template"):

