@@ -4,6 +4,7 @@ quantise -> evaluate -> publish), tracked in MLflow.
     make pipeline +quant=int4                      # or: python -m pipelines.run +quant=int4
     make pipeline +quant=gguf quant.type=q5_k_m model.path=/models/base adapter.path=/runs/lora
     make sweep                                     # hydra.mode=MULTIRUN over conf/quant
+    make sweep SWEEP=gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned quant.budgets=[q3_k_m,q4_k_m,q5_k_m]
 
 Bad input (a value out of range, two +quant=, an unknown backend option) is refused before any
 stage or MLflow run with one line, `error: <key>: <problem> -> <fix>`, and exit code 2;
@@ -59,6 +60,9 @@ def checked_main() -> None:
     quiet_known_noise()
     # before Hydra, whose own refusal of a second +quant= speaks of `override` syntax
     schema.check_overrides(sys.argv[1:])
+    # quant.budgets=[...]: the multirun over quant.type it stands for
+    from quantpipe.quantize.gguf import expand_budgets
+    sys.argv[1:] = expand_budgets(sys.argv[1:])
     main()
 
 

@@ -366,6 +366,31 @@ def test_tuned_vs_imatrix_vs_plain_shows_intervals_when_present_and_the_winner()
     assert "autoround 0.01800, sensitivity 0.02000" in text and "AutoRound 240 s" in text
 
 
+def test_the_size_curve_plots_plain_imatrix_tuned_and_every_candidate(tmp_path):
+    """quant.budgets=[q3_k_m,q4_k_m,q5_k_m]: one row per variant and budget, ordered by size,
+    and a PNG with held-out KLD (published files) beside calibration KLD (every candidate,
+    AutoRound's among them)."""
+    rows = []
+    for qtype, mb, kld in (("q3_k_m", 80.0, 0.08), ("q4_k_m", 100.0, 0.04), ("q5_k_m", 115.0, 0.02)):
+        rows.append(row(f"gguf_{qtype}", "dynamic", qtype=qtype, compare=f"gguf_{qtype}",
+                        size_mb=mb, kld_mean=kld))
+        rows.append(row(f"gguf_imatrix_{qtype}", "static", qtype=qtype, compare=f"gguf_{qtype}",
+                        size_mb=mb, kld_mean=kld * 0.8))
+        t = row(f"gguf_tuned_{qtype}", "static", qtype=qtype, compare=f"gguf_{qtype}",
+                size_mb=mb - 0.1, kld_mean=kld * 0.6, kld_ci95_low=kld * 0.5, kld_ci95_high=kld * 0.7)
+        t["stages"] = [{"metrics": {"tune_s": 30.0, "tune_kld_calib_autoround": kld * 0.7,
+                                    "tune_mb_autoround": mb, "tune_kld_calib_sensitivity": kld * 0.5,
+                                    "tune_mb_sensitivity": mb - 0.1}, "datasets": []}]
+        rows.append(t)
+    assert tuned_report.size_curve(rows[:3], tmp_path) == []  # one budget: no curve
+    text = "\n".join(tuned_report.size_curve(rows, tmp_path / "report"))
+    header, body = parse_table(text, text.splitlines()[0].lstrip("# "))
+    assert [r[0] for r in body][:3] == ["gguf_q3_k_m", "gguf_imatrix_q3_k_m", "gguf_tuned_q3_k_m"]
+    assert len(body) == 9 and "[0.04000, 0.05600]" in text
+    [png] = (tmp_path / "report").glob("size_curve_gguf_*.png")
+    assert png.stat().st_size > 10_000 and f"(report/{png.name})" in text
+
+
 def test_a_failed_scale_run_is_printed_without_this_hosts_folders():
     row = {"name": "gguf_q4_k_m", "metrics": {"fp16_gb": 13.76},
            "tags": {"scale.size": "7b", "quantpipe.error": "ConfigError: disk: "

@@ -62,8 +62,10 @@ def test_groups_are_kind_by_band_and_embeddings_alone():
 
 def test_byte_costs_follow_block_sizes_and_576_columns_take_32_blocks():
     q, down = Tensor("q", 576, 576 * 576, 0), Tensor("d", 1536, 1536 * 576, 0)
-    types = at_level({"g": [q, down]}, LEVELS, {"g": 0})
+    types = at_level({"g": [q, down]}, LEVELS, {"g": 1})
     assert types == {"q": "iq4_nl", "d": "q4_k"}  # 576 = 2.25 x 256: no K-quant
+    # the lowest level reaches q3_k_m's budget through the K-quant rows only
+    assert at_level({"g": [q, down]}, LEVELS, {"g": 0}) == {"q": "iq4_nl", "d": "q3_k"}
     assert tensor_bytes(q, "iq4_nl") == 576 * 576 // 32 * 18      # 4.5 bits/weight
     assert tensor_bytes(down, "q6_k") == 1536 * 576 // 256 * 210  # 6.5625 bits/weight
     with pytest.raises(ConfigError, match="multiple of 256"):
@@ -125,20 +127,21 @@ def test_the_recipe_in_the_metadata_reads_back_tensor_by_tensor():
 def test_knapsack_keeps_to_the_budget_and_buys_the_cheapest_kld_first():
     tensors = model_tensors(2)
     groups = groups_of(tensors, bands=1)
-    all_at = [0.10, 0.04, 0.02, 0.0]
+    all_at = [0.12, 0.10, 0.04, 0.02, 0.0]
+    top = len(LEVELS) - 1
     sens = dict.fromkeys(groups, 0.001)
     sens["attn_k@0-1"] = 0.05  # small tensors, large KLD: bought first
     search = Sizes(tensors)
     low = search.size(at_level(groups, LEVELS, dict.fromkeys(groups, 0)))
     k_extra = sum(tensor_bytes(t, "q8_0") - tensor_bytes(t, "iq4_nl") for t in groups["attn_k@0-1"])
     choice = allocate(groups, LEVELS, all_at, sens, search, low + k_extra)
-    assert choice["attn_k@0-1"] == 3 and choice["token_embd"] == 0
+    assert choice["attn_k@0-1"] == top and choice["token_embd"] == 0
     assert search.size(at_level(groups, LEVELS, choice)) <= low + k_extra
     # a larger budget goes to the others too, never past it
     big = low + 10 * k_extra
     choice = allocate(groups, LEVELS, all_at, sens, search, big)
     assert search.size(at_level(groups, LEVELS, choice)) <= big
-    assert sum(choice.values()) > 3
+    assert sum(choice.values()) > top
     with pytest.raises(ConfigError, match="quant.budget_mb"):
         allocate(groups, LEVELS, all_at, sens, search, low - 1)
 
@@ -244,6 +247,34 @@ def test_tuned_variant_fits_budget_loads_beats_plain_and_never_reads_eval_text(
     assert tuned["kld_mean"] > 0 and plain["kld_mean"] > 0
 
 
+def test_budgets_stand_for_a_multirun_over_the_type_of_variants_that_take_one():
+    from quantpipe.quantize.gguf import expand_budgets
+    out = expand_budgets(["+quant=gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned",
+                          "quant.budgets=[q3_k_m,q4_k_m,q5_k_m]", "adapter=none"])
+    assert out == ["+quant=gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned", "adapter=none",
+                   "hydra.mode=MULTIRUN", "quant.type=q3_k_m,q4_k_m,q5_k_m"]
+    assert expand_budgets(["+quant=int4"]) == ["+quant=int4"]  # nothing to expand
+    with pytest.raises(ConfigError, match="quant.budgets: sizes variants .*int4 does not"):
+        expand_budgets(["+quant=int4,gguf_tuned", "quant.budgets=[q3_k_m]"])
+    with pytest.raises(ConfigError, match="quant.budgets: 'q3_k_m' is not a list"):
+        expand_budgets(["+quant=gguf_tuned", "quant.budgets=q3_k_m"])
+    with pytest.raises(ConfigError, match="quant.budgets: given with quant.type"):
+        expand_budgets(["+quant=gguf_tuned", "quant.budgets=[q3_k_m]", "quant.type=q4_0"])
+
+
+def test_budgets_on_the_command_line_run_one_variant_per_type_and_refuse_in_one_line(tmp_path):
+    """The entry point: a bad quant.budgets is one line and exit code 2, before Hydra starts."""
+    import subprocess
+    import sys
+
+    from quantpipe import PROJECT_ROOT
+    r = subprocess.run([sys.executable, "-m", "pipelines.run", "+quant=int4",
+                        "quant.budgets=[q3_k_m]", f"paths.root={tmp_path}"], cwd=PROJECT_ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "quant.budgets: sizes variants" in r.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
 def test_methods_and_autoround_settings_are_checked_before_any_stage():
     from quantpipe.quantize.tuned import _check
     with pytest.raises(ConfigError, match="quant.tune.methods"):
@@ -321,6 +352,16 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
     with caplog.at_level(logging.WARNING, logger="quantpipe.quantize.tuned"):
         dropped, m_dropped = tuned("dropped", ("sensitivity", "autoround"))
     assert m_dropped["autoround_dropped"] == 1.0 and dropped == idle
+    # another budget on the same F16 file, matrix and text: the sensitivities are reused, so
+    # only its own candidates are scored (the curve costs about one search)
+    ctx = QuantContext(artifacts=tmp_path / "idle" / "artifacts", tools=TOOLS,
+                       src_fingerprint="tiny", threads=2)
+    (tmp_path / "idle" / "q5").mkdir()
+    q5 = quantize_tuned(tiny_base, tmp_path / "idle" / "q5", ctx, "q5_k_m",
+                        imatrix=settings["imatrix"], tune=settings["tune"])
+    assert m_idle["tune_sensitivity_reused"] == 0.0 and q5["metrics"]["tune_sensitivity_reused"] == 1.0
+    assert q5["metrics"]["tune_candidates_scored"] <= 3 < m_idle["tune_candidates_scored"]
+    assert q5["metrics"]["budget_mb"] > m_idle["budget_mb"]
     # the recipe ships with the file: its metadata names every quantised tensor's type, and
     # recipe/recreate.sh writes the same bytes again with stock llama-quantize
     out = tmp_path / "idle" / "out"

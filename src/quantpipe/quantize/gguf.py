@@ -235,3 +235,53 @@ def smoke(path: Path, hf_folder: Path) -> dict:
     reply = llm.create_chat_completion([{"role": "user", "content": "Say hello."}],
                                        max_tokens=24, temperature=0.0)["choices"][0]
     return {Metric.SMOKE_STOPPED_AT_EOS: float(reply["finish_reason"] == "stop")}
+
+
+# --- quant.budgets: a size curve ----------------------------------------------------------------
+
+BUDGETS = "quant.budgets"
+
+
+def expand_budgets(overrides: list[str]) -> list[str]:
+    """`quant.budgets=[q3_k_m,q4_k_m,q5_k_m]`: one variant per budget, each scored with the usual
+    protocol, as the Hydra multirun over `quant.type` it stands for (a variant that takes a type
+    is sized by it: each budget is that type's plain file size). Every +quant variant must take
+    a `type`; the budgets must be types its backend knows (checked per job by schema.check)."""
+    given = [o for o in overrides if o.split("=", 1)[0] == BUDGETS]
+    if not given:
+        return list(overrides)
+    value = given[-1].split("=", 1)[1].strip()
+    budgets = [b.strip() for b in value.strip("[]").split(",") if b.strip()]
+    if not (value.startswith("[") and value.endswith("]")) or not budgets:
+        raise ConfigError(BUDGETS, f"{value!r} is not a list of types",
+                          "e.g. quant.budgets=[q3_k_m,q4_k_m,q5_k_m]")
+    if any(o.split("=", 1)[0] == "quant.type" for o in overrides):
+        raise ConfigError(BUDGETS, "given with quant.type: each budget is a quant.type",
+                          "drop quant.type")
+    quants = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == "quant"]
+    names = [n for q in quants for n in q.split(",")]
+    untyped = [n for n in names if not _takes_type(n)]
+    if not names or untyped:
+        raise ConfigError(BUDGETS, f"sizes variants that take a quant.type; "
+                          f"{', '.join(untyped) or 'no +quant= was given'}"
+                          f"{' does not' if len(untyped) == 1 else ''}",
+                          "name only variants whose conf/quant/<name>.yaml sets `type:`, and "
+                          "sweep the others in a run of their own")
+    out = [o for o in overrides if o.split("=", 1)[0] != BUDGETS]
+    if not any(o.startswith("hydra.mode=") or o in ("-m", "--multirun") for o in out):
+        out.append("hydra.mode=MULTIRUN")
+    return out + [f"quant.type={','.join(budgets)}"]
+
+
+def _takes_type(name: str, seen: frozenset = frozenset()) -> bool:
+    """Whether conf/quant/<name>.yaml, or a config it extends, sets `type`."""
+    import yaml
+
+    from quantpipe import PROJECT_ROOT
+    path = PROJECT_ROOT / "conf" / "quant" / f"{name}.yaml"
+    if name in seen or not path.is_file():
+        return False
+    node = yaml.safe_load(path.read_text()) or {}
+    return "type" in node or any(isinstance(d, str) and d != "_self_"
+                                 and _takes_type(d, seen | {name})
+                                 for d in node.get("defaults") or [])

@@ -60,16 +60,19 @@ from quantpipe.tools import run_tool, tool_path
 
 log = logging.getLogger(__name__)
 # each level: (type for tensors whose rows are not a multiple of 256, type for those that are).
-# SmolLM2's 576 columns take the 32-block types, its 1536-column ffn_down the K-quants.
-LEVELS = [["iq4_nl", "q4_k"], ["q5_0", "q5_k"], ["q5_1", "q6_k"], ["q8_0", "q8_0"]]
+# SmolLM2's 576 columns take the 32-block types, its 1536-column ffn_down the K-quants. From
+# q3_k to q8_0, so one sensitivity measurement serves every budget from q3_k_m's to q5_k_m's.
+LEVELS = [["iq4_nl", "q3_k"], ["iq4_nl", "q4_k"], ["q5_0", "q5_k"], ["q5_1", "q6_k"],
+          ["q8_0", "q8_0"]]
 METHODS = ("sensitivity", "autoround")  # searched candidates; imatrix and plain always compete
 AUTOROUND = {"iters": 0, "samples": 32, "seq_len": 512}
 TUNE = {"max_groups": None, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands": 6,
         "levels": LEVELS, "methods": list(METHODS), "autoround": AUTOROUND}
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
 # bump when the file written changes: 2, bounded by work (max_groups), no host paths; 3, the
-# searched mix's per-tensor types in the file's metadata (and llama.cpp's versions in the key)
-RECIPE = 3
+# searched mix's per-tensor types in the file's metadata (and llama.cpp's versions in the key);
+# 4, sensitivities measured once and cached for every budget (levels from q3_k)
+RECIPE = 4
 META = "quantpipe.tensor_types."  # + tensor kind: that kind's types, layer by layer (recipe_kv)
 META_VALUE_MAX = 127              # llama.cpp's --override-kv keeps 127 bytes of a string
 RECIPE_DIR = "recipe"
@@ -375,6 +378,40 @@ def sensitivities(search: Search, groups: dict, levels: list,
     return all_at, s, measured
 
 
+SENSITIVITY_KEYS = ("windows", "n_ctx", "kld_top_k", "bands", "levels", "max_groups")
+
+
+def cached_sensitivities(search: Search, groups: dict, s: dict, f16: Path, matrix: Path,
+                         text: str, ctx) -> tuple[list[float], dict, int, bool]:
+    """sensitivities(), measured once per F16 file, importance matrix, calibration text, tensor
+    set and search settings, and reused by every budget (quant.type, quant.budget_mb): the curve
+    q3_k_m..q5_k_m costs one search, then one allocation (milliseconds) and one candidate each.
+    The candidates it scores override every quantised tensor, so the budget's own type does not
+    enter them. (KLD all at each level, s_g per group, groups measured, reused?)"""
+    from quantpipe.quantize.imatrix import _tools_version
+    fp = art.fingerprint("tune-sensitivity", RECIPE, f16.parent.name,
+                         art.quick_file_fingerprint(f16), Path(matrix).parent.name,
+                         art.fingerprint(text), {k: s[k] for k in SENSITIVITY_KEYS},
+                         [(t.name, t.ncols, t.n) for t in search.tensors],
+                         _tools_version(ctx.tools))
+
+    def build(tmp: Path) -> dict:
+        all_at, sens, measured = sensitivities(search, groups, s["levels"], s["max_groups"])
+        return {"kld_all_at_level": all_at, "group_kld_removed": sens,
+                "groups_measured": measured, "candidates_scored": search.n_scored,
+                "seconds": search.scoring_s}
+
+    folder, prov, reused = art.ensure_cached(
+        ctx.artifacts, "tune-sensitivity", fp, build,
+        {"f16": art.portable_path(f16, ctx.artifacts), "settings":
+         {k: s[k] for k in SENSITIVITY_KEYS}})
+    r = prov["result"]
+    if reused:
+        log.info("tune: reusing the sensitivities of %s (%d candidates, %.0f s when measured)",
+                 art.portable_path(folder), r["candidates_scored"], r["seconds"])
+    return r["kld_all_at_level"], r["group_kld_removed"], r["groups_measured"], reused
+
+
 def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: Search,
              budget: int) -> dict[str, int]:
     """Greedy knapsack: from the lowest level everywhere, buy the upgrade (any higher level of
@@ -385,6 +422,7 @@ def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: S
     choice = dict.fromkeys(groups, 0)
     cost = {g: [sum(tensor_bytes(t, type_for(t, lv)) for t in ts) for lv in levels]
             for g, ts in groups.items()}
+    same = {g: [tuple(type_for(t, lv) for t in ts) for lv in levels] for g, ts in groups.items()}
     used = search.size(at_level(groups, levels, choice))
     if used > budget:
         raise ConfigError("quant.budget_mb", f"{budget / 2**20:.2f} MiB is below the smallest mix "
@@ -394,6 +432,8 @@ def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: S
         best = None
         for g, lv in choice.items():
             for up in range(lv + 1, len(levels)):
+                if same[g][up] == same[g][lv]:  # e.g. iq4_nl at both levels: nothing changes
+                    continue
                 extra = cost[g][up] - cost[g][lv]
                 gain = s[g] * (r[lv] - r[up])
                 if used + extra <= budget and gain > 0:
@@ -528,11 +568,18 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
             sizes["autoround"] = ar_file.stat().st_size
     all_at, sens, measured, choice, mix = [], {}, 0, {}, None
     if "sensitivity" in s["methods"]:
-        all_at, sens, measured = sensitivities(search, groups, levels, s["max_groups"])
-        choice = allocate(groups, levels, all_at, sens, search, budget)
-        mix = at_level(groups, levels, choice)
-        candidates["sensitivity"] = (mix, search.score(mix))
-        sizes["sensitivity"] = search.last_bytes
+        all_at, sens, measured, reused = cached_sensitivities(search, groups, s, f16, matrix,
+                                                              text, ctx)
+        method_metrics["tune_sensitivity_reused"] = float(reused)
+        try:
+            choice = allocate(groups, levels, all_at, sens, search, budget)
+        except ConfigError as e:  # the budget is below every mix of these levels
+            log.warning("tune: no searched mix fits (%s); the other candidates compete",
+                        e.problem)
+        else:
+            mix = at_level(groups, levels, choice)
+            candidates["sensitivity"] = (mix, search.score(mix))
+            sizes["sensitivity"] = search.last_bytes
     fits = {k: v for k, v in candidates.items() if sizes[k] <= budget}
     if not fits:
         raise ConfigError("quant.budget_mb", f"no candidate fits {budget / 2**20:.2f} MiB "
@@ -568,6 +615,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
                "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": own_peak_mb(),
                "tune_calib_tokens": float(scorer.tokens), "tune_recipe": 1.0,
                **{f"tune_kld_calib_{k}": v[1] for k, v in candidates.items()},
+               **{f"tune_mb_{k}": v / 2**20 for k, v in sizes.items()},
                **{f"tune_won_{k}": float(won == k) for k in candidates}}
     log.info("tune: %s won on calibration KLD (%s) in %.0f s, %d candidates", won,
              ", ".join(f"{k} {v[1]:.5f}" for k, v in candidates.items()), tune_s, search.n_scored)

@@ -7,6 +7,8 @@ AutoRound candidate ran, its time and memory).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from quantpipe.names import Metric
 from quantpipe.report.query import Selection
 from quantpipe.report.recommend import pick
@@ -25,7 +27,77 @@ def tune_stage(row: dict) -> dict | None:
 
 @register("formats", order=20)
 def section(sel: Selection) -> list[str]:
-    return ["## Tuned vs imatrix vs plain (GGUF at one size)", tuned_vs_imatrix(sel.variants)]
+    return ["## Tuned vs imatrix vs plain (GGUF at one size)", tuned_vs_imatrix(sel.variants),
+            *size_curve(sel.variants, sel.figures)]
+
+
+def size_curve(rows: list[dict], figures: Path | None) -> list[str]:
+    """Where tuned GGUFs ran at several budgets (quant.budgets=[q3_k_m,q4_k_m,q5_k_m]): held-out
+    KLD against size for plain, imatrix and tuned at each budget, on one evaluation text, and
+    the tuner's calibration-split KLD of every candidate it scored (AutoRound's among them:
+    only the candidate that won is published and scored on held-out text)."""
+    tuned = [r for r in rows if tune_stage(r) is not None]
+    curves = {}
+    for t in tuned:
+        curves.setdefault((t["family"], eval_digest(t)), []).append(t)
+    out = []
+    for (family, digest), ts in curves.items():
+        if len(ts) < 2:
+            continue
+        points: dict[str, list[tuple[float, float, str]]] = {}
+        calib: dict[str, list[tuple[float, float, str]]] = {}
+        body = []
+        for t in sorted(ts, key=lambda r: r["metrics"].get(Metric.SIZE_MB, 0)):
+            qtype = t["params"].get("quant.compare")
+            same = [r for r in rows if r["family"] == family and tune_stage(r) is None
+                    and r["params"].get("quant.compare") == qtype and eval_digest(r) == digest]
+            for r, how in [*[(r, "plain" if r["method"] == "dynamic" else "imatrix")
+                             for r in same], (t, "tuned")]:
+                m = r["metrics"]
+                if Metric.SIZE_MB in m and Metric.KLD_MEAN in m:
+                    points.setdefault(how, []).append((m[Metric.SIZE_MB], m[Metric.KLD_MEAN],
+                                                       r["name"]))
+                body.append([r["name"], how, metric(r, Metric.SIZE_MB, 2),
+                             metric(r, Metric.KLD_MEAN, 5), interval(r, "kld", 5),
+                             metric(r, Metric.DELTA_PPL_PCT, 2), short(r["run_id"])])
+            stage = tune_stage(t)
+            for cand in ("plain", "imatrix", "sensitivity", "autoround"):
+                if f"tune_kld_calib_{cand}" in stage and f"tune_mb_{cand}" in stage:
+                    calib.setdefault(cand, []).append(
+                        (stage[f"tune_mb_{cand}"], stage[f"tune_kld_calib_{cand}"],
+                         qtype))
+        out += [f"### Size curve: {family}, one evaluation text ({digest[:8]})",
+                table(["variant", "method", "size MB", "KLD mean", "KLD 95 % CI", "ΔPPL %",
+                       "run"], body)]
+        if figures is not None:
+            png = curve_plot(points, calib, figures / f"size_curve_{family}_{digest[:8]}.png")
+            out.append(f"![KLD against size]({figures.name}/{png.name})")
+    return out
+
+
+def curve_plot(held_out: dict, calib: dict, path: Path) -> Path:
+    """Two panels: held-out KLD of the published files, calibration-split KLD of the tuner's
+    candidates (sensitivity mix, AutoRound, llama.cpp's imatrix and plain), against size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    for ax, series, title in ((axes[0], held_out, "held-out text (published files)"),
+                              (axes[1], calib, "calibration split (every candidate)")):
+        for how, pts in sorted(series.items()):
+            pts = sorted(pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=how)
+        ax.set_yscale("log")
+        ax.set_xlabel("size on disk (MB)")
+        ax.set_ylabel("KLD vs FP16 (nats, log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def tuned_vs_imatrix(rows: list[dict]) -> str:

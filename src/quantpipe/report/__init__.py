@@ -103,6 +103,7 @@ def write_report(sel: Selection, out: Path, champion: str | None = None) -> Path
     """Write the markdown to `out` and its plots to `out.parent/report/`."""
     out = Path(out)
     figs = out.parent / "report"
+    sel.figures = figs
     front = recommend.pareto_front(sel.variants)
     size = plots.size_vs_delta_ppl(sel.variants, front, figs / "size_vs_delta_ppl.png")
     speed = plots.decode_speed(sel.variants, sel.gpu, figs / "decode_tok_s.png")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -35,6 +36,8 @@ class Selection:
     # every finished variant run of the experiment, newest first (any sweep, subject or eval
     # text): the verdicts across subjects and texts (report/subjects.py)
     everything: list[dict] = field(default_factory=list)
+    # where a plug-in section writes its plots (write_report sets it: <report folder>/report/)
+    figures: Path | None = None
 
 
 def as_row(run: Run) -> dict[str, Any]:
