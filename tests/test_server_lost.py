@@ -66,7 +66,10 @@ def server(tmp_path):
         s.kill()
 
 
-def pipeline(root: Path, server: Server, tiny_base: Path) -> tuple[subprocess.Popen, Path]:
+def pipeline(root: Path, server: Server, tiny_base: Path,
+             retries: str | None = None) -> tuple[subprocess.Popen, Path]:
+    """The run, with the project's retry bound (tracking.RETRY_ENV), or `retries` set by the
+    caller (a variable already in the environment wins)."""
     log = root / f"log-{len(list(root.glob('log-*.txt')))}.txt"
     cmd = [sys.executable, "-m", "pipelines.run", "+quant=gguf_q8_0", "tracking=remote",
            f"paths.root={root}", f"model.path={tiny_base}", "adapter=none", *SHRINK]
@@ -74,6 +77,8 @@ def pipeline(root: Path, server: Server, tiny_base: Path) -> tuple[subprocess.Po
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         env.pop(key, None)  # the project's bound, not the caller's
+    if retries is not None:
+        env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = retries
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log
@@ -108,7 +113,9 @@ def test_a_server_back_within_the_wait_and_the_run_completes(tmp_path, server, t
 
 def test_a_server_gone_stops_the_run_in_one_line_and_the_next_run_closes_it(
         tmp_path, server, tiny_base):
-    proc, log = pipeline(tmp_path, server, tiny_base)
+    # two retries (2 + 4 s of backoff per request) instead of the project's five (~62 s, which
+    # the test above relies on): the same one line, three minutes sooner
+    proc, log = pipeline(tmp_path, server, tiny_base, retries="2")
     wait_for(log, "quantise:", proc)
     server.kill()
     assert proc.wait(timeout=600) == 2
