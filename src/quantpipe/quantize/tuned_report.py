@@ -78,9 +78,7 @@ def size_curve(rows: list[dict], figures: Path | None) -> list[str]:
 def curve_plot(held_out: dict, calib: dict, path: Path) -> Path:
     """Two panels: held-out KLD of the published files, calibration-split KLD of the tuner's
     candidates (sensitivity mix, AutoRound, llama.cpp's imatrix and plain), against size."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from quantpipe.report.plots import plt, save
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for ax, series, title in ((axes[0], held_out, "held-out text (published files)"),
                               (axes[1], calib, "calibration split (every candidate)")):
@@ -93,11 +91,7 @@ def curve_plot(held_out: dict, calib: dict, path: Path) -> Path:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def tuned_vs_imatrix(rows: list[dict]) -> str:

@@ -38,7 +38,7 @@ def size_vs_delta_ppl(rows: list[dict], front: list[dict], path: Path) -> Path:
     ax.set_ylabel("ΔPPL vs FP16 (%)")
     ax.set_title("Size vs quality, 95 % intervals (green: passes the gate, red: fails)")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def decode_speed(cpu: list[dict], gpu: list[dict], path: Path) -> Path:
@@ -55,10 +55,10 @@ def decode_speed(cpu: list[dict], gpu: list[dict], path: Path) -> Path:
         ax.set_title(f"decode tokens/s, {title}")
         ax.tick_params(axis="x", rotation=30, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
