@@ -21,6 +21,7 @@ from quantpipe.quantize.tuned import (
     groups_of,
     tensor_bytes,
     tune_settings,
+    type_for,
 )
 
 TOOLS = Path(__file__).resolve().parents[1] / "build" / "llama.cpp" / "bin"
@@ -127,32 +128,41 @@ def test_the_recipe_in_the_metadata_reads_back_tensor_by_tensor():
 def test_knapsack_keeps_to_the_budget_and_buys_the_cheapest_kld_first():
     tensors = model_tensors(2)
     groups = groups_of(tensors, bands=1)
-    all_at = [0.12, 0.10, 0.04, 0.02, 0.0]
     top = len(LEVELS) - 1
     sens = dict.fromkeys(groups, 0.001)
     sens["attn_k@0-1"] = 0.05  # small tensors, large KLD: bought first
+    cost_at = {g: [v * r for r in (1.2, 1.0, 0.4, 0.2, 0.0)] for g, v in sens.items()}
     search = Sizes(tensors)
     low = search.size(at_level(groups, LEVELS, dict.fromkeys(groups, 0)))
     k_extra = sum(tensor_bytes(t, "q8_0") - tensor_bytes(t, "iq4_nl") for t in groups["attn_k@0-1"])
-    choice = allocate(groups, LEVELS, all_at, sens, search, low + k_extra)
+    choice = allocate(groups, LEVELS, cost_at, search, low + k_extra)
     assert choice["attn_k@0-1"] == top and choice["token_embd"] == 0
     assert search.size(at_level(groups, LEVELS, choice)) <= low + k_extra
     # a larger budget goes to the others too, never past it
     big = low + 10 * k_extra
-    choice = allocate(groups, LEVELS, all_at, sens, search, big)
+    choice = allocate(groups, LEVELS, cost_at, search, big)
     assert search.size(at_level(groups, LEVELS, choice)) <= big
     assert sum(choice.values()) > top
     with pytest.raises(ConfigError, match="quant.budget_mb"):
-        allocate(groups, LEVELS, all_at, sens, search, low - 1)
+        allocate(groups, LEVELS, cost_at, search, low - 1)
+
+
+# squared weight error per weight of each type (roughly 4x per bit): Scores' weighted errors
+ERROR = {"q3_k": 16.0, "iq4_nl": 5.0, "q4_k": 4.0, "q5_0": 1.2, "q5_k": 1.0, "q5_1": 1.1,
+         "q6_k": 0.25, "q8_0": 0.01}
 
 
 class Scores:
     """A search whose KLD is a sum per raised tensor (the additive model)."""
     def __init__(self, groups):
         self.groups, self.n = groups, 0
+        self.last_errors = {}
 
-    def score(self, types):
+    def score(self, types, groups=None):
         self.n += 1
+        if groups is not None:
+            self.last_errors = {g: sum(t.n * ERROR[types[t.name]] for t in ts)
+                                for g, ts in groups.items()}
         return 0.1 - sum(t.n * 1e-9 * (3 if "attn_k" in t.name else 1)
                          for ts in self.groups.values() for t in ts if types[t.name] == "q8_0")
 
@@ -164,7 +174,7 @@ def test_max_groups_bounds_the_work_and_estimates_the_rest_from_their_kind():
     from quantpipe.quantize.tuned import sensitivities
     groups = groups_of(model_tensors(4), bands=2)
     search = Scores(groups)
-    all_at, s, measured = sensitivities(search, groups, LEVELS, max_groups=5)
+    all_at, s, measured, errors = sensitivities(search, groups, LEVELS, max_groups=5)
     assert search.n == len(LEVELS) + 5  # the bound is work: candidates scored, not seconds
     assert measured == 5 and len(s) == len(groups) and all_at[0] > all_at[-1]
     # band 0 first: every kind measured once, then estimated per weight for band 2-3
@@ -172,6 +182,40 @@ def test_max_groups_bounds_the_work_and_estimates_the_rest_from_their_kind():
     assert s["attn_k@2-3"] / s["attn_q@2-3"] == pytest.approx(3 * 192 / 576, rel=1e-6)
     search = Scores(groups)  # null: every group measured
     assert sensitivities(search, groups, LEVELS)[2] == len(groups) == search.n - len(LEVELS)
+    # each group's weighted error at every level, read from the all-at-level files
+    assert errors["ffn_down@0-1"][0] > errors["ffn_down@0-1"][1] > errors["ffn_down@0-1"][-1]
+
+
+def test_a_level_that_leaves_a_group_unchanged_costs_it_nothing():
+    """The regression of the q3_k level: iq4_nl/q3_k -> iq4_nl/q4_k changes only ffn_down (1536
+    columns). A curve shared by the whole model put most of the KLD on that step, so attention
+    and ffn_up looked nearly free to leave at iq4_nl and the budget all went to ffn_down. Each
+    group's curve now follows its own weight errors."""
+    from quantpipe.quantize.tuned import curves, probe_level
+    groups = groups_of(model_tensors(2), bands=1)
+    types = {g: [type_for(ts[0], lv) for lv in LEVELS] for g, ts in groups.items()}
+    errors = {g: [ERROR[t] * 100 for t in ts] for g, ts in types.items()}
+    s = dict.fromkeys(groups, 0.01)
+    s["attn_q@0-1"] = 0.0  # below the noise: keeps its kind's... none: the smallest of all
+    c = curves(s, errors, LEVELS)
+    p = probe_level(LEVELS)
+    assert p == 1
+    up = c["ffn_up@0-1"]
+    assert up[0] == up[1] == pytest.approx(0.01) and up[-1] == 0.0  # iq4_nl at both levels
+    assert up[2] == pytest.approx(0.01 * (ERROR["q5_0"] - ERROR["q8_0"]) / (ERROR["iq4_nl"] - ERROR["q8_0"]))
+    down = c["ffn_down@0-1"]  # q3_k below the probe level: more than its probe
+    assert down[0] == pytest.approx(0.01 * (ERROR["q3_k"] - ERROR["q8_0"]) / (ERROR["q4_k"] - ERROR["q8_0"]))
+    assert down[1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(down, down[1:]))
+    # a probe lost in the noise is not free: the smallest KLD per unit error measured
+    assert 0 < c["attn_q@0-1"][1] <= c["ffn_up@0-1"][1]
+    # with 0.01 of KLD per group, the budget buys attention and ffn_up too, not only ffn_down
+    tensors = model_tensors(2)
+    search = Sizes(tensors)
+    low = search.size(at_level(groups, LEVELS, dict.fromkeys(groups, 0)))
+    choice = allocate(groups, LEVELS, c, search, low + (search.size(at_level(
+        groups, LEVELS, dict.fromkeys(groups, 2))) - low) // 2)
+    assert choice["ffn_up@0-1"] > 0 and choice["attn_k@0-1"] > 0
 
 
 @pytest.mark.slow

@@ -11,10 +11,12 @@ the calibration split (never the evaluation text) and writes it with stock llama
 3. the FP16 reference: top-k log-probs of the F16 GGUF on windows of calibration text;
 4. sensitivity: KLD vs that reference with every tensor at level l of `tune.levels` (one model
    per level), then with one group (a tensor kind in a band of layers, or token_embd/output)
-   raised from the lowest level to the highest: the KLD that group removes, s_g;
-5. allocation: KLD(mix) ~ KLD(top) + sum_g s_g * r(l_g), where r(l) is the all-at-level KLD
-   rescaled to 1 at the lowest level and 0 at the top; a greedy knapsack buys the upgrade with
-   the most predicted KLD per byte until the budget is spent;
+   raised from the second-lowest level to the highest: the KLD that group removes, s_g;
+5. allocation: KLD(mix) ~ KLD(top) + sum_g c_g(l_g), where c_g(l) is s_g spread over the
+   levels by group g's own quantisation error at each level (its weights' squared error
+   against F16, weighted per input column by the importance matrix, read from the all-at-level
+   files); a greedy knapsack buys the upgrade with the most predicted KLD per byte until the
+   budget is spent;
 6. AutoRound (`tune.methods` names "autoround"; needs `make llmc`): intel's auto-round exports
    the `quant.type` file itself, scales and minimums chosen from calibration activations
    (optimised round-to-nearest with `tune.autoround.iters: 0`, sign-gradient rounding above);
@@ -71,8 +73,9 @@ TUNE = {"max_groups": None, "windows": 8, "n_ctx": 256, "kld_top_k": 64, "bands"
 LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
 # bump when the file written changes: 2, bounded by work (max_groups), no host paths; 3, the
 # searched mix's per-tensor types in the file's metadata (and llama.cpp's versions in the key);
-# 4, sensitivities measured once and cached for every budget (levels from q3_k)
-RECIPE = 4
+# 4, sensitivities measured once and cached for every budget (levels from q3_k); 5, probes from
+# the second level, each group's cost per level from its own weighted weight error
+RECIPE = 5
 META = "quantpipe.tensor_types."  # + tensor kind: that kind's types, layer by layer (recipe_kv)
 META_VALUE_MAX = 127              # llama.cpp's --override-kv keeps 127 bytes of a string
 RECIPE_DIR = "recipe"
@@ -281,6 +284,7 @@ class Search:
         self.scorer, self.work, self.ctx, self.target = scorer, work, ctx, target
         self.n_scored, self.peak_mb, self.scoring_s = 0, 0.0, 0.0
         self.last_bytes = 0  # the file size of the last candidate scored
+        self.last_errors: dict[str, float] = {}
 
     def size(self, types: dict[str, str]) -> int:
         return self.overhead + sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
@@ -298,12 +302,16 @@ class Search:
                      cwd=Path(self.matrix).parent)
         self.peak_mb = max(self.peak_mb, r.peak_rss_mb)
 
-    def score(self, types: dict[str, str] | None) -> float:
+    def score(self, types: dict[str, str] | None, groups: dict | None = None) -> float:
+        """The candidate's calibration KLD; with `groups`, also each group's weighted weight
+        error in it (self.last_errors, weighted_errors)."""
         t0 = time.monotonic()
         out = self.work / "candidate.gguf"
         self.quantise(types, out)
         kld = self.scorer.kld(out)
         self.last_bytes = out.stat().st_size
+        if groups is not None:
+            self.last_errors = weighted_errors(self.f16, out, self.matrix, groups)
         out.unlink()
         self.n_scored += 1
         self.scoring_s += time.monotonic() - t0
@@ -336,24 +344,59 @@ def _band(group: str) -> int:
     return int(group.split("@")[1].split("-")[0]) if "@" in group else -1
 
 
-def sensitivities(search: Search, groups: dict, levels: list,
-                  max_groups: int | None = None) -> tuple[list[float], dict, int]:
-    """(KLD with everything at each level, s_g per group, groups measured). The search is bounded
-    by work, never by the clock, so the same inputs give the same file on a busy machine and an
-    idle one: every group is measured, or the first `max_groups` in a fixed order, band by band
-    (every kind of the first band, then the next), so each kind keeps some measurements. A
-    group left unmeasured gets the median KLD per weight of the measured groups of its kind (of
-    all groups, if its kind has none; with none measured, the KLD all groups remove together,
-    per weight)."""
+def weighted_errors(f16: Path, quantised: Path, matrix: Path, groups: dict,
+                    rows: int = 4096) -> dict[str, float]:
+    """Per group: the squared error of its quantised weights against the F16 file's, each input
+    column weighted by its mean squared activation from the importance matrix (the output error
+    a column's error causes; unweighted for tensors the matrix has no entry for, e.g.
+    token_embd). gguf-py dequantises both files, `rows` rows at a time."""
+    import gguf
+    from gguf.quants import dequantize
+    ref = {t.name: t for t in gguf.GGUFReader(str(f16)).tensors}
+    im = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(str(matrix)).tensors}
+    got = {t.name: t for t in gguf.GGUFReader(str(quantised)).tensors}
+    out = {}
+    for g, ts in groups.items():
+        total = 0.0
+        for t in ts:
+            q, f = got[t.name], ref[t.name]
+            w = im.get(t.name + ".in_sum2")
+            w = w / max(float(im[t.name + ".counts"].ravel()[0]), 1.0) if w is not None else 1.0
+            qd, fd = q.data.reshape(-1, q.data.shape[-1]), f.data.reshape(-1, f.data.shape[-1])
+            for lo in range(0, qd.shape[0], rows):
+                d = (dequantize(qd[lo:lo + rows], q.tensor_type).astype(np.float64)
+                     - dequantize(fd[lo:lo + rows], f.tensor_type))
+                total += float(((d * d).sum(axis=0) * w).sum())
+        out[g] = total
+    return out
+
+
+def sensitivities(search: Search, groups: dict, levels: list, max_groups: int | None = None
+                  ) -> tuple[list[float], dict, int, dict]:
+    """(KLD with everything at each level, s_g per group, groups measured, each group's
+    weighted weight error at each level). The KLD probes start from the probe level
+    (probe_level: the second lowest): s_g is the KLD group g removes when raised from there to
+    the highest level. How that cost spreads over the other levels comes from the group's own
+    weight errors (curves()), not from the whole model's: a level that changes only ffn_down's
+    type (iq4_nl/q3_k -> iq4_nl/q4_k on SmolLM2) must not look like a step for attention.
+
+    The search is bounded by work, never by the clock, so the same inputs give the same file on
+    a busy machine and an idle one: every group is measured, or the first `max_groups` in a
+    fixed order, band by band (every kind of the first band, then the next), so each kind keeps
+    some measurements. A group left unmeasured gets the median KLD per weight of the measured
+    groups of its kind (of all groups, if its kind has none; with none measured, the KLD all
+    groups remove together, per weight)."""
     from tqdm import tqdm
-    top = len(levels) - 1
+    top, p = len(levels) - 1, probe_level(levels)
     order = sorted(groups, key=lambda g: (_band(g), -sum(t.n for t in groups[g])))
     todo = order if max_groups is None else order[:max_groups]
     bar = tqdm(total=len(levels) + len(todo), desc="tune: sensitivity search", unit="candidate",
                leave=True)  # its ETA is the time estimate
-    all_at = []
+    all_at, errors = [], {g: [] for g in groups}
     for lv in range(len(levels)):
-        all_at.append(search.score(at_level(groups, levels, dict.fromkeys(groups, lv))))
+        all_at.append(search.score(at_level(groups, levels, dict.fromkeys(groups, lv)), groups))
+        for g in groups:
+            errors[g].append(search.last_errors[g])
         bar.update()
         if lv == 0:
             log.info("tune: %d candidates to score at about %.0f s each: about %.0f min",
@@ -361,8 +404,8 @@ def sensitivities(search: Search, groups: dict, levels: list,
                      (len(levels) + len(todo) + 1) * search.seconds_per_candidate() / 60)
     s: dict[str, float] = {}
     for g in todo:
-        choice = {**dict.fromkeys(groups, 0), g: top}
-        s[g] = max(all_at[0] - search.score(at_level(groups, levels, choice)), 0.0)
+        choice = {**dict.fromkeys(groups, p), g: top}
+        s[g] = max(all_at[p] - search.score(at_level(groups, levels, choice)), 0.0)
         bar.update()
     bar.close()
     measured = len(s)
@@ -371,23 +414,53 @@ def sensitivities(search: Search, groups: dict, levels: list,
                  measured, len(groups))
         per = {g: s[g] / sum(t.n for t in groups[g]) for g in s}
         # none measured: the KLD every group removes together, spread per weight
-        flat = (all_at[0] - all_at[-1]) / sum(t.n for ts in groups.values() for t in ts)
+        flat = (all_at[p] - all_at[-1]) / sum(t.n for ts in groups.values() for t in ts)
         for g in order[measured:]:
             same = [v for k, v in per.items() if _kind(k) == _kind(g)] or list(per.values())
             s[g] = (float(np.median(same)) if same else flat) * sum(t.n for t in groups[g])
-    return all_at, s, measured
+    return all_at, s, measured, errors
+
+
+def probe_level(levels: list) -> int:
+    """The level the KLD probes start from: the second lowest (with two levels, the lowest).
+    Probes from the lowest drown the small groups in the noise of a model that is broken
+    everywhere at once (SmolLM2 at q3_k: KLD 0.26)."""
+    return 1 if len(levels) > 2 else 0
+
+
+def curves(s: dict, errors: dict, levels: list) -> dict[str, list[float]]:
+    """Each group's predicted KLD cost at each level, 0 at the top: its probe s_g, spread over
+    the levels in proportion to its own weighted weight error above the top level's, and never
+    rising with more bits. A group whose probe measured nothing (at or below the noise) keeps
+    the smallest KLD per weight its kind measured, so it is not free at the lowest level."""
+    top, p = len(levels) - 1, probe_level(levels)
+    per_kind: dict[str, list[float]] = {}
+    for g, v in s.items():
+        if v > 0 and (span := errors[g][p] - errors[g][top]) > 0:
+            per_kind.setdefault(_kind(g), []).append(v / span)
+    floor_all = min((x for xs in per_kind.values() for x in xs), default=0.0)
+    out = {}
+    for g, errs in errors.items():
+        span = errs[p] - errs[top]
+        k = s[g] / span if s[g] > 0 and span > 0 else min(per_kind.get(_kind(g), [floor_all]))
+        c = [max(k * (e - errs[top]), 0.0) for e in errs]
+        for lv in range(top - 1, -1, -1):  # more bits never predicted to hurt
+            c[lv] = max(c[lv], c[lv + 1])
+        out[g] = c
+    return out
 
 
 SENSITIVITY_KEYS = ("windows", "n_ctx", "kld_top_k", "bands", "levels", "max_groups")
 
 
 def cached_sensitivities(search: Search, groups: dict, s: dict, f16: Path, matrix: Path,
-                         text: str, ctx) -> tuple[list[float], dict, int, bool]:
+                         text: str, ctx) -> tuple[list[float], dict, int, dict, bool]:
     """sensitivities(), measured once per F16 file, importance matrix, calibration text, tensor
     set and search settings, and reused by every budget (quant.type, quant.budget_mb): the curve
     q3_k_m..q5_k_m costs one search, then one allocation (milliseconds) and one candidate each.
     The candidates it scores override every quantised tensor, so the budget's own type does not
-    enter them. (KLD all at each level, s_g per group, groups measured, reused?)"""
+    enter them. (KLD all at each level, s_g per group, groups measured, weighted errors,
+    reused?)"""
     from quantpipe.quantize.imatrix import _tools_version
     fp = art.fingerprint("tune-sensitivity", RECIPE, f16.parent.name,
                          art.quick_file_fingerprint(f16), Path(matrix).parent.name,
@@ -396,9 +469,11 @@ def cached_sensitivities(search: Search, groups: dict, s: dict, f16: Path, matri
                          _tools_version(ctx.tools))
 
     def build(tmp: Path) -> dict:
-        all_at, sens, measured = sensitivities(search, groups, s["levels"], s["max_groups"])
+        all_at, sens, measured, errors = sensitivities(search, groups, s["levels"],
+                                                       s["max_groups"])
         return {"kld_all_at_level": all_at, "group_kld_removed": sens,
-                "groups_measured": measured, "candidates_scored": search.n_scored,
+                "groups_measured": measured, "group_error_at_level": errors,
+                "probe_level": probe_level(s["levels"]), "candidates_scored": search.n_scored,
                 "seconds": search.scoring_s}
 
     folder, prov, reused = art.ensure_cached(
@@ -409,16 +484,15 @@ def cached_sensitivities(search: Search, groups: dict, s: dict, f16: Path, matri
     if reused:
         log.info("tune: reusing the sensitivities of %s (%d candidates, %.0f s when measured)",
                  art.portable_path(folder), r["candidates_scored"], r["seconds"])
-    return r["kld_all_at_level"], r["group_kld_removed"], r["groups_measured"], reused
+    return (r["kld_all_at_level"], r["group_kld_removed"], r["groups_measured"],
+            r["group_error_at_level"], reused)
 
 
-def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: Search,
+def allocate(groups: dict, levels: list, cost_at: dict[str, list[float]], search: Search,
              budget: int) -> dict[str, int]:
     """Greedy knapsack: from the lowest level everywhere, buy the upgrade (any higher level of
-    one group) with the most predicted KLD removed per byte, while the file fits the budget."""
-    span = max(all_at[0] - all_at[-1], 1e-12)
-    r = [min(max((k - all_at[-1]) / span, 0.0), 1.0) for k in all_at]
-    r = [min(r[:i + 1]) for i in range(len(r))]  # more bits never predicted to hurt
+    one group) with the most predicted KLD removed per byte, while the file fits the budget.
+    `cost_at`: each group's predicted KLD at each level (curves())."""
     choice = dict.fromkeys(groups, 0)
     cost = {g: [sum(tensor_bytes(t, type_for(t, lv)) for t in ts) for lv in levels]
             for g, ts in groups.items()}
@@ -435,7 +509,7 @@ def allocate(groups: dict, levels: list, all_at: list[float], s: dict, search: S
                 if same[g][up] == same[g][lv]:  # e.g. iq4_nl at both levels: nothing changes
                     continue
                 extra = cost[g][up] - cost[g][lv]
-                gain = s[g] * (r[lv] - r[up])
+                gain = cost_at[g][lv] - cost_at[g][up]
                 if used + extra <= budget and gain > 0:
                     ratio = gain / max(extra, 1)
                     if best is None or ratio > best[0]:
@@ -566,13 +640,14 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
             method_metrics.update({**ar_metrics, "autoround_reused": float(ar_reused)})
             candidates["autoround"] = (ar_file, scorer.kld(ar_file))
             sizes["autoround"] = ar_file.stat().st_size
-    all_at, sens, measured, choice, mix = [], {}, 0, {}, None
+    all_at, sens, measured, choice, mix, cost_at = [], {}, 0, {}, None, {}
     if "sensitivity" in s["methods"]:
-        all_at, sens, measured, reused = cached_sensitivities(search, groups, s, f16, matrix,
-                                                              text, ctx)
+        all_at, sens, measured, errors, reused = cached_sensitivities(search, groups, s, f16,
+                                                                      matrix, text, ctx)
         method_metrics["tune_sensitivity_reused"] = float(reused)
         try:
-            choice = allocate(groups, levels, all_at, sens, search, budget)
+            cost_at = curves(sens, errors, levels)
+            choice = allocate(groups, levels, cost_at, search, budget)
         except ConfigError as e:  # the budget is below every mix of these levels
             log.warning("tune: no searched mix fits (%s); the other candidates compete",
                         e.problem)
@@ -602,7 +677,8 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
         "budget_bytes": budget, "calibration_source": source, "calib_tokens_scored": scorer.tokens,
         "methods": s["methods"], "autoround": s["autoround"] if "autoround" in s["methods"] else None,
         "levels": levels, "kld_all_at_level": all_at, "group_kld_removed": sens,
-        "groups_measured": measured, "choice": {g: levels[lv] for g, lv in choice.items()},
+        "groups_measured": measured, "group_kld_at_level_predicted": cost_at,
+        "choice": {g: levels[lv] for g, lv in choice.items()},
         "kld_calib": {k: v[1] for k, v in candidates.items()}, "bytes": sizes, "won": won,
         "tensor_types": mix})
     for f in work.iterdir():
