@@ -1,5 +1,5 @@
-"""Build the training corpus of the float subject (`model=float`) from text already on a
-Debian machine, so it can be rebuilt offline:
+"""Build the training corpus of the float subjects (`model=float`, `model=float_gemma`) from text
+already on a Debian machine, so it can be rebuilt offline:
 
     python scripts/float_model/corpus.py OUT_DIR        (apt-get install dict-gcide dict-jargon
                                                           dict-foldoc fortunes first)

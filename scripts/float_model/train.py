@@ -1,16 +1,23 @@
-"""Train the float subject (`model=float`) from scratch on a GPU: a small Llama whose weights
-were never quantised, so format comparisons on it are not tilted toward any block grid.
+"""Train a float subject from scratch on a GPU: a small model whose weights were never quantised,
+so format comparisons on it are not tilted toward any block grid. Two architectures, one recipe:
+`--arch llama` is `model=float` (models/float-llama-19m), `--arch gemma3` is `model=float_gemma`
+(models/float-gemma3-19m), which llama.cpp's converter and runtime take down another path
+(Gemma3Model: norms stored as 1 + w, scaled embeddings, QK-norm, GELU, sliding-window layers).
 
-    python scripts/float_model/train.py --corpus DIR --tokenizer DIR --out DIR [--steps N]
+    python scripts/float_model/train.py --corpus DIR --tokenizer DIR --out DIR [--arch gemma3]
+                                        [--steps N]
 
 DIR of --corpus holds corpus.txt.xz (scripts/float_model/corpus.py); --tokenizer a folder with
 SmolLM2's tokenizer.json (the embedded default base's, so llama.cpp's converter knows it). The
 shape is chosen for a 64 MiB limit on what comes back from the GPU machine and on what the
 repository should carry: hidden 256 (a multiple of 256, so llama.cpp's K-quants apply to every
-tensor, unlike SmolLM2's 576), 8 layers, GQA 4/2 heads, SwiGLU 768, tied embeddings; 19 M
-parameters, 38 MB in FP16 (one safetensors file). bf16 autocast with float32 master weights,
-AdamW, cosine schedule; 1 % of the corpus is held out for the validation loss. Saves FP16
-safetensors, the tokenizer, and train_log.json (losses, tokens, time).
+tensor, unlike SmolLM2's 576), 8 layers, GQA 4/2 heads of 64, MLP 768 (SwiGLU for Llama, GELU-tanh
+gated for Gemma3), tied embeddings; 19 M parameters, 38 MB in FP16 (one safetensors file).
+Gemma3's sliding layers (5 of each 6, its default pattern) see 256 tokens: half the 512 of a
+training sequence and of eval.n_ctx, so the window really slides in training and in scoring.
+bf16 autocast with float32 master weights, AdamW, cosine schedule; 1 % of the corpus is held out
+for the validation loss. Saves FP16 safetensors, the tokenizer, and train_log.json (losses,
+tokens, time).
 """
 from __future__ import annotations
 
@@ -34,11 +41,29 @@ def tokenise(corpus: Path, tok_dir: Path, max_chars: int | None = None):
     return np.concatenate(ids), tok.token_to_id("<|endoftext|>")
 
 
+def build_model(arch: str, eos: int):
+    """The untrained model: the shape of the module docstring in either architecture."""
+    shape = dict(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+                 eos_token_id=eos, pad_token_id=None, dtype="float16")
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        return LlamaForCausalLM(LlamaConfig(**shape, rope_theta=10000.0, rms_norm_eps=1e-5))
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    # query_pre_attn_scalar = head_dim: llama.cpp scales scores by 1/sqrt(head_dim) for every
+    # Gemma3 but the 27B, whatever the config says; pad_token_id None keeps <|endoftext|> (id 0,
+    # Gemma's pad id) trainable instead of an embedding's padding_idx
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape, query_pre_attn_scalar=64,
+                                              sliding_window=256, rms_norm_eps=1e-6))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--arch", choices=("llama", "gemma3"), default="llama")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--seq", type=int, default=512)
@@ -52,7 +77,6 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -62,13 +86,8 @@ def main() -> None:
         torch.from_numpy(ids[-n_val:].astype(np.int64))
     print(f"tokens: {len(ids):,} (val {n_val:,}), tokenised in {time.time() - t0:.0f} s", flush=True)
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=768,
-                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=eos,
-                      torch_dtype="float16")
     dev = torch.device(args.device)
-    model = LlamaForCausalLM(cfg).to(dev)
+    model = build_model(args.arch, eos).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -133,8 +152,9 @@ def main() -> None:
     for f in args.tokenizer.iterdir():
         shutil.copy(f, args.out / f.name)
     (args.out / "train_log.json").write_text(json.dumps({
-        "params": n_params, "steps": done, "steps_planned": args.steps, "batch": args.batch, "seq": args.seq,
-        "lr": args.lr, "tokens_seen": done * args.batch * args.seq,
+        "arch": args.arch, "params": n_params, "steps": done, "steps_planned": args.steps,
+        "batch": args.batch, "seq": args.seq, "lr": args.lr,
+        "tokens_seen": done * args.batch * args.seq,
         "corpus_tokens": int(len(ids)), "val_tokens": int(n_val),
         "train_s": round(time.time() - t1, 1),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
