@@ -156,9 +156,9 @@ class Scores:
     """A search whose KLD is a sum per raised tensor (the additive model)."""
     def __init__(self, groups):
         self.groups, self.n = groups, 0
-        self.last_errors = {}
+        self.last_errors, self.work = {}, Path("unused")
 
-    def score(self, types, groups=None):
+    def score(self, types, groups=None, keep=None):
         self.n += 1
         if groups is not None:
             self.last_errors = {g: sum(t.n * ERROR[types[t.name]] for t in ts)
@@ -168,6 +168,9 @@ class Scores:
 
     def seconds_per_candidate(self):
         return 1.0
+
+    def drop_kept(self):
+        pass
 
 
 def test_max_groups_bounds_the_work_and_estimates_the_rest_from_their_kind():
@@ -428,3 +431,48 @@ def test_same_inputs_give_the_same_bytes_on_an_idle_and_a_busy_machine(tmp_path,
              ("quantize.imatrix.file", "quantize.imatrix.dataset")}
     assert named == {"quantize.imatrix.file": "imatrix.gguf",
                      "quantize.imatrix.dataset": "calibration.txt"}
+
+
+@pytest.mark.slow
+def test_a_spliced_probe_holds_the_bytes_llama_quantize_writes_for_that_mix(tiny_base, tmp_path):
+    """The search scores its probes on files spliced from the all-at-level files instead of
+    quantising each again: every tensor's bytes must be the ones llama-quantize writes for the
+    same mix, or the probes would measure another model than the one published."""
+    from types import SimpleNamespace
+
+    import gguf
+
+    from quantpipe.quantize.gguf import convert_f16
+    from quantpipe.quantize.imatrix import compute_imatrix
+    from quantpipe.quantize.tuned import Search, quantised_tensors, splice
+    from quantpipe.tools import tool_path
+    tool_path(TOOLS, "llama-quantize")  # a ConfigError here means: run `make tools`
+    f16 = tmp_path / "f16.gguf"
+    convert_f16(tiny_base, f16, {})
+    (tmp_path / "im").mkdir()
+    compute_imatrix(TOOLS, f16, "def f(x):\n    return x + 1\n" * 400, tmp_path / "im", 2, 64, 1)
+    plain = tmp_path / "plain.gguf"
+    from quantpipe.quantize.gguf import llama_quantize
+    llama_quantize(f16, plain, "q4_k_m", 1)
+    tensors, overhead = quantised_tensors(plain)
+    groups = groups_of(tensors, bands=2)
+    ctx = SimpleNamespace(tools=TOOLS, threads=1)
+    search = Search(f16, tmp_path / "im" / "imatrix.gguf", tensors, overhead, None, tmp_path, ctx,
+                    "q4_k_m")
+    levels = [["iq4_nl", "q4_k"], ["q8_0", "q8_0"]]
+    files = []
+    for lv in range(2):
+        files.append(tmp_path / f"level-{lv}.gguf")
+        search.quantise(at_level(groups, levels, dict.fromkeys(groups, lv)), files[-1])
+    choice = {g: i % 2 for i, g in enumerate(sorted(groups))}
+    mix = at_level(groups, levels, choice)
+    search.quantise(mix, tmp_path / "quantised.gguf")
+    splice(files, {t.name: choice[g] for g, ts in groups.items() for t in ts},
+           tmp_path / "spliced.gguf")
+    a = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "quantised.gguf")).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "spliced.gguf")).tensors}
+    assert list(a) == list(b)
+    assert {n: t.tensor_type.name.lower() for n, t in b.items() if n in mix} == mix
+    for name in a:
+        assert a[name].tensor_type == b[name].tensor_type
+        assert bytes(a[name].data.tobytes()) == bytes(b[name].data.tobytes()), name

@@ -11,7 +11,9 @@ the calibration split (never the evaluation text) and writes it with stock llama
 3. the FP16 reference: top-k log-probs of the F16 GGUF on windows of calibration text;
 4. sensitivity: KLD vs that reference with every tensor at level l of `tune.levels` (one model
    per level), then with one group (a tensor kind in a band of layers, or token_embd/output)
-   raised from the second-lowest level to the highest: the KLD that group removes, s_g;
+   raised from the second-lowest level to the highest: the KLD that group removes, s_g. Each
+   probe is spliced from the all-at-level files (splice(): the bytes llama-quantize writes
+   for that mix), so it costs a scoring, not a quantisation;
 5. allocation: KLD(mix) ~ KLD(top) + sum_g c_g(l_g), where c_g(l) is s_g spread over the
    levels by group g's own quantisation error at each level (its weights' squared error
    against F16, weighted per input column by the importance matrix, read from the all-at-level
@@ -74,7 +76,8 @@ LAYER = re.compile(r"blk\.(\d+)\.(.+)\.weight$")
 # bump when the file written changes: 2, bounded by work (max_groups), no host paths; 3, the
 # searched mix's per-tensor types in the file's metadata (and llama.cpp's versions in the key);
 # 4, sensitivities measured once and cached for every budget (levels from q3_k); 5, probes from
-# the second level, each group's cost per level from its own weighted weight error
+# the second level, each group's cost per level from its own weighted weight error (probes
+# spliced from the level files: the same bytes, so the same file as 5 would write)
 RECIPE = 5
 META = "quantpipe.tensor_types."  # + tensor kind: that kind's types, layer by layer (recipe_kv)
 META_VALUE_MAX = 127              # llama.cpp's --override-kv keeps 127 bytes of a string
@@ -285,6 +288,9 @@ class Search:
         self.n_scored, self.peak_mb, self.scoring_s = 0, 0.0, 0.0
         self.last_bytes = 0  # the file size of the last candidate scored
         self.last_errors: dict[str, float] = {}
+        self.kept: list[Path] = []             # candidates kept to splice probes from
+        self.kept_types: list[dict[str, str]] = []
+        self.n_spliced = 0
 
     def size(self, types: dict[str, str]) -> int:
         return self.overhead + sum(tensor_bytes(t, types[t.name]) for t in self.tensors)
@@ -302,23 +308,78 @@ class Search:
                      cwd=Path(self.matrix).parent)
         self.peak_mb = max(self.peak_mb, r.peak_rss_mb)
 
-    def score(self, types: dict[str, str] | None, groups: dict | None = None) -> float:
+    def score(self, types: dict[str, str] | None, groups: dict | None = None,
+              keep: Path | None = None) -> float:
         """The candidate's calibration KLD; with `groups`, also each group's weighted weight
-        error in it (self.last_errors, weighted_errors)."""
+        error in it (self.last_errors, weighted_errors). A mix whose every tensor has its type
+        in one of the kept files (self.kept) is spliced from them (splice()) instead of
+        quantised again; `keep`: keep this candidate there, for that."""
         t0 = time.monotonic()
-        out = self.work / "candidate.gguf"
-        self.quantise(types, out)
+        out = keep or self.work / "candidate.gguf"
+        source = self._spliceable(types)
+        if source is not None:
+            splice(self.kept, source, out)
+            self.n_spliced += 1
+        else:
+            self.quantise(types, out)
         kld = self.scorer.kld(out)
         self.last_bytes = out.stat().st_size
         if groups is not None:
             self.last_errors = weighted_errors(self.f16, out, self.matrix, groups)
-        out.unlink()
+        if keep is not None:
+            self.kept.append(keep)
+            self.kept_types.append(dict(types))
+        else:
+            out.unlink()
         self.n_scored += 1
         self.scoring_s += time.monotonic() - t0
         return kld
 
     def seconds_per_candidate(self) -> float:
         return self.scoring_s / max(self.n_scored, 1)
+
+    def _spliceable(self, types: dict[str, str] | None) -> dict[str, int] | None:
+        """{tensor: index of a kept file holding it at its type in `types`}, or None."""
+        if types is None or not self.kept:
+            return None
+        source = {}
+        for name, t in types.items():
+            i = next((i for i, k in enumerate(self.kept_types) if k.get(name) == t), None)
+            if i is None:
+                return None
+            source[name] = i
+        return source
+
+    def drop_kept(self) -> None:
+        for f in self.kept:
+            f.unlink(missing_ok=True)
+        self.kept, self.kept_types = [], []
+
+
+def splice(files: list[Path], source: dict[str, int], out: Path) -> None:
+    """A GGUF whose every tensor is copied, bytes as they are, from files[source[name]]
+    (tensors not in `source`, the F32 norms, from files[0]), metadata from files[0]: gguf-py's
+    own copy (gguf_new_metadata). llama-quantize quantises each tensor on its own (its type,
+    its importance-matrix columns), so a tensor's bytes do not depend on the other tensors'
+    types, and a mix of tensors from files llama-quantize wrote is the file it would write
+    for that mix, but for the recipe metadata; a probe costs its scoring, not a quantisation
+    (the slow test checks the bytes against llama-quantize's)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata, get_field_data
+
+    class Mixed:  # what copy_with_new_metadata reads of a GGUFReader
+        def __init__(self, base, tensors):
+            self.fields, self.tensors, self.endianess = base.fields, tensors, base.endianess
+
+    readers = [gguf.GGUFReader(str(f)) for f in files]
+    by_name = [{t.name: t for t in r.tensors} for r in readers]
+    base = readers[0]
+    tensors = [by_name[source.get(t.name, 0)][t.name] for t in base.tensors]
+    writer = gguf.GGUFWriter(str(out), arch=get_field_data(base, gguf.Keys.General.ARCHITECTURE),
+                             endianess=base.endianess)
+    if (alignment := get_field_data(base, gguf.Keys.General.ALIGNMENT)) is not None:
+        writer.data_alignment = alignment
+    copy_with_new_metadata(Mixed(base, tensors), writer, {}, [])
 
 
 def mix_args(types: dict[str, str], spec: Path, relative: bool = False) -> list[str]:
@@ -393,21 +454,21 @@ def sensitivities(search: Search, groups: dict, levels: list, max_groups: int | 
     bar = tqdm(total=len(levels) + len(todo), desc="tune: sensitivity search", unit="candidate",
                leave=True)  # its ETA is the time estimate
     all_at, errors = [], {g: [] for g in groups}
-    for lv in range(len(levels)):
-        all_at.append(search.score(at_level(groups, levels, dict.fromkeys(groups, lv)), groups))
+    for lv in range(len(levels)):  # kept: every probe is spliced from these files
+        all_at.append(search.score(at_level(groups, levels, dict.fromkeys(groups, lv)), groups,
+                                   keep=search.work / f"level-{lv}.gguf"))
         for g in groups:
             errors[g].append(search.last_errors[g])
         bar.update()
-        if lv == 0:
-            log.info("tune: %d candidates to score at about %.0f s each: about %.0f min",
-                     len(levels) + len(todo) + 1, search.seconds_per_candidate(),
-                     (len(levels) + len(todo) + 1) * search.seconds_per_candidate() / 60)
+    log.info("tune: %d levels quantised and scored at %.0f s each; %d probes, spliced from "
+             "their files (scoring only)", len(levels), search.seconds_per_candidate(), len(todo))
     s: dict[str, float] = {}
     for g in todo:
         choice = {**dict.fromkeys(groups, p), g: top}
         s[g] = max(all_at[p] - search.score(at_level(groups, levels, choice)), 0.0)
         bar.update()
     bar.close()
+    search.drop_kept()
     measured = len(s)
     if measured < len(groups):
         log.info("tune: quant.tune.max_groups=%d of %d groups measured; the rest are estimated",
