@@ -290,6 +290,8 @@ class Search:
         self.last_errors: dict[str, float] = {}
         self.kept: list[Path] = []             # candidates kept to splice probes from
         self.kept_types: list[dict[str, str]] = []
+        self.kept_readers: list = []            # their gguf.GGUFReader, parsed once
+        self.f16_reader = None
         self.n_spliced = 0
 
     def size(self, types: dict[str, str]) -> int:
@@ -318,18 +320,25 @@ class Search:
         out = keep or self.work / "candidate.gguf"
         source = self._spliceable(types)
         if source is not None:
-            splice(self.kept, source, out)
+            splice(self.kept_readers, source, out)
             self.n_spliced += 1
         else:
             self.quantise(types, out)
         kld = self.scorer.kld(out)
         self.last_bytes = out.stat().st_size
-        if groups is not None:
-            self.last_errors = weighted_errors(self.f16, out, self.matrix, groups)
-        if keep is not None:
+        if keep is not None:  # parsed once: GGUFReader reads the vocabulary (seconds)
+            import gguf
             self.kept.append(keep)
             self.kept_types.append(dict(types))
-        else:
+            self.kept_readers.append(gguf.GGUFReader(str(keep)))
+        if groups is not None:
+            if self.f16_reader is None:
+                import gguf
+                self.f16_reader = gguf.GGUFReader(str(self.f16))
+            self.last_errors = weighted_errors(
+                self.f16_reader, self.kept_readers[-1] if keep is not None else out,
+                self.matrix, groups)
+        if keep is None:
             out.unlink()
         self.n_scored += 1
         self.scoring_s += time.monotonic() - t0
@@ -351,12 +360,13 @@ class Search:
         return source
 
     def drop_kept(self) -> None:
+        self.kept_readers, self.f16_reader = [], None
         for f in self.kept:
             f.unlink(missing_ok=True)
         self.kept, self.kept_types = [], []
 
 
-def splice(files: list[Path], source: dict[str, int], out: Path) -> None:
+def splice(files: list, source: dict[str, int], out: Path) -> None:
     """A GGUF whose every tensor is copied, bytes as they are, from files[source[name]]
     (tensors not in `source`, the F32 norms, from files[0]), metadata from files[0]: gguf-py's
     own copy (gguf_new_metadata). llama-quantize quantises each tensor on its own (its type,
@@ -371,7 +381,7 @@ def splice(files: list[Path], source: dict[str, int], out: Path) -> None:
         def __init__(self, base, tensors):
             self.fields, self.tensors, self.endianess = base.fields, tensors, base.endianess
 
-    readers = [gguf.GGUFReader(str(f)) for f in files]
+    readers = [f if isinstance(f, gguf.GGUFReader) else gguf.GGUFReader(str(f)) for f in files]
     by_name = [{t.name: t for t in r.tensors} for r in readers]
     base = readers[0]
     tensors = [by_name[source.get(t.name, 0)][t.name] for t in base.tensors]
@@ -405,17 +415,21 @@ def _band(group: str) -> int:
     return int(group.split("@")[1].split("-")[0]) if "@" in group else -1
 
 
-def weighted_errors(f16: Path, quantised: Path, matrix: Path, groups: dict,
+def weighted_errors(f16, quantised, matrix: Path, groups: dict,
                     rows: int = 4096) -> dict[str, float]:
     """Per group: the squared error of its quantised weights against the F16 file's, each input
     column weighted by its mean squared activation from the importance matrix (the output error
     a column's error causes; unweighted for tensors the matrix has no entry for, e.g.
-    token_embd). gguf-py dequantises both files, `rows` rows at a time."""
+    token_embd). gguf-py dequantises both files (paths or parsed GGUFReaders), `rows` rows at
+    a time."""
     import gguf
     from gguf.quants import dequantize
-    ref = {t.name: t for t in gguf.GGUFReader(str(f16)).tensors}
+
+    def tensors(f) -> dict:
+        return {t.name: t for t in (f if isinstance(f, gguf.GGUFReader)
+                                    else gguf.GGUFReader(str(f))).tensors}
+    ref, got = tensors(f16), tensors(quantised)
     im = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(str(matrix)).tensors}
-    got = {t.name: t for t in gguf.GGUFReader(str(quantised)).tensors}
     out = {}
     for g, ts in groups.items():
         total = 0.0
