@@ -368,28 +368,37 @@ class Search:
 
 def splice(files: list, source: dict[str, int], out: Path) -> None:
     """A GGUF whose every tensor is copied, bytes as they are, from files[source[name]]
-    (tensors not in `source`, the F32 norms, from files[0]), metadata from files[0]: gguf-py's
-    own copy (gguf_new_metadata). llama-quantize quantises each tensor on its own (its type,
-    its importance-matrix columns), so a tensor's bytes do not depend on the other tensors'
-    types, and a mix of tensors from files llama-quantize wrote is the file it would write
-    for that mix, but for the recipe metadata; a probe costs its scoring, not a quantisation
-    (the slow test checks the bytes against llama-quantize's)."""
+    (tensors not in `source`, the F32 norms, from files[0]), metadata from files[0], written by
+    gguf-py's GGUFWriter (as its gguf_new_metadata script copies a file; `files`: paths or
+    parsed GGUFReaders). llama-quantize quantises each tensor on its own (its type, its
+    importance-matrix columns), so a tensor's bytes do not depend on the other tensors' types,
+    and a mix of tensors from files llama-quantize wrote is the file it would write for that
+    mix, but for the recipe metadata; a probe costs its scoring, not a quantisation (the slow
+    test checks the bytes against llama-quantize's)."""
     import gguf
-    from gguf.scripts.gguf_new_metadata import copy_with_new_metadata, get_field_data
-
-    class Mixed:  # what copy_with_new_metadata reads of a GGUFReader
-        def __init__(self, base, tensors):
-            self.fields, self.tensors, self.endianess = base.fields, tensors, base.endianess
-
     readers = [f if isinstance(f, gguf.GGUFReader) else gguf.GGUFReader(str(f)) for f in files]
     by_name = [{t.name: t for t in r.tensors} for r in readers]
     base = readers[0]
     tensors = [by_name[source.get(t.name, 0)][t.name] for t in base.tensors]
-    writer = gguf.GGUFWriter(str(out), arch=get_field_data(base, gguf.Keys.General.ARCHITECTURE),
-                             endianess=base.endianess)
-    if (alignment := get_field_data(base, gguf.Keys.General.ALIGNMENT)) is not None:
-        writer.data_alignment = alignment
-    copy_with_new_metadata(Mixed(base, tensors), writer, {}, [])
+    arch = base.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(str(out), arch=arch, endianess=base.endianess)
+    logging.getLogger(gguf.gguf_writer.__name__).setLevel(logging.WARNING)  # a line per probe
+    for field in base.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+        if field.name == gguf.Keys.General.ALIGNMENT:
+            writer.data_alignment = field.contents()
+    for t in tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=base.endianess)
+    writer.close()
 
 
 def mix_args(types: dict[str, str], spec: Path, relative: bool = False) -> list[str]:
