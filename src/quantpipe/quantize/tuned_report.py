@@ -75,6 +75,10 @@ def size_curve(rows: list[dict], figures: Path | None) -> list[str]:
     return out
 
 
+COLOURS = {"plain": "tab:orange", "imatrix": "tab:blue", "tuned": "tab:green",
+           "sensitivity": "tab:green", "autoround": "tab:red"}
+
+
 def curve_plot(held_out: dict, calib: dict, path: Path) -> Path:
     """Two panels: held-out KLD of the published files, calibration-split KLD of the tuner's
     candidates (sensitivity mix, AutoRound, llama.cpp's imatrix and plain), against size."""
@@ -84,7 +88,8 @@ def curve_plot(held_out: dict, calib: dict, path: Path) -> Path:
                               (axes[1], calib, "calibration split (every candidate)")):
         for how, pts in sorted(series.items()):
             pts = sorted(pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=how)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=how,
+                    color=COLOURS.get(how))  # a method keeps its colour in both panels
         ax.set_yscale("log")
         ax.set_xlabel("size on disk (MB)")
         ax.set_ylabel("KLD vs FP16 (nats, log scale)")
