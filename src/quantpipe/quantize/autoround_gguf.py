@@ -62,7 +62,11 @@ def main(spec_path: str) -> None:
     ar = AutoRound(model, tokenizer=tok, scheme=fmt, dataset=data, iters=spec["iters"],
                    nsamples=len(data), seqlen=n, device_map="cpu", batch_size=4)
     work = dst / "export"
-    ar.quantize_and_save(str(work), format=fmt)
+    try:
+        ar.quantize_and_save(str(work), format=fmt)
+    except NotImplementedError as e:  # e.g. an architecture its bundled converter lacks
+        # one line (the tuner drops this candidate with it), not a chained traceback
+        raise SystemExit(f"AutoRound cannot export this model: {str(e).splitlines()[0]}") from None
     made = sorted(work.rglob("*.gguf"))
     if len(made) != 1:
         raise SystemExit(f"expected one GGUF from AutoRound's export, found {made}")
