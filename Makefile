@@ -15,6 +15,7 @@ ARGS ?=
 export QP_MAKEOVERRIDES = $(MAKEOVERRIDES)
 WITH_OVERRIDES := $(PY) scripts/with_overrides.py
 UI_PORT ?= 5000
+BUDGETS ?= q3_k_m,q4_k_m,q5_k_m
 SWEEP ?= fp16,int8,int4,gguf_q8_0,gguf_q4_0,gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned,rtn_w4a16,gptq_w4a16,awq_w4a16,awq_w4a16_asym,w8a8_int8,w8a8_int8_dynamic
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
@@ -22,7 +23,7 @@ export PYTHONUNBUFFERED := 1
 # While `make cluster-up`'s cluster runs: SLURM_CONF and MLFLOW_TRACKING_URI (unless already set)
 -include .cluster/cluster.mk
 
-.PHONY: help setup lint pipeline sweep adapter report ui test test-slow tools bench crosscheck \
+.PHONY: help setup lint pipeline sweep curve adapter report ui test test-slow tools bench crosscheck \
         gpu-bench gpu-import gpu-carry llmc vllm serve modelfile smoke cluster-up cluster-down ray-deps clean \
         chromium
 
@@ -100,6 +101,9 @@ pipeline: setup $(call NEEDS_LLMC,$(MAKEOVERRIDES) $(ARGS)) $(call NEEDS_TOOLS,$
 
 sweep: setup $(call NEEDS_LLMC,$(SWEEP)) $(call NEEDS_TOOLS,$(SWEEP)) $(call NEEDS_VLLM,$(SWEEP))  ## every format in one Hydra multirun (override the list: SWEEP=int8,gguf_q4_0)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=$(SWEEP) $(ARGS)
+
+curve: setup llmc tools  ## the tuned GGUF's size curve: plain, imatrix and tuned at each of BUDGETS (a sweep)
+	@$(WITH_OVERRIDES) $(PY) -m pipelines.run hydra.mode=MULTIRUN +quant=gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned 'quant.budgets=[$(BUDGETS)]' $(ARGS)
 
 adapter: setup  ## train the demo Day-2 LoRA adapter (done automatically when missing)
 	@$(WITH_OVERRIDES) $(PY) -m pipelines.adapter $(ARGS)

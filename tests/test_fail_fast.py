@@ -237,8 +237,11 @@ def test_make_builds_the_tools_first_for_the_variants_that_run_them():
         return subprocess.run(["make", "-n", "-B", *words], cwd=PROJECT_ROOT, capture_output=True,
                               text=True, check=True).stdout
     for words in (["pipeline", "+quant=gguf_tuned"], ["pipeline", "+quant=gguf_imatrix_q4_k_m"],
-                  ["sweep"]):
+                  ["sweep"], ["curve"]):
         assert "scripts/build_llama_tools.sh" in recipe(*words), words
+    # `make curve`: the size-curve sweep, BUDGETS handed to quant.budgets
+    assert ("+quant=gguf_q4_k_m,gguf_imatrix_q4_k_m,gguf_tuned 'quant.budgets=[q3_k_m,q5_k_m]'"
+            in recipe("curve", "BUDGETS=q3_k_m,q5_k_m"))
     for words in (["pipeline", "+quant=gguf_q4_k_m"], ["sweep", "SWEEP=int8,gguf_q4_0"]):
         assert "scripts/build_llama_tools.sh" not in recipe(*words), words
 
