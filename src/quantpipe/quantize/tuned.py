@@ -515,8 +515,9 @@ def probe_level(levels: list) -> int:
 def curves(s: dict, errors: dict, levels: list) -> dict[str, list[float]]:
     """Each group's predicted KLD cost at each level, 0 at the top: its probe s_g, spread over
     the levels in proportion to its own weighted weight error above the top level's, and never
-    rising with more bits. A group whose probe measured nothing (at or below the noise) keeps
-    the smallest KLD per weight its kind measured, so it is not free at the lowest level."""
+    rising with more bits. A group whose probe measured nothing (at or below the noise) gets
+    the smallest KLD per unit of weighted error that its kind measured (of all kinds, if its
+    kind has none), so it is not free at the lowest level."""
     top, p = len(levels) - 1, probe_level(levels)
     per_kind: dict[str, list[float]] = {}
     for g, v in s.items():
@@ -772,6 +773,7 @@ def quantize_tuned(src: Path, dst: Path, ctx, type: str = "q4_k_m", budget_mb: f
                "tune_s": tune_s, "tune_candidates_scored":
                    float(search.n_scored + 1 + ("autoround" in candidates)),
                "tune_groups": float(len(groups)), "tune_groups_measured": float(measured),
+               "tune_probes_spliced": float(search.n_spliced),
                "tune_quantize_peak_rss_mb": search.peak_mb, "tune_peak_rss_mb": own_peak_mb(),
                "tune_calib_tokens": float(scorer.tokens), "tune_recipe": 1.0,
                **{f"tune_kld_calib_{k}": v[1] for k, v in candidates.items()},
