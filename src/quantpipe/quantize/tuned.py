@@ -326,14 +326,13 @@ class Search:
             self.quantise(types, out)
         kld = self.scorer.kld(out)
         self.last_bytes = out.stat().st_size
+        import gguf
         if keep is not None:  # parsed once: GGUFReader reads the vocabulary (seconds)
-            import gguf
             self.kept.append(keep)
             self.kept_types.append(dict(types))
             self.kept_readers.append(gguf.GGUFReader(str(keep)))
         if groups is not None:
             if self.f16_reader is None:
-                import gguf
                 self.f16_reader = gguf.GGUFReader(str(self.f16))
             self.last_errors = weighted_errors(
                 self.f16_reader, self.kept_readers[-1] if keep is not None else out,
