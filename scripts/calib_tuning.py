@@ -132,6 +132,10 @@ def main() -> None:
     ap.add_argument("--select", default="eval", help="the --score text that picks the best")
     ap.add_argument("--grid", default="all",
                     help="all, schemes (group size and observer), or methods: gptq,awq,rtn,...")
+    ap.add_argument("--only-group-size", type=int, default=None,
+                    help="keep only the grid points of this group size")
+    ap.add_argument("--only-observer", default=None,
+                    help="keep only the grid points of this weight observer (minmax or mse)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", type=Path, required=True)
@@ -156,7 +160,10 @@ def main() -> None:
     refs = {name: [(p.cpu(), i.cpu()) for p, i in r] for name, r in refs.items()}
     base.to("cpu")
     results = []
-    for point in grid(args.grid):
+    points = [g for g in grid(args.grid)
+              if args.only_group_size in (None, g["weights"]["group_size"])
+              and args.only_observer in (None, g["weights"].get("observer", "minmax"))]
+    for point in points:
         torch.manual_seed(0)
         model = copy.deepcopy(base)
         spec = {"weights": point["weights"], "input_activations": None, "ignore": ["lm_head"],
