@@ -52,6 +52,8 @@ def grid(which: str) -> list[dict]:
                     "modifiers": [{"QuantizationModifier": {}}]})
     if which == "schemes":
         return scheme_grid()
+    if which == "retune":
+        return retune_grid()
     if which != "all":
         out = [g for g in out if g["method"] in which.split(",")]
     return out
@@ -80,6 +82,21 @@ def scheme_grid() -> list[dict]:
     # AWQ with the mse observer searches clipping inside every scale-grid point: slowest, last
     return sorted(out, key=lambda g: g["method"].startswith("awq") and
                   g["weights"]["observer"] == "mse")
+
+
+def retune_grid() -> list[dict]:
+    """The methods' own knobs again, under the shipped scheme (int4 symmetric, g128, `mse`
+    observer): GPTQ's dampening (the first grid tuned it under `minmax`), AWQ's scale grid
+    (`n_grid`, 20 points by default) and duo scaling; RTN, the control, beside them."""
+    sym = {**SYM, "observer": "mse"}
+    mods = [[{"QuantizationModifier": {}}]]
+    mods += [[{"GPTQModifier": {"dampening_frac": d, "actorder": "static"}}]
+             for d in (0.001, 0.01, 0.05, 0.1)]
+    mods += [[{"AWQModifier": {"duo_scaling": duo, "n_grid": n}}]
+             for duo, n in ((True, 20), (True, 40), ("both", 40))]
+    method = {"QuantizationModifier": "rtn", "GPTQModifier": "gptq", "AWQModifier": "awq"}
+    return [{"method": method[next(iter(m[0]))], "weights": sym, "samples": 96, "seq_len": 384,
+             "modifiers": m} for m in mods]
 
 
 def write_texts(folder: Path) -> None:
@@ -131,7 +148,8 @@ def main() -> None:
                     help="a text to score every grid point on (repeatable)")
     ap.add_argument("--select", default="eval", help="the --score text that picks the best")
     ap.add_argument("--grid", default="all",
-                    help="all, schemes (group size and observer), or methods: gptq,awq,rtn,...")
+                    help="all, schemes (group size and observer), retune (the methods' knobs "
+                         "under the shipped scheme), or methods: gptq,awq,rtn,...")
     ap.add_argument("--only-group-size", type=int, default=None,
                     help="keep only the grid points of this group size")
     ap.add_argument("--only-observer", default=None,
