@@ -279,3 +279,16 @@ def test_a_refused_row_shows_its_reason_not_the_kernel_it_tried():
            "metrics": {"vllm_loads": 0.0, "ppl": 10.32}}
     table = section([row])[-1]
     assert "AVX2 library" in table and "CPUWNA16LinearKernel" not in table
+
+
+def test_the_kernel_is_read_from_both_of_vllm_s_log_lines():
+    """Weight-only schemes log "Using <kernel> for ...", the int8 scaled-mm ones (W8A8)
+    "Selected <kernel> for ..." (vLLM 0.32's lines, as its CPU build prints them)."""
+    log = ("(EngineCore pid=1) INFO [compressed_tensors_wNa16.py:138] Using "
+           "CPUWNA16LinearKernel for CompressedTensorsWNA16\n"
+           "(EngineCore pid=1) INFO [__init__.py:846] Selected CPUInt8ScaledMMLinearKernel for "
+           "CompressedTensorsW8A8Int8\n"
+           "(EngineCore pid=1) INFO [compressed_tensors_wNa16.py:138] Using "
+           "CPUWNA16LinearKernel for CompressedTensorsWNA16\n")
+    assert vllm.kernels(log) == "CPUWNA16LinearKernel, CPUInt8ScaledMMLinearKernel"
+    assert vllm.kernels("nothing chosen") is None

@@ -123,13 +123,21 @@ def measure(cfg: DictConfig, folder: Path, windows, speed_prompt: list[int], fir
             log.warning("vLLM cannot run %s: %s", folder.name, explain(why))
             return {"vllm_loads": 0.0}, {"vllm.error": explain(why)}, None
         out = json.loads(out_file.read_text())
-    if kernel := re.findall(r"Using (\w+) for", output):
-        out["tags"]["vllm.kernel"] = ", ".join(dict.fromkeys(kernel))
+    if kernel := kernels(output):
+        out["tags"]["vllm.kernel"] = kernel
     if out["metrics"].get("vllm_loads") == 0:
         # what vLLM's engine said, not "see root cause above"
         out["tags"]["vllm.error"] = explain(root_cause(output) or out["tags"].get("vllm.error", "?"))
         log.warning("vLLM cannot run %s: %s", folder.name, out["tags"]["vllm.error"])
     return out["metrics"], out["tags"], out.get("lm_eval")
+
+
+def kernels(output: str) -> str | None:
+    """The linear kernels vLLM chose, from its log: "Using CPUWNA16LinearKernel for
+    CompressedTensorsWNA16" (weight-only schemes) or "Selected <kernel> for <module>" (the
+    int8 scaled-mm schemes, W8A8)."""
+    found = re.findall(r"(?:Using|Selected) (\w+) for", output)
+    return ", ".join(dict.fromkeys(found)) or None
 
 
 def avx512() -> bool:
