@@ -292,3 +292,30 @@ def test_the_kernel_is_read_from_both_of_vllm_s_log_lines():
            "CPUWNA16LinearKernel for CompressedTensorsWNA16\n")
     assert vllm.kernels(log) == "CPUWNA16LinearKernel, CPUInt8ScaledMMLinearKernel"
     assert vllm.kernels("nothing chosen") is None
+
+
+@pytest.mark.slow
+@needs_llmc
+@needs_vllm
+def test_scale_benchmark_s_vllm_route_quantises_loads_and_times_each_scheme(tmp_path):
+    """benchmarks/scale.py --vllm on its smoke shape: llm-compressor's oneshot writes each
+    scheme's folder in .venv-llmc, then vLLM's runtime loads and times it (on a CPU without
+    AVX-512 the W4A16 folder is refused with its no-kernel reason, and the run goes on)."""
+    import json
+    import subprocess
+    proc = subprocess.run([sys.executable, "benchmarks/scale.py", "--vllm", "--sizes", "smoke",
+                           "--workdir", str(tmp_path), "--no-mlflow"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["scheme"]: r for r in json.loads((tmp_path / "vllm-results.json").read_text())}
+    assert set(rows) == {"W4A16", "W8A8"}
+    for scheme, r in rows.items():
+        assert "failed" not in r, r
+        assert r["oneshot"]["peak_rss_gb"] > 0 and r["folder_gb"] > 0
+        if scheme == "W4A16" and not vllm.avx512():
+            assert r["metrics"]["vllm_loads"] == 0 and "no kernel" in r["tags"]["vllm.error"]
+            continue
+        assert r["metrics"]["vllm_loads"] == 1, r["tags"]
+        assert r["metrics"]["vllm_decode_tok_s"] > 0 and r["metrics"]["vllm_peak_rss_mb"] > 0
+        assert r["tags"]["vllm.kernel"]
+    assert not (tmp_path / "vllm-smoke").exists()  # the shapes' files are removed without --keep
