@@ -30,7 +30,7 @@ the kernel's work), to each --vllm-schemes preset, in .venv-llmc, and vLLM's CPU
 the folder and measures it through the evaluation's own runtime (quantpipe.evaluate.vllm_runtime:
 load time, TTFT, decode tok/s, its processes' peak memory, the kernel it chose):
 
-    .venv/bin/python benchmarks/scale.py --vllm --sizes 7b     # W4A16 and W8A8: ~40 min, 21 GB disk
+    .venv/bin/python benchmarks/scale.py --vllm --sizes 7b     # W4A16 and W8A8: 17 min, 21 GB disk
 
 Peak RSS is the kernel's high-water mark of the child's process tree (wait4 ru_maxrss: the
 largest single process). RSS counts the pages of memory-mapped input files the step has read
