@@ -368,7 +368,7 @@ def pipeline_table(results: list[dict]) -> str:
 
 
 ONESHOT = """
-import shutil, sys, time
+import shutil, sys
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
@@ -582,10 +582,7 @@ def main() -> None:
         print(pipeline_table(results))
         log_pipeline_mlflow(results)
         return
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = tokenizer_dir(args.workdir)
-    if args.vllm:
+    if args.vllm:  # before any file is written
         for venv in (".venv-llmc", ".venv-vllm"):
             if not (ROOT / venv / "bin" / "python").is_file():
                 sys.exit(f"error: --vllm needs {venv}: run `make llmc vllm` first")
@@ -593,6 +590,10 @@ def main() -> None:
         if unknown:
             sys.exit(f"error: --vllm-schemes: unknown {sorted(unknown)}; known: "
                      f"{', '.join(VLLM_SCHEMES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer_dir(args.workdir)
+    if args.vllm:
         results = []
         for size in args.sizes.split(","):
             results += bench_vllm(size, args.workdir, tokenizer, args)
