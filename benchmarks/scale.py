@@ -389,16 +389,19 @@ import json, sys
 from pathlib import Path
 from omegaconf import OmegaConf
 sys.path.insert(0, "src")
+import numpy as np
 from quantpipe.data import topics_text
 from quantpipe.evaluate import vllm_runtime
+from quantpipe.evaluate.metrics import first_scored, windows
 from transformers import AutoTokenizer
 folder, threads, n_ctx, n_windows = Path(sys.argv[1]), int(sys.argv[2]), 512, 2
 cfg = OmegaConf.merge(OmegaConf.load("conf/eval/default.yaml"), {"n_ctx": n_ctx})
 cfg = OmegaConf.create({"eval": cfg, "threads": threads})
 ids = AutoTokenizer.from_pretrained(folder)(topics_text("eval"))["input_ids"]
-windows = [ids[i * n_ctx:(i + 1) * n_ctx] for i in range(n_windows)]
+wins = windows(np.asarray(ids), n_ctx, n_windows, None)
 speed_prompt = ids[:cfg.eval.speed.prompt_tokens]
-metrics, tags, _ = vllm_runtime.measure(cfg, folder, windows, speed_prompt, n_ctx // 2, None)
+metrics, tags, _ = vllm_runtime.measure(cfg, folder, wins, speed_prompt, first_scored(n_ctx),
+                                        None)
 Path(sys.argv[3]).write_text(json.dumps({"metrics": metrics, "tags": tags}))
 """
 
