@@ -172,3 +172,20 @@ def test_no_adapter_logs_no_retention(cfg_factory):
     m = run(cfg_factory("+quant=fp16", "adapter=none"))
     assert "base_ppl" not in m and not any(k.startswith("finetune") for k in m)
     assert "delta_ppl_ci95_high" in m and "gen_prefix_match_pct" in m
+
+
+def test_paired_difference_is_the_mean_difference_with_a_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    b = rng.uniform(0.02, 0.2, 32)          # windows differ far more than the variants do
+    a = b - 0.003 + rng.normal(0, 0.001, 32)
+    d, low, high = M.paired_difference(a, b, resamples=2000, seed=0)
+    assert abs(d - float((a - b).mean())) < 1e-15 and low < d < high < 0
+    assert (d, low, high) == M.paired_difference(a, b, resamples=2000, seed=0)  # seeded
+    d0, low0, high0 = M.paired_difference(b, b)
+    assert d0 == low0 == high0 == 0
+    with pytest.raises(ValueError, match="different windows"):
+        M.paired_difference(a, b[:-1])
+    assert M.window_means(np.array([[1.0, 3.0], [2.0, 2.0]])) == [2.0, 2.0]
+    wins = np.arange(12).reshape(3, 4)
+    assert M.windows_digest(wins) == M.windows_digest(wins.astype(np.int32))
+    assert M.windows_digest(wins) != M.windows_digest(wins[:2])

@@ -46,6 +46,20 @@ def test_int4_end_to_end_then_int8_reuses_the_merge(cfg_factory):
     assert sorted(r.data.tags["quantpipe.reused"] for r in merges) == ["false", "true"]
     assert m4["size_mb"] < m8["size_mb"]
 
+    # each evaluation logs its per-window means; the report pairs the two variants on them
+    from quantpipe.report import subjects
+    from quantpipe.report.query import select
+    sel = select(mlflow.MlflowClient(), str(cfg.tracking.experiment))
+    rows = {r["name"]: r for r in sel.everything}
+    for name, m in (("int4", m4), ("int8", m8)):
+        pw = rows[name]["per_window"]
+        assert len(pw["kld"]) == len(pw["nll"]) == m["eval_windows_scored"]
+        assert sum(pw["kld"]) / len(pw["kld"]) == pytest.approx(m["kld_mean"], rel=1e-9)
+    assert rows["int4"]["per_window"]["windows_sha256"] == rows["int8"]["per_window"][
+        "windows_sha256"]
+    d, low, high = subjects.paired(rows["int4"], rows["int8"])
+    assert d == pytest.approx(m4["kld_mean"] - m8["kld_mean"], rel=1e-9) and low <= d <= high
+
 
 @pytest.mark.slow  # a whole pipeline run on the tiny model: make test-slow
 def test_fp16_baseline_differs_from_reference_only_by_rounding(cfg_factory):

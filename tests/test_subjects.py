@@ -76,3 +76,30 @@ def test_awq_section_puts_its_scale_search_beside_its_gain_per_subject():
     assert "premise" in note
     assert llmc_report.awq_section(Selection("e", "sqlite:///x", None, [], everything=rows[1:3])
                                    ) == []
+
+
+def with_windows(r, kld_per_window, sha="w"):
+    r["per_window"] = {"windows_sha256": sha, "kld": list(kld_per_window)}
+    return r
+
+
+def test_a_paired_difference_separates_what_overlapping_intervals_cannot():
+    """gptq's and its control's own intervals overlap, yet on every window gptq's KLD is lower:
+    paired over the same windows it beats the control; scored on other windows (another
+    digest) the verdict falls back to the overlap test."""
+    hard = [0.04, 0.09, 0.06, 0.12, 0.05, 0.10, 0.07, 0.08]  # the windows' own difficulty
+    rows = cell("float", None, (0.0790, (0.060, 0.095)), 0.0)
+    rows[1]["metrics"] |= {"kld_mean": 0.0815, "kld_ci95_low": 0.062, "kld_ci95_high": 0.098}
+    with_windows(rows[0], [k - 0.0025 + 0.0005 * (i % 2) for i, k in enumerate(hard)])
+    with_windows(rows[1], [k + 0.0 for k in hard])
+    with_windows(rows[2], hard[::-1])
+    (v,) = subjects.judged(rows)
+    assert v["beats_control"] is True
+    d, low, high = subjects.paired(rows[0], rows[1])
+    assert low <= d <= high < 0 and abs(d - (-0.00225)) < 1e-12
+    md = subjects.section(rows)
+    assert f"{d:+.4f} [{low:+.4f}, {high:+.4f}]" in md
+    rows[1]["per_window"]["windows_sha256"] = "other windows"
+    (v,) = subjects.judged(rows)
+    assert v["beats_control"] is False and subjects.paired(rows[0], rows[1]) is None
+    assert "— (overlap test)" in subjects.section(rows)

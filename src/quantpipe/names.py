@@ -35,6 +35,13 @@ class Stage:
     DEPLOY = "deploy"
 
 
+class Artifact:
+    """Files a stage run logs that another reader loads."""
+    # the evaluate stage's per-window means (windows_sha256, kld, nll, nll_fp16): the report's
+    # paired comparisons of two variants scored on the same windows
+    PER_WINDOW = "per_window.json"
+
+
 class Tag:
     """Tag keys of runs (and of registered model versions, at the end)."""
     KIND = "quantpipe.kind"

@@ -39,11 +39,14 @@ from quantpipe.evaluate import vllm_runtime as vllm
 from quantpipe.evaluate.finetune import score_base
 from quantpipe.evaluate.metrics import first_scored, windows
 from quantpipe.evaluate.tasks import load_tasks
-from quantpipe.names import Metric, Tag
+from quantpipe.names import Artifact, Metric, Tag
 
 log = logging.getLogger(__name__)
 # bump when the worker's protocol or metrics change: cached evaluations are then recomputed
 EVAL_RECIPE = "eval-3"
+# what a variant's evaluation records beyond the recipe (a new one re-scores the variants, not
+# the FP16 reference): per-window means for the report's paired comparisons
+VARIANT_RECORD = "per-window-1"
 SPEED_KEYS = (Metric.LOAD_S, Metric.TTFT_MS, Metric.PREFILL_TOK_S, Metric.DECODE_TOK_S,
               Metric.DECODE_TOK_S_MIN, Metric.DECODE_TOK_S_MAX, Metric.PEAK_RSS_MB,
               Metric.PEAK_GPU_MB)
@@ -155,8 +158,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
     tasks = load_tasks(e.tasks_file)
     lm = harness.check(cfg)  # lm-eval tasks (None: none asked for)
     versions = tracking.versions_of(libraries())
-    key = art.fingerprint("evaluation", EVAL_RECIPE, versions, variant["fingerprint"],
-                          merged["fingerprint"],
+    key = art.fingerprint("evaluation", EVAL_RECIPE, VARIANT_RECORD, versions,
+                          variant["fingerprint"], merged["fingerprint"],
                           base and base["fingerprint"], _protocol(cfg), e.reference_runtime,
                           OmegaConf.to_container(e.ci), tasks, e.tasks_max_new_tokens, text_fp,
                           *([lm, tracking.versions_of(harness.LIBRARIES)] if lm else []),
@@ -187,6 +190,8 @@ def evaluate_variant(cfg: DictConfig, merged: dict, variant: dict,
         mlflow.log_dict(result["task_answers"], "task_answers.json")
     if result.get("lm_eval_samples"):  # lm-eval's per-document record, for each task
         mlflow.log_dict(result["lm_eval_samples"], "lm_eval_samples.json")
+    if result.get("per_window"):  # the report's paired comparisons of two variants
+        mlflow.log_dict(result["per_window"], Artifact.PER_WINDOW)
     return metrics
 
 
@@ -251,7 +256,8 @@ def _measure(cfg, merged: dict, variant: dict, base: dict | None, tasks: list | 
     return {"metrics": metrics, "runtime": result["runtime"], "sample": result["sample"],
             "reference_runtime": ref_meta["runtime"], "scored": scored,
             "task_answers": result.get("task_answers"),
-            "lm_eval_samples": result.get("lm_eval_samples"), "vllm_tags": vllm_tags}
+            "lm_eval_samples": result.get("lm_eval_samples"), "vllm_tags": vllm_tags,
+            "per_window": result.get("per_window")}
 
 
 def _tokenizer(merged: dict):

@@ -205,6 +205,11 @@ def run_variant(spec: dict, rt, wins: np.ndarray, load_s: float) -> None:
         "eval_tokens_scored": float(len(nll_a)), "eval_windows_scored": float(len(nll)),
         "eval_windows_planned": float(planned)})
     out["metrics"].update(quality(spec, nll_w, kld_w, ref))
+    # each scored window's means: what a paired comparison with another variant resamples
+    out["per_window"] = {
+        "windows_sha256": M.windows_digest(wins[: len(nll)]),
+        "kld": M.window_means(kld_w), "nll": M.window_means(nll_w),
+        "nll_fp16": M.window_means(per_window(np.asarray(ref["nll"][: nll_a.size]), len(nll)))}
     g = spec["generation"]
     gen = greedy_continuations(rt, ref["gen_prompts"], ref["gen_tokens"].shape[1])
     out["metrics"].update(M.generation_agreement(ref["gen_tokens"], gen, g["match_k"]))

@@ -47,8 +47,11 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "Each calibrated variant against its round-to-nearest control and the best "
               "uncalibrated variant of its group, on every base model (subject) and evaluation "
               "text it was scored on (the newest finished run of each; `builtin:ood` is text "
-              "from another domain than the calibration set). \"beats\" = the KLD 95 % "
-              "intervals lie apart.",
+              "from another domain than the calibration set). \"beats\" = a paired test: "
+              "the 95 % interval of the KLD difference (the two variants' per-window means on "
+              "the same windows, resampled together) lies wholly below 0. Runs logged before "
+              "the per-window record fall back to their own intervals lying apart (\"overlap "
+              "test\"), which misses real but small differences.",
               subjects.section(sel.everything, "; ".join(plugged("verdicts.hint", sel))),
               "## Fine-tune retention and generation agreement",
               tables.finetune_and_generation(cpu),

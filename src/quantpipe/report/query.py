@@ -10,6 +10,7 @@ times, plus the row's stage runs and dataset inputs.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from quantpipe.errors import ConfigError
-from quantpipe.names import Kind, Metric, Tag
+from quantpipe.names import Artifact, Kind, Metric, Stage, Tag
 
 
 @dataclass
@@ -142,8 +143,26 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
     scale.sort(key=lambda r: (r["metrics"].get("fp16_gb", 0.0), r["name"]))
     everything = [as_row(r) for r in _search(
         client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and attributes.status = 'FINISHED'")]
+    attach_per_window(client, exp.experiment_id, everything)
     return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
                      benchmarks, scale, everything)
+
+
+def attach_per_window(client: MlflowClient, exp_id: str, rows: list[dict]) -> None:
+    """Give each run the verdicts compare (the newest per subject, eval text and variant) its
+    evaluation's per-window means (`row["per_window"]`, the evaluate stage's per_window.json),
+    for paired comparisons; runs evaluated before that record have none."""
+    from quantpipe.report.subjects import cells  # (it imports this module)
+    for runs in cells(rows).values():
+        for row in runs.values():
+            stage = _search(client, exp_id, f"tags.`{Tag.PARENT_RUN}` = '{row['run_id']}' and "
+                                            f"tags.`{Tag.STAGE}` = '{Stage.EVALUATE}'")
+            if stage and Artifact.PER_WINDOW in {a.path for a in client.list_artifacts(
+                    stage[0].info.run_id)}:
+                with tempfile.TemporaryDirectory() as tmp:
+                    got = client.download_artifacts(stage[0].info.run_id,
+                                                   Artifact.PER_WINDOW, tmp)
+                    row["per_window"] = json.loads(Path(got).read_text())
 
 
 def order(rows: list[dict]) -> list[dict]:

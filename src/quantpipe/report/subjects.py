@@ -1,10 +1,13 @@
 """Verdicts across subjects and texts: the same variants ranked on each base model (subject) and
 each evaluation text, read from every finished variant run of the experiment.
 
-A calibrated method earns its place only if it beats, with 95 % intervals apart, both its
-round-to-nearest control (the config's `control` key, e.g. the same int4 scheme without
-calibration) and the best dynamic (uncalibrated) variant of its `compare` group, on text unlike
-its calibration set too. A ranking measured on a base whose weights sit on a 4-bit block grid
+A calibrated method earns its place only if it beats both its round-to-nearest control (the
+config's `control` key, e.g. the same int4 scheme without calibration) and the best dynamic
+(uncalibrated) variant of its `compare` group, on text unlike its calibration set too. "Beats"
+is a paired test where both runs logged their per-window means over the same windows
+(`row["per_window"]`, query.attach_per_window): the 95 % bootstrap interval of the KLD
+difference lies wholly below 0. Runs without that record fall back to the conservative reading,
+their own 95 % intervals lying apart. A ranking measured on a base whose weights sit on a 4-bit block grid
 (metric grid_aligned_pct) can favour formats that re-express that grid, so where the subjects
 disagree the verdict trusts the least grid-aligned one. Runs are told apart by parameters
 (model.name, eval.text_file, quant.compare, quant.control) and metrics only: no format is named
@@ -12,6 +15,7 @@ here.
 """
 from __future__ import annotations
 
+from quantpipe.evaluate import metrics as M
 from quantpipe.names import Metric
 from quantpipe.report.tables import NA, ci95, interval, metric, table
 
@@ -39,12 +43,32 @@ def cells(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
     return out
 
 
+def paired(a: dict, b: dict) -> tuple[float, float, float] | None:
+    """a's mean KLD minus b's with its paired 95 % interval, where both runs scored the same
+    windows and logged their per-window means; else None."""
+    pa, pb = a.get("per_window"), b.get("per_window")
+    if not pa or not pb or pa.get("windows_sha256") != pb.get("windows_sha256"):
+        return None
+    return M.paired_difference(pa["kld"], pb["kld"])
+
+
 def _beats(a: dict, b: dict) -> bool | None:
-    """True: a's KLD interval lies wholly below b's; False: not; None: no intervals."""
+    """True: a's KLD is lower than b's for sure (the paired difference's interval lies below 0;
+    without per-window records, a's own interval wholly below b's); False: not; None: neither
+    test possible."""
+    if (d := paired(a, b)) is not None:
+        return d[2] < 0
     ia, ib = ci95(a, "kld"), ci95(b, "kld")
     if ia is None or ib is None:
         return None
     return ia[1] < ib[0]
+
+
+def _difference(a: dict, b: dict) -> str:
+    """"−0.0123 [−0.0150, −0.0101]": a's KLD minus b's, paired; "overlap test" without it."""
+    if (d := paired(a, b)) is None:
+        return "— (overlap test)"
+    return f"{d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]"
 
 
 def _best_dynamic(runs: dict[str, dict], group: str | None) -> dict | None:
@@ -112,11 +136,14 @@ def section(rows: list[dict], hint: str = "") -> str:
         body.append([v["subject"], f"`{v['text']}`", f"**{r['name']}**",
                      metric(r, Metric.KLD_MEAN, 4), interval(r, "kld", 4),
                      f"{c['name']} {metric(c, Metric.KLD_MEAN, 4)} {interval(c, 'kld', 4)}",
-                     NA if gain is None else f"{gain:.2f}×", _yes(v["beats_control"]),
+                     NA if gain is None else f"{gain:.2f}×", _difference(r, c),
+                     _yes(v["beats_control"]),
                      f"{d['name']} {metric(d, Metric.KLD_MEAN, 4)}" if d else NA,
+                     _difference(r, d) if d else NA,
                      _yes(v["beats_dynamic"]), metric(r, Metric.DELTA_PPL_PCT, 2)])
     header = ["subject", "eval text", "calibrated", "KLD", "KLD 95 % CI", "control (RTN)",
-              "control KLD / KLD", "beats control", "best dynamic peer", "beats it", "ΔPPL %"]
+              "control KLD / KLD", "KLD − control, paired 95 % CI", "beats control",
+              "best dynamic peer", "KLD − peer, paired 95 % CI", "beats it", "ΔPPL %"]
     return table(header, body) + "\n\n" + "\n".join(f"- {n}" for n in notes(verdicts, rows))
 
 
@@ -133,8 +160,7 @@ def notes(verdicts: list[dict], rows: list[dict]) -> list[str]:
         elif vs and not won:
             which = ("its control" if not any(v["beats_control"] for v in vs) else
                      "both its control and the best dynamic variant of its group")
-            out.append(f"{subj}: {name} does not beat {which} with intervals apart on any "
-                       "text scored")
+            out.append(f"{subj}: {name} does not beat {which} on any text scored")
     out += unmatched(rows) + ranking_notes(rows)
     return out or ["every calibrated variant beat its control on every text scored"]
 
