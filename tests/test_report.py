@@ -312,11 +312,24 @@ def test_intervals_are_printed_and_overlapping_variants_named():
     assert header.index("ΔPPL 95 % CI") == header.index("ΔPPL %") + 1
     lines = tables.indistinguishable([a, b, c])
     assert lines[0] == ("- **ΔPPL**: gguf_q4_k_m [+5.10, +9.80] ~ gguf_imatrix_q4_k_m "
-                        "[+1.00, +5.50]")  # q4_0 overlaps neither
+                        "[+1.00, +5.50] (overlap)")  # q4_0 overlaps neither
     assert lines[1].startswith("- **KLD**: every pair of variants differs")
     note = llmc_report.static_vs_dynamic([a, b])
     assert "ΔPPL cannot be told apart (95 % intervals overlap), KLD differs" in note
     assert "[+1.00, +5.50]" in note  # the static-vs-dynamic table prints the interval too
+    # with per-window means over the same windows the test is paired: imatrix's NLL is lower
+    # on every window, so its ΔPPL differs from plain q4_k_m's although the intervals overlap
+    hard = [2.1, 3.4, 2.7, 3.9, 2.2, 3.0]
+    a["per_window"] = {"windows_sha256": "w", "nll": hard, "kld": [0.04] * 6}
+    b["per_window"] = {"windows_sha256": "w", "nll": [x - 0.05 for x in hard],
+                       "kld": [0.026] * 6}
+    lines = tables.indistinguishable([a, b, c])
+    assert lines[0] == "- **ΔPPL**: every pair of variants differs"
+    assert "ΔPPL differs (the paired 95 % interval of the difference excludes 0)" in \
+        llmc_report.static_vs_dynamic([a, b])
+    b["per_window"]["nll"] = hard  # the same NLL on every window: alike, by the paired test
+    assert tables.indistinguishable([a, b, c])[0] == (
+        "- **ΔPPL**: gguf_q4_k_m [+5.10, +9.80] ~ gguf_imatrix_q4_k_m [+1.00, +5.50]")
 
 
 def test_retention_table_and_the_no_fine_tune_case():

@@ -143,26 +143,34 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
     scale.sort(key=lambda r: (r["metrics"].get("fp16_gb", 0.0), r["name"]))
     everything = [as_row(r) for r in _search(
         client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and attributes.status = 'FINISHED'")]
-    attach_per_window(client, exp.experiment_id, everything)
+    from quantpipe.report.subjects import cells  # (it imports this module)
+    compared = [r for runs in cells(everything).values() for r in runs.values()]  # the verdicts'
+    attach_per_window(client, exp.experiment_id, compared + finished)
     return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
                      benchmarks, scale, everything)
 
 
 def attach_per_window(client: MlflowClient, exp_id: str, rows: list[dict]) -> None:
-    """Give each run the verdicts compare (the newest per subject, eval text and variant) its
-    evaluation's per-window means (`row["per_window"]`, the evaluate stage's per_window.json),
-    for paired comparisons; runs evaluated before that record have none."""
-    from quantpipe.report.subjects import cells  # (it imports this module)
-    for runs in cells(rows).values():
-        for row in runs.values():
-            stage = _search(client, exp_id, f"tags.`{Tag.PARENT_RUN}` = '{row['run_id']}' and "
-                                            f"tags.`{Tag.STAGE}` = '{Stage.EVALUATE}'")
-            if stage and Artifact.PER_WINDOW in {a.path for a in client.list_artifacts(
-                    stage[0].info.run_id)}:
-                with tempfile.TemporaryDirectory() as tmp:
-                    got = client.download_artifacts(stage[0].info.run_id,
-                                                   Artifact.PER_WINDOW, tmp)
-                    row["per_window"] = json.loads(Path(got).read_text())
+    """Give each of `rows` its evaluation's per-window means (`row["per_window"]`, the evaluate
+    stage's per_window.json), for paired comparisons; runs evaluated before that record have
+    none."""
+    got: dict[str, dict | None] = {}
+    for row in rows:
+        if row["run_id"] not in got:
+            got[row["run_id"]] = _per_window(client, exp_id, row["run_id"])
+        if got[row["run_id"]] is not None:
+            row["per_window"] = got[row["run_id"]]
+
+
+def _per_window(client: MlflowClient, exp_id: str, run_id: str) -> dict | None:
+    stage = _search(client, exp_id, f"tags.`{Tag.PARENT_RUN}` = '{run_id}' and "
+                                    f"tags.`{Tag.STAGE}` = '{Stage.EVALUATE}'")
+    if not stage or Artifact.PER_WINDOW not in {
+            a.path for a in client.list_artifacts(stage[0].info.run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(
+            stage[0].info.run_id, Artifact.PER_WINDOW, tmp)).read_text())
 
 
 def order(rows: list[dict]) -> list[dict]:

@@ -15,9 +15,8 @@ here.
 """
 from __future__ import annotations
 
-from quantpipe.evaluate import metrics as M
 from quantpipe.names import Metric
-from quantpipe.report.tables import NA, ci95, interval, metric, table
+from quantpipe.report.tables import NA, ci95, interval, metric, paired, table
 
 DEFAULT_TEXT = "the eval split"
 
@@ -41,15 +40,6 @@ def cells(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
     for r in rows:
         out.setdefault((subject(r), text(r)), {}).setdefault(r["name"], r)
     return out
-
-
-def paired(a: dict, b: dict) -> tuple[float, float, float] | None:
-    """a's mean KLD minus b's with its paired 95 % interval, where both runs scored the same
-    windows and logged their per-window means; else None."""
-    pa, pb = a.get("per_window"), b.get("per_window")
-    if not pa or not pb or pa.get("windows_sha256") != pb.get("windows_sha256"):
-        return None
-    return M.paired_difference(pa["kld"], pb["kld"])
 
 
 def _beats(a: dict, b: dict) -> bool | None:

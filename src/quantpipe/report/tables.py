@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from quantpipe import gridcheck
 from quantpipe.base import base_source_note
+from quantpipe.evaluate import metrics as M
 from quantpipe.names import Metric, Tag
 from quantpipe.report.query import Selection, all_datasets
 
@@ -120,21 +121,48 @@ def overlaps(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bo
     return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
+# the per-window means (the evaluate stage's per_window.json) that order two variants on each
+# metric: KLD on KLD; ΔPPL on NLL (both against the same FP16 windows, so ΔPPL_a < ΔPPL_b
+# exactly when a's mean NLL is lower)
+PER_WINDOW_OF = {"kld": "kld", "delta_ppl": "nll"}
+
+
+def paired(a: dict, b: dict, prefix: str = "kld") -> tuple[float, float, float] | None:
+    """a's mean minus b's (KLD, or NLL for ΔPPL) with its paired 95 % interval, where both runs
+    logged per-window means over the very same windows (`row["per_window"]`,
+    query.attach_per_window); else None."""
+    key = PER_WINDOW_OF[prefix]
+    pa, pb = a.get("per_window") or {}, b.get("per_window") or {}
+    if key not in pa or key not in pb or pa.get("windows_sha256") != pb.get("windows_sha256"):
+        return None
+    return M.paired_difference(pa[key], pb[key])
+
+
+def alike(a: dict, b: dict, prefix: str) -> bool | None:
+    """Whether two variants cannot be told apart on metric `prefix`: the paired interval of
+    their difference holds 0, or, without per-window records, their own 95 % intervals overlap
+    (a conservative reading: both intervals carry the same text-sample noise). None: neither
+    test possible."""
+    if (d := paired(a, b, prefix)) is not None:
+        return d[1] <= 0 <= d[2]
+    ca, cb = ci95(a, prefix), ci95(b, prefix)
+    return None if ca is None or cb is None else overlaps(ca, cb)
+
+
 def indistinguishable(rows: list[dict]) -> list[str]:
-    """One line per metric naming the pairs of variants whose 95 % intervals overlap: on this
-    eval text they cannot be told apart. Overlap is a conservative test (both intervals carry
-    the same text-sample noise, so a paired comparison of the two could still separate
-    some), so a pair not listed differs for sure and a listed one may or may not."""
+    """One line per metric naming the pairs of variants that cannot be told apart on this eval
+    text (`alike`: a paired test where both runs logged per-window means, else overlapping
+    intervals, after which a listed pair may still differ)."""
     out = []
     for label, prefix, decimals in (("ΔPPL", "delta_ppl", 2), ("KLD", "kld", 5)):
         pairs = [f"{a['name']} {interval(a, prefix, decimals)} ~ "
                  f"{b['name']} {interval(b, prefix, decimals)}"
+                 + ("" if paired(a, b, prefix) else " (overlap)")
                  for i, a in enumerate(rows) for b in rows[i + 1:]
-                 if overlaps(ci95(a, prefix), ci95(b, prefix))]
+                 if alike(a, b, prefix)]
         if any(ci95(r, prefix) for r in rows):
             out.append(f"- **{label}**: " + ("; ".join(pairs) if pairs else
-                                             "every pair of variants differs (no two 95 % "
-                                             "intervals overlap)"))
+                                             "every pair of variants differs"))
     return out or ["- no 95 % intervals in these runs (logged since the bootstrap was added)"]
 
 
@@ -381,8 +409,13 @@ def told_apart(a: dict, b: dict) -> str:
     """Whether two variants' 95 % intervals separate them (see `indistinguishable`)."""
     said = []
     for label, prefix in (("ΔPPL", "delta_ppl"), ("KLD", "kld")):
-        ca, cb = ci95(a, prefix), ci95(b, prefix)
-        if ca and cb:
-            said.append(f"{label} cannot be told apart (95 % intervals overlap)"
-                        if overlaps(ca, cb) else f"{label} differs (95 % intervals do not overlap)")
+        same = alike(a, b, prefix)
+        if same is None:
+            continue
+        if paired(a, b, prefix):
+            why = "the paired 95 % interval of the difference " + ("holds" if same else
+                                                                    "excludes") + " 0"
+        else:
+            why = "95 % intervals " + ("overlap" if same else "do not overlap")
+        said.append(f"{label} {'cannot be told apart' if same else 'differs'} ({why})")
     return f"; {', '.join(said)}" if said else ""
