@@ -5,7 +5,8 @@ so format comparisons on it are not tilted toward any block grid. Two architectu
 (Gemma3Model: norms stored as 1 + w, scaled embeddings, QK-norm, GELU, sliding-window layers).
 
     python scripts/float_model/train.py --corpus DIR --tokenizer DIR --out DIR [--arch gemma3]
-                                        [--steps N]
+                                        [--steps N] [--hidden 256 --layers 8 --intermediate 768
+                                         --heads 4 --kv-heads 2]
 
 DIR of --corpus holds corpus.txt.xz (scripts/float_model/corpus.py); --tokenizer a folder with
 SmolLM2's tokenizer.json (the embedded default base's, so llama.cpp's converter knows it). The
@@ -17,7 +18,7 @@ Gemma3's sliding layers (5 of each 6, its default pattern) see 256 tokens: half 
 training sequence and of eval.n_ctx, so the window really slides in training and in scoring.
 bf16 autocast with float32 master weights, AdamW, cosine schedule; 1 % of the corpus is held out
 for the validation loss. Saves FP16 safetensors, the tokenizer, and train_log.json (losses,
-tokens, time).
+tokens, time). --hidden, --layers, --intermediate, --heads, --kv-heads override the shape.
 """
 from __future__ import annotations
 
@@ -41,10 +42,13 @@ def tokenise(corpus: Path, tok_dir: Path, max_chars: int | None = None):
     return np.concatenate(ids), tok.token_to_id("<|endoftext|>")
 
 
-def build_model(arch: str, eos: int):
-    """The untrained model: the shape of the module docstring in either architecture."""
-    shape = dict(vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+def build_model(arch: str, eos: int, hidden: int = 256, layers: int = 8, intermediate: int = 768,
+                heads: int = 4, kv_heads: int = 2):
+    """The untrained model: the shape of the module docstring (the defaults) in either
+    architecture."""
+    shape = dict(vocab_size=49152, hidden_size=hidden, intermediate_size=intermediate,
+                 num_hidden_layers=layers, num_attention_heads=heads,
+                 num_key_value_heads=kv_heads, head_dim=64,
                  max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
                  eos_token_id=eos, pad_token_id=None, dtype="float16")
     if arch == "llama":
@@ -73,6 +77,11 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=7.0,
                     help="stop training early (and say so in train_log.json) after this long")
     ap.add_argument("--max-chars", type=int, default=None, help="use the corpus's first N chars")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size")
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers")
+    ap.add_argument("--intermediate", type=int, default=768, help="MLP size")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (of 64)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
     args = ap.parse_args()
 
     import numpy as np
@@ -87,7 +96,8 @@ def main() -> None:
     print(f"tokens: {len(ids):,} (val {n_val:,}), tokenised in {time.time() - t0:.0f} s", flush=True)
 
     dev = torch.device(args.device)
-    model = build_model(args.arch, eos).to(dev)
+    model = build_model(args.arch, eos, args.hidden, args.layers, args.intermediate, args.heads,
+                        args.kv_heads).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     other = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -148,11 +158,14 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     log.append({"step": done, "val_loss": round(val_loss(), 4)})
-    model.to(torch.float16).save_pretrained(args.out, max_shard_size="100MB")  # one file
+    model.to(torch.float16).save_pretrained(args.out, max_shard_size="100MB")  # 1 file by default
     for f in args.tokenizer.iterdir():
         shutil.copy(f, args.out / f.name)
     (args.out / "train_log.json").write_text(json.dumps({
-        "arch": args.arch, "params": n_params, "steps": done, "steps_planned": args.steps,
+        "arch": args.arch, "params": n_params,
+        "shape": {k: getattr(args, k) for k in ("hidden", "layers", "intermediate", "heads",
+                                                "kv_heads")},
+        "steps": done, "steps_planned": args.steps,
         "batch": args.batch, "seq": args.seq, "lr": args.lr,
         "tokens_seen": done * args.batch * args.seq,
         "corpus_tokens": int(len(ids)), "val_tokens": int(n_val),
