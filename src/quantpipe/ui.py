@@ -65,7 +65,7 @@ def log_sweep_comparison(client: MlflowClient, sweep_id: str) -> None:
     from quantpipe.report.query import select
     run = client.get_run(sweep_id)
     experiment = client.get_experiment(run.info.experiment_id).name
-    variants = select(client, experiment, sweep_id).variants
+    variants = select(client, experiment, sweep_id, per_window=False).variants
     if not variants:
         return
     client.log_table(sweep_id, pd.DataFrame(comparison_rows(variants)), TABLE_FILE)

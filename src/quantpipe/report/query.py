@@ -10,6 +10,7 @@ times, plus the row's stage runs and dataset inputs.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,12 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from quantpipe.errors import ConfigError
 from quantpipe.names import Artifact, Kind, Metric, Stage, Tag
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,7 +91,10 @@ def _newest_per(rows: list[dict], *keys: str) -> list[dict]:
     return out
 
 
-def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -> Selection:
+def select(client: MlflowClient, experiment: str, sweep_id: str | None = None,
+           per_window: bool = True) -> Selection:
+    """The runs the report shows; `per_window=False` skips reading the per-window records the
+    paired comparisons need (the sweep run's own comparison table does without them)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError("--experiment", f"no MLflow experiment {experiment!r} at "
@@ -143,9 +150,10 @@ def select(client: MlflowClient, experiment: str, sweep_id: str | None = None) -
     scale.sort(key=lambda r: (r["metrics"].get("fp16_gb", 0.0), r["name"]))
     everything = [as_row(r) for r in _search(
         client, exp.experiment_id, f"{kind} = '{Kind.VARIANT}' and attributes.status = 'FINISHED'")]
-    from quantpipe.report.subjects import cells  # (it imports this module)
-    compared = [r for runs in cells(everything).values() for r in runs.values()]  # the verdicts'
-    attach_per_window(client, exp.experiment_id, compared + finished)
+    if per_window:
+        from quantpipe.report.subjects import cells  # (it imports this module)
+        compared = [r for runs in cells(everything).values() for r in runs.values()]  # verdicts
+        attach_per_window(client, exp.experiment_id, compared + finished)
     return Selection(experiment, client.tracking_uri, sweep, order(finished), failed, gpu, deploy,
                      benchmarks, scale, everything)
 
@@ -165,12 +173,17 @@ def attach_per_window(client: MlflowClient, exp_id: str, rows: list[dict]) -> No
 def _per_window(client: MlflowClient, exp_id: str, run_id: str) -> dict | None:
     stage = _search(client, exp_id, f"tags.`{Tag.PARENT_RUN}` = '{run_id}' and "
                                     f"tags.`{Tag.STAGE}` = '{Stage.EVALUATE}'")
-    if not stage or Artifact.PER_WINDOW not in {
-            a.path for a in client.list_artifacts(stage[0].info.run_id)}:
+    try:
+        if not stage or Artifact.PER_WINDOW not in {
+                a.path for a in client.list_artifacts(stage[0].info.run_id)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(
+                stage[0].info.run_id, Artifact.PER_WINDOW, tmp)).read_text())
+    except (MlflowException, OSError, ValueError) as e:  # unreadable: the overlap test instead
+        log.warning("run %s: its %s could not be read (%s); its comparisons fall back to the "
+                    "overlap of 95 %% intervals", run_id, Artifact.PER_WINDOW, e)
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        return json.loads(Path(client.download_artifacts(
-            stage[0].info.run_id, Artifact.PER_WINDOW, tmp)).read_text())
 
 
 def order(rows: list[dict]) -> list[dict]:
