@@ -155,9 +155,9 @@ def paired_difference(a: list[float] | np.ndarray, b: list[float] | np.ndarray,
                       resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """mean(a) - mean(b) and its 95 % interval, from two variants' per-window means over the
     same windows, by the bootstrap of `quality_intervals` (the same windows drawn for both
-    sides, so the text-sample noise they share cancels). Two variants whose own intervals
-    overlap can still differ for sure: this interval lying wholly below 0 says a's mean is
-    lower. Unlike the overlap of the two intervals, which is a conservative reading."""
+    sides, so the text-sample noise they share cancels). This interval lying wholly below 0
+    says a's mean is lower, also where the two variants' own intervals overlap (overlap is a
+    conservative reading: both intervals carry the noise this one cancels)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"per-window means of different windows: {a.shape} vs {b.shape}")
