@@ -8,9 +8,8 @@ is a paired test where both runs logged their per-window means over the same win
 (`row["per_window"]`, query.attach_per_window): the 95 % bootstrap interval of the KLD
 difference lies wholly below 0. Runs without that record fall back to the conservative reading,
 their own 95 % intervals lying apart. A ranking measured on a base whose weights sit on a 4-bit
-block grid
-(metric grid_aligned_pct) can favour formats that re-express that grid, so where the subjects
-disagree the verdict trusts the least grid-aligned one. Runs are told apart by parameters
+block grid (metric grid_aligned_pct) can favour formats that re-express that grid, so where the
+subjects disagree the verdict trusts the least grid-aligned one. Runs are told apart by parameters
 (model.name, eval.text_file, quant.compare, quant.control) and metrics only: no format is named
 here.
 """
