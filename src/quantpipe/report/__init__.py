@@ -39,8 +39,11 @@ def markdown(sel: Selection, size_plot: str, speed_plot: str, champion: str | No
               "Quality is measured against the merged FP16 model on the same token ids "
               "(llama.cpp's perplexity protocol; KLD over the FP16 top-k tokens, in nats). "
               "95 % intervals: a paired bootstrap over the evaluation windows (the variant and "
-              "FP16 resampled together). Variants whose intervals overlap cannot be told apart "
-              "on this text (a conservative reading: a pair not named below differs):",
+              "FP16 resampled together). The pairs of variants that cannot be told apart on "
+              "this text: the 95 % interval of their difference holds 0, bootstrapped over the "
+              "windows both scored (each run's per-window means); for runs logged before that "
+              "record, marked (overlap), their own intervals overlap, a conservative reading "
+              "under which a listed pair may still differ:",
               *tables.indistinguishable(cpu),
               *plugged("comparison", sel),
               "## Verdicts across subjects and texts",
