@@ -103,3 +103,18 @@ def test_a_paired_difference_separates_what_overlapping_intervals_cannot():
     (v,) = subjects.judged(rows)
     assert v["beats_control"] is False and subjects.paired(rows[0], rows[1]) is None
     assert "— (overlap test)" in subjects.section(rows)
+
+
+def test_three_subjects_are_ranked_pair_by_pair_on_what_each_pair_shares():
+    """A third subject that ran only some variants must not hide the others' comparison: the
+    default and the float subject share gptq/rtn/nf4 and are compared on them; the third
+    shares only nf4 and rtn with either."""
+    rows = (cell("float", None, (0.05, (0.04, 0.06)), 0.0)
+            + cell("smol", None, (0.02, (0.01, 0.03)), 78.9)
+            + [row("rtn", "gemma", None, 0.10, (0.09, 0.11), method="dynamic", grid=0.0),
+               row("nf4", "gemma", None, 0.08, (0.07, 0.09), method="dynamic", grid=0.0)])
+    notes = subjects.ranking_notes(rows)
+    assert len(notes) == 3, notes
+    (both,) = [n for n in notes if "float:" in n and "smol:" in n]
+    assert "rank the 3 shared variants alike" in both and "gptq < nf4 < rtn" in both
+    assert all("2 shared variants alike" in n for n in notes if "gemma:" in n)

@@ -156,8 +156,8 @@ def notes(verdicts: list[dict], rows: list[dict]) -> list[str]:
 
 
 def ranking_notes(rows: list[dict]) -> list[str]:
-    """Say where the KLD ranking of the variants both subjects ran differs, and which subject
-    the verdict trusts (the one least on a 4-bit grid)."""
+    """For each text and each pair of subjects: say where the KLD ranking of the variants both
+    ran differs, and which subject the verdict trusts (the one least on a 4-bit grid)."""
     grid = {}
     for r in rows:
         if Metric.GRID_ALIGNED_PCT in r["metrics"]:
@@ -166,26 +166,31 @@ def ranking_notes(rows: list[dict]) -> list[str]:
     for (subj, txt), runs in cells(rows).items():
         by_text.setdefault(txt, {})[subj] = runs
     out = []
-    for txt, subjects in sorted(by_text.items()):
-        if len(subjects) < 2:
-            continue
-        common = set.intersection(*(set(k for k, r in runs.items()
-                                        if Metric.KLD_MEAN in r["metrics"])
-                                    for runs in subjects.values()))
-        common.discard("fp16")
-        if len(common) < 2:
-            continue
-        ranks = {s: [n for n in sorted(common, key=lambda n: runs[n]["metrics"][Metric.KLD_MEAN])]
-                 for s, runs in subjects.items()}
-        shown = "; ".join(f"{s}: {' < '.join(r)}" for s, r in sorted(ranks.items()))
-        if len({tuple(r) for r in ranks.values()}) == 1:
-            out.append(f"`{txt}`: both subjects rank the {len(common)} shared variants alike "
-                       f"by KLD ({shown})")
-            continue
-        trusted = min(ranks, key=lambda s: grid.get(s, 100.0))
-        out.append(f"`{txt}`: the subjects rank the shared variants differently by KLD "
-                   f"({shown}). Trusted: **{trusted}** (grid-aligned "
-                   f"{grid.get(trusted, float('nan')):.1f} % of blocks, the others "
-                   + ", ".join(f"{s} {grid[s]:.1f} %" for s in ranks if s != trusted and s in grid)
-                   + "): a base on a 4-bit grid favours the formats that re-express it")
+    for txt, by_subject in sorted(by_text.items()):
+        names = sorted(by_subject)
+        # each pair of subjects on the variants both ran (three subjects share fewer)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                out += _ranking(txt, {s: by_subject[s] for s in (first, second)}, grid)
     return out
+
+
+def _ranking(txt: str, pair: dict[str, dict[str, dict]], grid: dict[str, float]) -> list[str]:
+    """One note on how two subjects rank the variants both ran on `txt`, or none (< 2 shared)."""
+    common = set.intersection(*({k for k, r in runs.items() if Metric.KLD_MEAN in r["metrics"]}
+                                for runs in pair.values()))
+    common.discard("fp16")
+    if len(common) < 2:
+        return []
+    ranks = {s: sorted(common, key=lambda n: runs[n]["metrics"][Metric.KLD_MEAN])
+             for s, runs in pair.items()}
+    shown = "; ".join(f"{s}: {' < '.join(r)}" for s, r in sorted(ranks.items()))
+    if len({tuple(r) for r in ranks.values()}) == 1:
+        return [f"`{txt}`: both subjects rank the {len(common)} shared variants alike by KLD "
+                f"({shown})"]
+    trusted = min(ranks, key=lambda s: grid.get(s, 100.0))
+    return [f"`{txt}`: the subjects rank the shared variants differently by KLD ({shown}). "
+            f"Trusted: **{trusted}** (grid-aligned {grid.get(trusted, float('nan')):.1f} % of "
+            "blocks, the other "
+            + ", ".join(f"{s} {grid[s]:.1f} %" for s in ranks if s != trusted and s in grid)
+            + "): a base on a 4-bit grid favours the formats that re-express it"]
