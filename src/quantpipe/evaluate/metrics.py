@@ -105,6 +105,12 @@ def finetune_gain_is_measurable(nll_base: np.ndarray, nll_ref: np.ndarray) -> bo
     return abs(float(np.expm1(nll_base.mean() - nll_ref.mean()))) > 1e-6
 
 
+def resample_windows(n: int, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, n] window indices drawn with replacement: the one bootstrap draw that every
+    interval here uses, so the same seed resamples the same windows everywhere."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
 def quality_intervals(nll_var: np.ndarray, nll_ref: np.ndarray, kld: np.ndarray,
                       nll_base: np.ndarray | None = None, resamples: int = 2000,
                       seed: int = 0) -> dict[str, float]:
@@ -119,7 +125,7 @@ def quality_intervals(nll_var: np.ndarray, nll_ref: np.ndarray, kld: np.ndarray,
     resamples cannot see variation the text sample lacks. 2000 resamples of 16 windows take
     a few ms."""
     n = nll_var.shape[0]
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    idx = resample_windows(n, resamples, seed)
 
     def per_resample(a: np.ndarray) -> np.ndarray:
         # [resamples, windows] of window means; every window scores as many tokens, so the
@@ -162,7 +168,7 @@ def paired_difference(a: list[float] | np.ndarray, b: list[float] | np.ndarray,
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"per-window means of different windows: {a.shape} vs {b.shape}")
     d = a - b
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(resamples, d.size))
+    idx = resample_windows(d.size, resamples, seed)
     low, high = _percentiles(d[idx].mean(-1))
     return float(d.mean()), low, high
 
